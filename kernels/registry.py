@@ -200,9 +200,10 @@ class Registry:
             impl = impls.get(requested)
             reasons = impl.reasons(call) if impl else [f"op {op!r} has no {requested!r} backend"]
             if reasons:
+                table = {requested: reasons, **self.why_not(op, call)}
                 raise BackendUnavailableError(
                     f"{op}: backend {requested!r} requested through {source} cannot run this call "
-                    f"({_describe(call)}).\n" + _format_reasons(self.why_not(op, call)))
+                    f"({_describe(call)}).\n" + _format_reasons(table))
             return impl
         ranked = sorted(impls.values(), key=lambda i: -i.priority)
         skipped: dict[str, list[str]] = {}

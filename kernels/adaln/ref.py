@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels._numerics import upcast
+
 
 def expand_modulation(mod: torch.Tensor, tokens: int) -> torch.Tensor:
     """[B, C] or [B, T, C] -> [B, N, C], each frame's vector repeated over its N/T tokens."""
@@ -23,16 +25,16 @@ def adaln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
                        eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm(x) over C without affine, then * (1 + scale) + shift."""
     n = x.shape[1]
-    x32 = x.float()
+    x32 = upcast(x)
     mean = x32.mean(dim=-1, keepdim=True)                        # [B, N, 1]
     var = (x32 - mean).square().mean(dim=-1, keepdim=True)       # biased, as nn.LayerNorm
     x_hat = (x32 - mean) * torch.rsqrt(var + eps)                # [B, N, C]
-    scale_e = expand_modulation(scale.float(), n)
-    shift_e = expand_modulation(shift.float(), n)
+    scale_e = expand_modulation(upcast(scale), n)
+    shift_e = expand_modulation(upcast(shift), n)
     return (x_hat * (1.0 + scale_e) + shift_e).to(x.dtype)
 
 
 def gated_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + gate * y."""
-    gate_e = expand_modulation(gate.float(), x.shape[1])
-    return (x.float() + gate_e * y.float()).to(x.dtype)
+    gate_e = expand_modulation(upcast(gate), x.shape[1])
+    return (upcast(x) + gate_e * upcast(y)).to(x.dtype)

@@ -1,0 +1,33 @@
+"""Shared fixtures. Nothing here touches the GPU at import or collection time: the `gpu` marker
+is evaluated when a test is set up, and skips with the reason the registry would give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.testing import triton_test_device
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (GPU lane, `make test-gpu`)")
+    config.addinivalue_line("markers", "slow: long-running; still part of `make test`")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: torch.cuda.is_available() is False")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """'cuda' on a GPU machine, 'cpu' under TRITON_INTERPRET=1, otherwise the test is skipped."""
+    device, reason = triton_test_device()
+    if device is None:
+        pytest.skip(reason)
+    return device

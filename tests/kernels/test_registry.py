@@ -1,0 +1,101 @@
+"""Dispatch order, reason strings, the context manager and the env var."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels.registry import BackendUnavailableError, CallInfo, Registry
+
+
+def _toy_registry():
+    reg = Registry()
+    reg.register("toy", "ref", lambda: "ref", devices=("cpu", "cuda"))
+    reg.register("toy", "triton", lambda: "triton", devices=("cpu", "cuda"), needs_triton=True,
+                 check=lambda call: [] if call.facts.get("D", 0) <= 64 else ["D too large"])
+    return reg
+
+
+def test_priority_prefers_triton_on_cuda_and_ref_on_plain_cpu(monkeypatch):
+    reg = _toy_registry()
+    assert reg.resolve("toy", CallInfo(torch.device("cuda"), torch.float16)).name == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert reg.resolve("toy", CallInfo(torch.device("cpu"), torch.float16)).name == "ref"
+
+
+def test_explicit_request_that_cannot_run_lists_every_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reg = _toy_registry()
+    call = CallInfo(torch.device("cpu"), torch.float32, {"D": 128})
+    with pytest.raises(BackendUnavailableError) as info:
+        reg.resolve("toy", call, backend="triton")
+    msg = str(info.value)
+    assert "TRITON_INTERPRET is not set" in msg and "D too large" in msg and "ref: usable" in msg
+    with pytest.raises(BackendUnavailableError, match="has no 'cuda' backend"):
+        reg.resolve("toy", call, backend="cuda")
+
+
+def test_automatic_selection_falls_back_on_reasons():
+    reg = _toy_registry()
+    call = CallInfo(torch.device("cuda"), torch.float16, {"D": 128})
+    assert reg.resolve("toy", call).name == "ref"
+
+
+def test_context_manager_is_scoped_and_restored(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reg = _toy_registry()
+    call = CallInfo(torch.device("cpu"), torch.float32)
+    assert reg.resolve("toy", call).name == "triton"
+    with kernels.backend("ref"):
+        assert reg.resolve("toy", call).name == "ref"
+        with kernels.backend("triton"):
+            assert reg.resolve("toy", call).name == "triton"
+        assert reg.resolve("toy", call).name == "ref"
+        assert reg.resolve("toy", call, backend="triton").name == "triton"  # argument wins
+    assert reg.resolve("toy", call).name == "triton"
+
+
+def test_bad_backend_names_raise():
+    with pytest.raises(ValueError, match="backend name must be one of"):
+        with kernels.backend("cudnn"):
+            pass
+    with pytest.raises(ValueError, match="backend= must be one of"):
+        kernels.adaln_modulate(torch.randn(1, 2, 8), torch.randn(1, 8), torch.randn(1, 8),
+                               backend="fast")
+
+
+def test_unknown_op_name():
+    with pytest.raises(ValueError, match="op_name must be one of"):
+        kernels.available_backends("no_such_op")
+
+
+def test_available_backends_reports_reasons():
+    table = kernels.available_backends("adaln_modulate", device="cpu")
+    assert table["ref"] == []
+    assert set(table) == {"ref", "triton"}
+
+
+def test_env_var_selects_backend():
+    code = ("import torch, kernels; x = torch.randn(1, 2, 8); s = torch.randn(1, 8)\n"
+            "try:\n    kernels.adaln_modulate(x, s, s)\nexcept kernels.BackendUnavailableError"
+            " as e:\n    print('RAISED', 'AVATAR_KERNELS_BACKEND' in str(e))\n")
+    env = {"AVATAR_KERNELS_BACKEND": "cuda", "TRITON_INTERPRET": "0", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert "RAISED True" in out.stdout
+
+
+def test_import_kernels_does_not_import_triton_or_extension():
+    code = ("import sys, kernels; print('triton' in sys.modules, 'kernels._cuda' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_info_prints_table():
+    out = subprocess.run([sys.executable, "-m", "kernels.info"], capture_output=True, text=True,
+                         check=True)
+    assert "adaln_modulate" in out.stdout and "ref" in out.stdout
