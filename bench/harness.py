@@ -22,9 +22,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -152,7 +152,6 @@ def measure_peaks(device: str) -> dict:
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     ms_mm, _, _ = time_ms(lambda: a @ a, device)
     mm_tflops = 2 * 8192**3 / ms_mm / 1e9
-    del src, dst, a
     return {"copy_gbps": round(copy_gbps, 1), "bf16_matmul_tflops": round(mm_tflops, 1)}
 
 

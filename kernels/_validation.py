@@ -4,7 +4,7 @@ so kernels never see malformed input (no asserts, no illegal addresses)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -12,13 +12,13 @@ import torch
 
 from kernels.registry import (
     OP_MODULES,
+    CallInfo,
     _import_all_ops,
     cuda_extension,
     env_backend,
     interpreter_enabled,
     registry,
     triton_import_error,
-    CallInfo,
 )
 
 

@@ -1,0 +1,7 @@
+"""``python -m samplers`` is the ``avatar-kernels`` command."""
+
+import sys
+
+from samplers.cli import main
+
+sys.exit(main())
