@@ -1,0 +1,404 @@
+"""Procedural "talking faces": a deterministic toy reenactment dataset, no downloads.
+
+A face is drawn from two kinds of parameters:
+
+- identity (fixed per identity seed): skin, hair, shirt, iris and lip colours, face shape
+  (ellipse radii), hair style (volume, hairline, long or short) and a background texture
+  (stripes, checker, rings or a gradient in two colours);
+- per-frame pose and expression, the 8 columns of ``params`` (``PARAM_NAMES``):
+  ``head_x, head_y, tilt`` in [-1, 1] (head shift of +-6 / +-4 px and roll of +-0.25 rad),
+  ``eye_left, eye_right, mouth_open`` in [0, 1], ``smile`` in [-1, 1], ``brow`` in [0, 1].
+
+``render`` rasterises both into 64x64 RGB frames in [0, 1] with anti-aliased signed-distance
+shapes (plain torch, vectorised over frames, differentiable in ``params``), plus a per-frame
+mask of the expressive regions (eyes, brows, mouth) for the weighted loss. ``landmarks`` turns
+``params`` into the per-frame control vector: 20 landmark-style 2-D points (face outline, eyes,
+brows, nose, mouth) of a canonical face posed and animated by the frame's parameters, in
+[-1, 1] image coordinates. The canonical face makes the controls identity-free, like
+identity-normalised landmarks used for retargeting in cross-identity reenactment.
+
+Everything is deterministic per seed: ``sample_identity(seed)`` and ``sample_motion(seed, n)``
+use their own ``numpy.random.Generator``. ``ProceduralFaces`` yields training sequences in the
+layout the sDiT trainer takes (non-uniform frame indices, source frame furthest in time, as in
+the Anchored Diffusion paper, section 3.1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SIZE = 64
+PARAM_NAMES = ("head_x", "head_y", "tilt", "eye_left", "eye_right", "mouth_open", "smile",
+               "brow")
+N_PARAMS = len(PARAM_NAMES)
+N_LANDMARKS = 20
+CONTROL_DIM = 2 * N_LANDMARKS
+IDENTITY_GRID = 16
+IDENTITY_DIM = 3 * IDENTITY_GRID * IDENTITY_GRID
+# identity seeds at or above this value are never drawn by ProceduralFaces (held out)
+HELD_OUT_SEED_BASE = 1_000_000
+
+MOUTH_INSIDE = (0.42, 0.04, 0.12)  # dark crimson, the same for every identity
+SCLERA = (0.96, 0.96, 0.94)
+LINER = (0.12, 0.08, 0.08)
+
+_SKINS = ((0.98, 0.84, 0.72), (0.93, 0.74, 0.60), (0.82, 0.60, 0.45), (0.64, 0.44, 0.30),
+          (0.45, 0.30, 0.21), (0.99, 0.88, 0.80))
+_HAIRS = ((0.10, 0.08, 0.07), (0.35, 0.22, 0.12), (0.85, 0.70, 0.40), (0.62, 0.26, 0.10),
+          (0.70, 0.70, 0.72), (0.25, 0.35, 0.75), (0.80, 0.40, 0.65))
+_IRISES = ((0.25, 0.15, 0.08), (0.20, 0.40, 0.75), (0.25, 0.55, 0.30), (0.40, 0.40, 0.45))
+TEXTURES = ("stripes_h", "stripes_v", "stripes_diag", "checker", "rings", "gradient")
+
+
+@dataclass(frozen=True)
+class FaceIdentity:
+    """Appearance of one person and their background (see module docstring)."""
+
+    seed: int
+    skin: tuple[float, float, float]
+    hair: tuple[float, float, float]
+    shirt: tuple[float, float, float]
+    iris: tuple[float, float, float]
+    lips: tuple[float, float, float]
+    bg_a: tuple[float, float, float]
+    bg_b: tuple[float, float, float]
+    texture: int  # index into TEXTURES
+    tex_freq: float  # cycles per image
+    tex_phase: float
+    face_rx: float  # px
+    face_ry: float  # px
+    hair_volume: float  # hair ellipse radii / face radii
+    hairline: float  # fringe reaches this fraction of face_ry above the centre
+    long_hair: bool
+
+
+def _colour(rng: np.random.Generator, base, jitter: float) -> tuple[float, float, float]:
+    c = np.clip(np.asarray(base) + rng.uniform(-jitter, jitter, 3), 0.0, 1.0)
+    return tuple(float(v) for v in c)
+
+
+def _random_colour(rng: np.random.Generator, lo: float, hi: float) -> tuple[float, float, float]:
+    # saturated-ish colours away from the white sclera and the dark mouth key colours
+    c = rng.uniform(lo, hi, 3)
+    c[rng.integers(3)] *= rng.uniform(0.3, 0.7)
+    return tuple(float(v) for v in c)
+
+
+def sample_identity(seed: int) -> FaceIdentity:
+    """The identity drawn by ``seed`` (any int >= 0); the same seed always gives the same face."""
+    if seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed}")
+    rng = np.random.default_rng([int(seed), 0xFACE])
+    skin = _colour(rng, _SKINS[rng.integers(len(_SKINS))], 0.04)
+    hair = _colour(rng, _HAIRS[rng.integers(len(_HAIRS))], 0.05)
+    lips = _colour(rng, (0.80, 0.38, 0.40), 0.07)
+    return FaceIdentity(
+        seed=int(seed), skin=skin, hair=hair, shirt=_random_colour(rng, 0.15, 0.85),
+        iris=_colour(rng, _IRISES[rng.integers(len(_IRISES))], 0.05), lips=lips,
+        bg_a=_random_colour(rng, 0.25, 0.9), bg_b=_random_colour(rng, 0.1, 0.7),
+        texture=int(rng.integers(len(TEXTURES))), tex_freq=float(rng.uniform(1.5, 4.0)),
+        tex_phase=float(rng.uniform(0, 2 * math.pi)),
+        face_rx=float(rng.uniform(12.5, 16.0)), face_ry=float(rng.uniform(16.0, 19.5)),
+        hair_volume=float(rng.uniform(1.08, 1.3)), hairline=float(rng.uniform(0.3, 0.6)),
+        long_hair=bool(rng.random() < 0.45))
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, periods: tuple[float, float],
+                  k: int = 3) -> np.ndarray:
+    """Sum of ``k`` sinusoids with random periods (frames) and phases, scaled to about [-1, 1]."""
+    t = np.arange(n, dtype=np.float64)
+    out = np.zeros(n)
+    for i in range(k):
+        period = rng.uniform(*periods)
+        out += rng.uniform(0.5, 1.0) / (i + 1) * np.sin(2 * np.pi * t / period
+                                                       + rng.uniform(0, 2 * np.pi))
+    return out / sum(1.0 / (i + 1) for i in range(k))
+
+
+def _bumps(rng: np.random.Generator, n: int, gap: tuple[int, int], shape) -> np.ndarray:
+    """Zero except for copies of ``shape`` placed at random gaps (blinks, brow raises)."""
+    out = np.zeros(n)
+    t = int(rng.integers(0, gap[1]))
+    while t < n:
+        seg = np.asarray(shape)[: n - t]
+        out[t: t + len(seg)] = np.maximum(out[t: t + len(seg)], seg)
+        t += int(rng.integers(*gap))
+    return out
+
+
+def sample_motion(seed: int, frames: int) -> torch.Tensor:
+    """Smooth pose and expression trajectories, ``[frames, 8]`` float32 (``PARAM_NAMES``).
+
+    Head motion and smiles are slow sums of sinusoids; blinks are 3-frame dips at random gaps
+    (sometimes a wink); speech opens the mouth quickly with pauses; brows rise now and then.
+    """
+    if frames < 1:
+        raise ValueError(f"frames: expected >= 1, got {frames}")
+    rng = np.random.default_rng([int(seed), 0x0B0E])
+    n = int(frames)
+    p = np.zeros((n, N_PARAMS))
+    p[:, 0] = np.clip(1.2 * _smooth_noise(rng, n, (24, 90)), -1, 1)
+    p[:, 1] = np.clip(1.1 * _smooth_noise(rng, n, (20, 80)), -1, 1)
+    p[:, 2] = np.clip(1.1 * _smooth_noise(rng, n, (30, 100)), -1, 1)
+    base_open = rng.uniform(0.65, 1.0)
+    blinks = _bumps(rng, n, (8, 30), (0.6, 1.0, 0.6))
+    wink = rng.random() < 0.3
+    p[:, 3] = np.clip(base_open + 0.15 * _smooth_noise(rng, n, (30, 80)) - blinks, 0, 1)
+    p[:, 4] = p[:, 3] if not wink else np.clip(base_open - 0.8 * _bumps(rng, n, (10, 30),
+                                                                        (0.5, 1.0, 1.0, 0.5)), 0, 1)
+    speech = 0.5 + 0.7 * _smooth_noise(rng, n, (3, 9))
+    pauses = (_smooth_noise(rng, n, (16, 40), k=1) > rng.uniform(-0.6, 0.3)).astype(np.float64)
+    p[:, 5] = np.clip(speech * pauses, 0, 1)
+    p[:, 6] = np.clip(0.3 + 0.9 * _smooth_noise(rng, n, (24, 80), k=2), -1, 1)
+    p[:, 7] = np.clip(rng.uniform(0.0, 0.4) + _bumps(rng, n, (10, 40), (0.4, 0.8, 0.8, 0.4)), 0, 1)
+    return torch.from_numpy(p).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# rasteriser
+
+def _cov(sdf: torch.Tensor) -> torch.Tensor:
+    """Coverage of a pixel by a shape from its signed distance in px (anti-aliased edge)."""
+    return (0.5 - sdf).clamp(0.0, 1.0)
+
+
+def _ellipse(u: torch.Tensor, v: torch.Tensor, rx, ry) -> torch.Tensor:
+    """Signed distance (px, first-order estimate f / |grad f|) to an axis-aligned ellipse at
+    (0, 0); accurate near the edge even for very thin ellipses (a closed eye or mouth)."""
+    rx = torch.as_tensor(rx, dtype=u.dtype).clamp_min(0.05)
+    ry = torch.as_tensor(ry, dtype=u.dtype).clamp_min(0.05)
+    r = torch.sqrt((u / rx) ** 2 + (v / ry) ** 2 + 1e-12)
+    grad = torch.sqrt((u / rx ** 2) ** 2 + (v / ry ** 2) ** 2 + 1e-12) / r
+    return (r - 1.0) / grad.clamp_min(1e-6)
+
+
+def _segment(u, v, ax, ay, bx, by, radius) -> torch.Tensor:
+    """Signed distance (px) to a capsule from (ax, ay) to (bx, by)."""
+    pu, pv, du, dv = u - ax, v - ay, bx - ax, by - ay
+    h = ((pu * du + pv * dv) / (du * du + dv * dv + 1e-9)).clamp(0.0, 1.0)
+    return torch.sqrt((pu - h * du) ** 2 + (pv - h * dv) ** 2 + 1e-12) - radius
+
+
+def _paint(img: torch.Tensor, alpha: torch.Tensor, colour) -> torch.Tensor:
+    c = torch.as_tensor(colour, dtype=img.dtype).view(1, 3, 1, 1)
+    a = alpha.unsqueeze(1)
+    return img * (1 - a) + c * a
+
+
+def _background(ident: FaceIdentity, n: int) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
+    f, ph = ident.tex_freq, ident.tex_phase
+    kind = TEXTURES[ident.texture]
+    if kind == "stripes_h":
+        w = torch.sin(2 * math.pi * f * ys + ph)
+    elif kind == "stripes_v":
+        w = torch.sin(2 * math.pi * f * xs + ph)
+    elif kind == "stripes_diag":
+        w = torch.sin(2 * math.pi * f * (xs + ys) / math.sqrt(2) + ph)
+    elif kind == "checker":
+        w = torch.sin(2 * math.pi * f * xs + ph) * torch.sin(2 * math.pi * f * ys + ph) * 2
+    elif kind == "rings":
+        w = torch.sin(2 * math.pi * f * torch.sqrt(xs ** 2 + ys ** 2) + ph)
+    else:  # gradient
+        w = 2 * ys - 1
+    t = torch.sigmoid(3.0 * w)
+    a = torch.tensor(ident.bg_a).view(3, 1, 1)
+    b = torch.tensor(ident.bg_b).view(3, 1, 1)
+    return (a * (1 - t) + b * t).unsqueeze(0).expand(n, 3, SIZE, SIZE).clone()
+
+
+def _pose(params: torch.Tensor):
+    """(cx, cy, cos, sin) of the face centre and roll, each [T, 1, 1]."""
+    cx = 32.0 + 6.0 * params[:, 0]
+    cy = 30.0 + 4.0 * params[:, 1]
+    ang = 0.25 * params[:, 2]
+    view = (-1, 1, 1)
+    return cx.view(view), cy.view(view), torch.cos(ang).view(view), torch.sin(ang).view(view)
+
+
+def _feature_layout(rx, ry, params: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Face-local positions and sizes of the features (px), each [T, 1, 1] or scalar."""
+    view = (-1, 1, 1)
+    eye_open = params[:, 3:5]
+    mouth, smile, brow = (params[:, i].view(view) for i in (5, 6, 7))
+    return dict(
+        eye_dx=0.40 * rx, eye_y=-0.12 * ry, eye_rx=0.21 * rx,
+        eye_ry_l=(0.05 + 0.15 * eye_open[:, 0]).view(view) * ry,
+        eye_ry_r=(0.05 + 0.15 * eye_open[:, 1]).view(view) * ry,
+        brow_y=-0.12 * ry - (0.24 + 0.12 * brow) * ry,
+        mouth_y=0.52 * ry, mouth_rx=(0.30 + 0.07 * smile) * rx,
+        mouth_ry=0.03 * ry + 0.17 * ry * mouth, smile=smile)
+
+
+def render(ident: FaceIdentity, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames ``[T, 3, 64, 64]`` in [0, 1] and expressive masks ``[T, 1, 64, 64]`` in {0, 1}.
+
+    ``params``: ``[T, 8]`` (``PARAM_NAMES``), float32 or float64. The frames are differentiable
+    in ``params``. The mask covers the eyes, brows and mouth with a 2 px margin.
+    """
+    if params.ndim != 2 or params.shape[1] != N_PARAMS:
+        raise ValueError(f"params: expected shape [T, {N_PARAMS}], got {tuple(params.shape)}")
+    params = params.float() if params.dtype not in (torch.float32, torch.float64) else params
+    n = params.shape[0]
+    img = _background(ident, n).to(params.dtype)
+    grid = torch.arange(SIZE, dtype=params.dtype) + 0.5
+    x, y = grid.view(1, 1, SIZE), grid.view(1, SIZE, 1)
+    cx, cy, c, s = _pose(params)
+    u = c * (x - cx) + s * (y - cy)  # face-local coordinates (rotated with the head)
+    v = -s * (x - cx) + c * (y - cy)
+    rx, ry = ident.face_rx, ident.face_ry
+    lay = _feature_layout(rx, ry, params)
+    skin = torch.tensor(ident.skin)
+    shade = tuple((skin * 0.82).tolist())
+
+    # torso and neck follow the head partly
+    img = _paint(img, _cov(_ellipse(x - (32 + 0.3 * (cx - 32)), y - 70.0, 26.0, 18.0)), ident.shirt)
+    img = _paint(img, _cov(_segment(x, y, 32 + 0.6 * (cx - 32), cy + 0.6 * ry, 32.0, 56.0, 5.0)),
+                 shade)
+    hv = ident.hair_volume
+    hair_back = _ellipse(u, v + 0.12 * ry, rx * hv, ry * hv)
+    if ident.long_hair:
+        hair_back = torch.minimum(hair_back, _segment(u, v, 0.0, 0.0, 0.0, 1.1 * ry, rx * hv))
+    img = _paint(img, _cov(hair_back), ident.hair)
+    img = _paint(img, _cov(_ellipse(u.abs() - rx, v, 2.5, 4.0)), shade)  # ears
+    img = _paint(img, _cov(_ellipse(u, v, rx, ry)), ident.skin)
+    fringe = torch.maximum(hair_back, v + ident.hairline * ry - 0.15 * u)
+    img = _paint(img, _cov(fringe), ident.hair)
+
+    masks = []
+    for side, key in ((-1.0, "eye_ry_l"), (1.0, "eye_ry_r")):
+        eu, ev = u - side * lay["eye_dx"], v - lay["eye_y"]
+        erx, ery = lay["eye_rx"], lay[key]
+        img = _paint(img, _cov(_ellipse(eu, ev, erx + 0.8, ery + 0.8)), LINER)
+        sclera = _cov(_ellipse(eu, ev, erx, ery))
+        img = _paint(img, sclera, SCLERA)
+        img = _paint(img, torch.minimum(sclera, _cov(_ellipse(eu, ev, 0.45 * erx, 0.45 * erx))),
+                     ident.iris)
+        bu = u - side * lay["eye_dx"]
+        brow = _segment(side * bu, v, -0.25 * rx, lay["brow_y"] + 1.0, 0.25 * rx, lay["brow_y"],
+                        1.0)
+        img = _paint(img, _cov(brow), tuple(0.7 * ch for ch in ident.hair))
+        masks += [_ellipse(eu, ev, erx + 2.0, 0.2 * ry + 2.0), brow - 2.0]
+    img = _paint(img, _cov(_ellipse(u, v - 0.2 * ry, 1.6, 2.8)), shade)  # nose
+
+    mu = u
+    mv = v - lay["mouth_y"] + lay["smile"] * 0.12 * ry * (mu / lay["mouth_rx"]).pow(2)
+    img = _paint(img, _cov(_ellipse(mu, mv, lay["mouth_rx"] + 1.2, lay["mouth_ry"] + 1.2)),
+                 ident.lips)
+    inside = _cov(_ellipse(mu, mv, lay["mouth_rx"], lay["mouth_ry"] - 0.5))
+    img = _paint(img, inside * (lay["mouth_ry"] > 0.6).to(img.dtype), MOUTH_INSIDE)
+    masks.append(_ellipse(mu, mv, lay["mouth_rx"] + 3.0, 0.2 * ry + 3.0))
+    mask = (torch.stack(masks).amin(0) < 0).to(params.dtype).unsqueeze(1)
+    return img.clamp(0.0, 1.0), mask
+
+
+# ----------------------------------------------------------------------------------------------
+# controls, identity embedding, videos
+
+_CANON_RX, _CANON_RY = 14.0, 18.0
+
+
+def landmarks(params: torch.Tensor) -> torch.Tensor:
+    """Per-frame control vectors ``[T, 40]``: 20 (x, y) points of the canonical face in [-1, 1].
+
+    Order: face centre, top, chin, left, right; per eye (left, right) centre, top, bottom; per
+    brow inner and outer end; nose tip; mouth left and right corner, top, bottom.
+    """
+    if params.ndim != 2 or params.shape[1] != N_PARAMS:
+        raise ValueError(f"params: expected shape [T, {N_PARAMS}], got {tuple(params.shape)}")
+    params = params.float()
+    rx, ry = _CANON_RX, _CANON_RY
+    lay = {k: (val.view(-1) if torch.is_tensor(val) else torch.full((params.shape[0],), val))
+           for k, val in _feature_layout(rx, ry, params).items()}
+    zero = torch.zeros(params.shape[0])
+    pts = [(zero, zero), (zero, zero - ry), (zero, zero + ry), (zero - rx, zero), (zero + rx, zero)]
+    for side, key in ((-1.0, "eye_ry_l"), (1.0, "eye_ry_r")):
+        ex, ey = side * lay["eye_dx"], lay["eye_y"]
+        pts += [(ex, ey), (ex, ey - lay[key]), (ex, ey + lay[key])]
+    for side in (-1.0, 1.0):
+        pts += [(side * lay["eye_dx"] - side * 0.25 * rx, lay["brow_y"] + 1.0),
+                (side * lay["eye_dx"] + side * 0.25 * rx, lay["brow_y"])]
+    pts.append((zero, zero + 0.2 * ry + 2.8))
+    corner_y = lay["mouth_y"] - lay["smile"] * 0.12 * ry
+    pts += [(-lay["mouth_rx"], corner_y), (lay["mouth_rx"], corner_y),
+            (zero, lay["mouth_y"] - lay["mouth_ry"]), (zero, lay["mouth_y"] + lay["mouth_ry"])]
+    pu = torch.stack([p[0] for p in pts], 1)  # [T, 20]
+    pv = torch.stack([p[1] for p in pts], 1)
+    cx, cy, c, s = (t.view(-1, 1) for t in _pose(params))
+    px = cx + c * pu - s * pv  # inverse of the rotation used in render
+    py = cy + s * pu + c * pv
+    return (torch.stack([px, py], -1).reshape(params.shape[0], CONTROL_DIM) - 32.0) / 32.0
+
+
+def identity_embedding(source: torch.Tensor) -> torch.Tensor:
+    """Global identity vector ``[..., 768]`` of source frames ``[..., 3, 64, 64]`` in [0, 1].
+
+    The source image area-averaged to 16x16 and mapped to [-1, 1]: a fixed, weight-free stand-in
+    for the paper's CLIP image embedding (no pretrained weights ship with the project).
+    """
+    if source.shape[-3:] != (3, SIZE, SIZE):
+        raise ValueError(f"source: expected shape [..., 3, {SIZE}, {SIZE}], "
+                         f"got {tuple(source.shape)}")
+    lead = source.shape[:-3]
+    small = F.adaptive_avg_pool2d(source.reshape(-1, 3, SIZE, SIZE).float(), IDENTITY_GRID)
+    return (small * 2 - 1).reshape(*lead, IDENTITY_DIM)
+
+
+def make_video(identity_seed: int, motion_seed: int, frames: int) -> dict[str, torch.Tensor]:
+    """A whole clip: ``frames`` [N, 3, 64, 64] in [0, 1], ``masks`` [N, 1, 64, 64], ``params``
+    [N, 8], ``controls`` [N, 40] (see ``landmarks``)."""
+    params = sample_motion(motion_seed, frames)
+    video, masks = render(sample_identity(identity_seed), params)
+    return dict(frames=video, masks=masks, params=params, controls=landmarks(params))
+
+
+def nonuniform_indices(rng: np.random.Generator, length: int, frames: int) -> np.ndarray:
+    """``frames`` sorted distinct indices in ``[0, length)``, spacing drawn at random."""
+    if frames > length:
+        raise ValueError(f"frames: expected <= length {length}, got {frames}")
+    return np.sort(rng.choice(length, size=frames, replace=False))
+
+
+class ProceduralFaces(torch.utils.data.IterableDataset):
+    """Endless training sequences from procedural faces, rendered on the fly.
+
+    Each item is one identity (seed < ``HELD_OUT_SEED_BASE``) and one motion clip of
+    ``video_frames`` frames; ``frames`` non-uniformly spaced indices are rendered, and the source
+    is the clip's first or last frame, whichever is further from the sequence (paper, 3.1).
+    Items are dicts: ``frames`` [T, 3, 64, 64] in [-1, 1], ``controls`` [T, 40], ``identity``
+    [768] (``identity_embedding`` of the source), ``masks`` [T, 1, 64, 64] (expressive regions),
+    ``params`` [T, 8], ``times`` [T] (frame indices).
+    """
+
+    def __init__(self, frames: int = 4, video_frames: int = 48, seed: int = 0,
+                 identities: int = HELD_OUT_SEED_BASE):
+        super().__init__()
+        if not 1 <= frames <= video_frames:
+            raise ValueError(f"frames: expected 1 <= frames <= video_frames ({video_frames}), "
+                             f"got {frames}")
+        if not 1 <= identities <= HELD_OUT_SEED_BASE:
+            raise ValueError(f"identities: expected 1..{HELD_OUT_SEED_BASE}, got {identities}")
+        self.frames, self.video_frames, self.seed = frames, video_frames, seed
+        self.identities = identities
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rng = np.random.default_rng([self.seed, 0xDA7A])
+        while True:
+            yield self.sample(rng)
+
+    def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        ident = sample_identity(int(rng.integers(self.identities)))
+        params = sample_motion(int(rng.integers(2 ** 31)), self.video_frames)
+        idx = nonuniform_indices(rng, self.video_frames, self.frames)
+        src = 0 if idx[0] >= self.video_frames - 1 - idx[-1] else self.video_frames - 1
+        sel = torch.from_numpy(np.concatenate([idx, [src]]))
+        frames, masks = render(ident, params[sel])
+        return dict(frames=frames[:-1] * 2 - 1, controls=landmarks(params[sel[:-1]]),
+                    identity=identity_embedding(frames[-1]), masks=masks[:-1],
+                    params=params[sel[:-1]], times=sel[:-1].float())
