@@ -1,0 +1,166 @@
+"""The procedural talking-face generator: determinism, identities, controls, masks, dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from avatar_models.data import procedural_faces as pf
+
+
+def _neutral(n: int = 1) -> torch.Tensor:
+    p = torch.zeros(n, pf.N_PARAMS)
+    p[:, 3:5] = 1.0  # eyes open
+    p[:, 5] = 0.5
+    return p
+
+
+def test_deterministic_per_seed():
+    a, b = pf.make_video(7, 11, 12), pf.make_video(7, 11, 12)
+    for key in ("frames", "masks", "params", "controls"):
+        assert torch.equal(a[key], b[key]), key
+    assert pf.sample_identity(7) == pf.sample_identity(7)
+    assert not torch.equal(pf.sample_motion(11, 12), pf.sample_motion(12, 12))
+
+
+def test_shapes_and_ranges():
+    v = pf.make_video(3, 4, 9)
+    assert v["frames"].shape == (9, 3, 64, 64) and v["frames"].dtype == torch.float32
+    assert v["masks"].shape == (9, 1, 64, 64)
+    assert v["params"].shape == (9, pf.N_PARAMS) and v["controls"].shape == (9, pf.CONTROL_DIM)
+    assert 0.0 <= v["frames"].min() and v["frames"].max() <= 1.0
+    assert set(v["masks"].unique().tolist()) <= {0.0, 1.0}
+    assert v["controls"].abs().max() <= 1.0
+    lo = torch.tensor([-1, -1, -1, 0, 0, 0, -1, 0.0])
+    assert ((v["params"] >= lo) & (v["params"] <= 1)).all()
+
+
+def test_identities_differ():
+    p = _neutral()
+    frames = [pf.render(pf.sample_identity(s), p)[0] for s in range(6)]
+    for i in range(6):
+        for j in range(i + 1, 6):
+            assert (frames[i] - frames[j]).abs().mean() > 0.03, (i, j)
+    emb = pf.identity_embedding(torch.cat(frames))
+    assert emb.shape == (6, pf.IDENTITY_DIM)
+    assert torch.cdist(emb, emb).add(torch.eye(6) * 1e3).min() > 1.0
+
+
+def _changed(ident, p0, p1):
+    f0, m0 = pf.render(ident, p0)
+    f1, m1 = pf.render(ident, p1)
+    return (f0 - f1).abs().amax(1)[0] > 0.02, torch.maximum(m0, m1)[0, 0] > 0
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_expression_controls_change_only_their_region(seed):
+    ident = pf.sample_identity(seed)
+    p0 = _neutral()
+    for col, value in ((5, 1.0), (6, 1.0), (7, 1.0)):  # mouth_open, smile, brow
+        p1 = p0.clone()
+        p1[:, col] = value
+        changed, mask = _changed(ident, p0, p1)
+        assert changed.sum() > 6, pf.PARAM_NAMES[col]
+        assert not (changed & ~mask).any(), pf.PARAM_NAMES[col]
+    # mouth changes below the eyes, brows above them
+    rows = torch.arange(64).view(64, 1).expand(64, 64)
+    p1 = p0.clone()
+    p1[:, 5] = 0.0
+    changed, _ = _changed(ident, p0, p1)
+    assert rows[changed].min() > 34
+    p1 = p0.clone()
+    p1[:, 7] = 1.0
+    changed, _ = _changed(ident, p0, p1)
+    assert rows[changed].max() < 28
+
+
+def test_eye_controls_are_per_side():
+    ident = pf.sample_identity(2)
+    cols = torch.arange(64).view(1, 64).expand(64, 64)
+    for col, left in ((3, True), (4, False)):
+        p1 = _neutral()
+        p1[:, col] = 0.0
+        changed, mask = _changed(ident, _neutral(), p1)
+        assert changed.sum() > 6 and not (changed & ~mask).any()
+        xs = cols[changed]
+        assert (xs.max() < 32) if left else (xs.min() >= 32)
+
+
+def test_head_pose_moves_the_face():
+    ident = pf.sample_identity(4)
+    p = _neutral(3)
+    p[1, 0] = 1.0  # head_x: +6 px
+    p[2, 1] = 1.0  # head_y: +4 px
+    frames, masks = pf.render(ident, p)
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    cen = [((m[0] * xs).sum() / m.sum(), (m[0] * ys).sum() / m.sum()) for m in masks]
+    assert abs(cen[1][0] - cen[0][0] - 6.0) < 0.5 and abs(cen[1][1] - cen[0][1]) < 0.5
+    assert abs(cen[2][1] - cen[0][1] - 4.0) < 0.5 and abs(cen[2][0] - cen[0][0]) < 0.5
+    lm = pf.landmarks(p).view(3, pf.N_LANDMARKS, 2)
+    assert torch.allclose(lm[1, 0] - lm[0, 0], torch.tensor([6 / 32, 0.0]), atol=1e-6)
+    tilt = _neutral()
+    tilt[:, 2] = 1.0  # roll: landmarks rotate about the face centre
+    d0, d1 = lm[0, 1] - lm[0, 0], pf.landmarks(tilt).view(pf.N_LANDMARKS, 2)[1] - lm[0, 0]
+    assert torch.allclose(d0.norm(), d1.norm(), atol=1e-6) and not torch.allclose(d0, d1)
+
+
+def test_mouth_pixels_lie_in_mask_and_render_is_differentiable():
+    ident = pf.sample_identity(1)
+    p = _neutral(2)
+    p[:, 5] = torch.tensor([0.2, 1.0])
+    p.requires_grad_(True)
+    frames, masks = pf.render(ident, p)
+    key = torch.tensor(pf.MOUTH_INSIDE).view(1, 3, 1, 1)
+    inside = (frames.detach() - key).abs().amax(1) < 0.02
+    assert inside[1].sum() > inside[0].sum() > 0
+    assert not (inside & (masks[:, 0] == 0)).any()
+    frames.sum().backward()
+    assert torch.isfinite(p.grad).all() and (p.grad[:, [0, 1, 2, 5]].abs() > 0).all()
+
+
+def test_dataset_items():
+    ds = pf.ProceduralFaces(frames=5, video_frames=20, seed=3, identities=50)
+    rng = np.random.default_rng(0)
+    item = ds.sample(rng)
+    assert item["frames"].shape == (5, 3, 64, 64)
+    assert -1.0 <= item["frames"].min() and item["frames"].max() <= 1.0
+    assert item["controls"].shape == (5, pf.CONTROL_DIM)
+    assert item["identity"].shape == (pf.IDENTITY_DIM,)
+    assert item["masks"].shape == (5, 1, 64, 64)
+    t = item["times"]
+    assert (t[1:] > t[:-1]).all() and 0 <= t[0] and t[-1] < 20
+    a, b = next(iter(ds)), next(iter(pf.ProceduralFaces(5, 20, seed=3, identities=50)))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_source_frame_is_furthest_from_the_sequence():
+    ds = pf.ProceduralFaces(frames=3, video_frames=30, seed=0, identities=1)
+    rng = np.random.default_rng(1)
+    ident = pf.sample_identity(0)
+    for _ in range(3):
+        state = rng.bit_generator.state
+        item = ds.sample(rng)
+        rng2 = np.random.default_rng()
+        rng2.bit_generator.state = state
+        rng2.integers(1)
+        params = pf.sample_motion(int(rng2.integers(2 ** 31)), 30)
+        t = item["times"].long()
+        src = 0 if t[0] >= 29 - t[-1] else 29
+        expected = pf.identity_embedding(pf.render(ident, params[src:src + 1])[0][0])
+        assert torch.allclose(item["identity"], expected)
+
+
+def test_bad_arguments_raise_with_names():
+    with pytest.raises(ValueError, match=r"params: expected shape \[T, 8\], got \(3, 7\)"):
+        pf.render(pf.sample_identity(0), torch.zeros(3, 7))
+    with pytest.raises(ValueError, match="params: expected shape"):
+        pf.landmarks(torch.zeros(8))
+    with pytest.raises(ValueError, match="seed: expected an int >= 0, got -1"):
+        pf.sample_identity(-1)
+    with pytest.raises(ValueError, match="frames: expected >= 1, got 0"):
+        pf.sample_motion(0, 0)
+    with pytest.raises(ValueError, match=r"source: expected shape \[..., 3, 64, 64\]"):
+        pf.identity_embedding(torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match="frames: expected 1 <= frames <= video_frames"):
+        pf.ProceduralFaces(frames=9, video_frames=8)
