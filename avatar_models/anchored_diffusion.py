@@ -78,7 +78,8 @@ class SDiTConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(overrides) - fields)
         if bad:
-            raise ValueError(f"unknown SDiTConfig field(s) {bad}; expected some of {sorted(fields)}")
+            raise ValueError(f"unknown SDiTConfig field(s) {bad}; expected some of "
+                             f"{sorted(fields)}")
         return cls(**{**NAMED_CONFIGS[name], "name": name, **overrides})
 
     def to_dict(self) -> dict:
@@ -149,13 +150,13 @@ class MappingNetwork(nn.Module):
         self.null_control = nn.Parameter(torch.zeros(control_dim))
         self.blocks = nn.ModuleList(MappingResBlock(dim) for _ in range(blocks))
 
-    def forward(self, g: torch.Tensor, l: torch.Tensor, temb: torch.Tensor,
+    def forward(self, g: torch.Tensor, ctrl: torch.Tensor, temb: torch.Tensor,
                 null: torch.Tensor | None = None) -> torch.Tensor:
-        """g [R, G], l [R, L], temb [R, D], null [R] bool or None -> C [R, D]."""
+        """g [R, G], ctrl [R, L], temb [R, D], null [R] bool or None -> C [R, D]."""
         if null is not None:
-            g = torch.where(null[:, None], self.null_global.to(g.dtype), g)    # [R, G]
-            l = torch.where(null[:, None], self.null_control.to(l.dtype), l)   # [R, L]
-        h = self.global_proj(g) + self.control_proj(l) + temb                  # [R, D]
+            g = torch.where(null[:, None], self.null_global.to(g.dtype), g)              # [R, G]
+            ctrl = torch.where(null[:, None], self.null_control.to(ctrl.dtype), ctrl)  # [R, L]
+        h = self.global_proj(g) + self.control_proj(ctrl) + temb                   # [R, D]
         for block in self.blocks:
             h = block(h)                                                       # [R, D]
         return h

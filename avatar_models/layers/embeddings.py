@@ -47,7 +47,7 @@ def temporal_sincos(frames: int | torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping ``p x p`` patches of every frame, linearly projected: [F, C, H, W] -> [F, P, D]."""
+    """Non-overlapping ``p x p`` patches of every frame, projected: [F, C, H, W] -> [F, P, D]."""
 
     def __init__(self, in_channels: int, dim: int, patch: int):
         super().__init__()
