@@ -119,6 +119,98 @@ def _check_anchor(anchor: object, batch: int, nq: int, nk: int) -> tuple[list[in
 
 
 # ----------------------------------------------------------------------------------------------
+# torch.library custom ops (the units torch.compile sees). The anchor travels as
+# (starts: list[int], length, source) with an empty starts list meaning "no anchor".
+
+
+def _triton():
+    # Imported on first Triton call only, so the ref path never pays for importing triton.
+    from kernels.attention3d import triton_impl
+
+    return triton_impl
+
+
+def _anchor_tuple(starts: list[int], length: int, source: int):
+    return (list(starts), length, source) if starts else None
+
+
+@torch.library.custom_op("avatar_kernels::attention3d_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
+                   k_pos: torch.Tensor | None, rope_dims: list[int], rope_theta: float,
+                   starts: list[int], length: int, source: int,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _triton().attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta,
+                                     _anchor_tuple(starts, length, source), scale)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scale):
+    batch, n_q, heads, head_dim = q.shape
+    return (q.new_empty(batch, n_q, heads, head_dim),
+            q.new_empty(batch, heads, n_q, dtype=torch.float32))
+
+
+@torch.library.custom_op("avatar_kernels::attention3d_bwd", mutates_args=())
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, q_pos: torch.Tensor | None,
+                   k_pos: torch.Tensor | None, rope_dims: list[int], rope_theta: float,
+                   starts: list[int], length: int, source: int,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton().attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims,
+                                     rope_theta, _anchor_tuple(starts, length, source), scale)
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta, starts, length, source,
+      scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+@torch.library.custom_op("avatar_kernels::rope3d_fwd", mutates_args=())
+def _rope_fwd(x: torch.Tensor, positions: torch.Tensor, rope_dims: list[int], rope_theta: float,
+              inverse: bool) -> torch.Tensor:
+    return _triton().rope3d_fwd(x, positions, rope_dims, rope_theta, inverse)
+
+
+@_rope_fwd.register_fake
+def _(x, positions, rope_dims, rope_theta, inverse):
+    return x.new_empty(x.shape)
+
+
+class Attention3DFunction(torch.autograd.Function):
+    """Triton attention3d: q [B, Nq, H, D], k/v [B, Nk, H, D] with a unit head-dim stride."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scale):
+        out, lse = _attention_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length,
+                                  source, scale)
+        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos)
+        ctx.args = (rope_dims, rope_theta, starts, length, source, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, q_pos, k_pos = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, q_pos, k_pos, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+class Rope3DFunction(torch.autograd.Function):
+    """Triton rope3d: x [B, N, H, D], positions [B, N, 3]."""
+
+    @staticmethod
+    def forward(ctx, x, positions, rope_dims, rope_theta):
+        ctx.save_for_backward(positions)
+        ctx.args = (rope_dims, rope_theta)
+        return _rope_fwd(x, positions, rope_dims, rope_theta, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (positions,) = ctx.saved_tensors
+        return _rope_fwd(dy, positions, *ctx.args, True), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
 # Backend implementations. Signature: (q, k, v, q_pos, k_pos, rope_dims, theta, anchor, scale)
 # with q_pos/k_pos [B, N, 3] or None and anchor (starts list, length, source) or None.
 
@@ -128,12 +220,25 @@ def _attention_ref(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale):
                            rope_theta=rope_theta, anchor=anchor, scale=scale)
 
 
+def _attention_triton(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale):
+    starts, length, source = anchor if anchor is not None else ([], 0, 0)
+    return Attention3DFunction.apply(q, k, v, q_pos, k_pos, list(rope_dims), rope_theta,
+                                     list(starts), length, source, scale)
+
+
 def _rope_ref(x, positions, rope_dims, rope_theta):
     return rope3d_ref(x, positions, rope_dims, rope_theta)
 
 
+def _rope_triton(x, positions, rope_dims, rope_theta):
+    return Rope3DFunction.apply(x, positions, list(rope_dims), rope_theta)
+
+
 registry.register(OP_ATTENTION, "ref", _attention_ref, devices=("cpu", "cuda"))
+registry.register(OP_ATTENTION, "triton", _attention_triton, devices=("cpu", "cuda"),
+                  needs_triton=True)
 registry.register(OP_ROPE, "ref", _rope_ref, devices=("cpu", "cuda"))
+registry.register(OP_ROPE, "triton", _rope_triton, devices=("cpu", "cuda"), needs_triton=True)
 
 
 # ----------------------------------------------------------------------------------------------
