@@ -42,6 +42,17 @@ from avatar_models.layers import (
 LANDMARK_DIM = 478 * 3  # MediaPipe face mesh with refined iris landmarks, (x, y, z) each
 
 
+def landmark_control(landmarks: torch.Tensor) -> torch.Tensor:
+    """MediaPipe landmarks [..., 478, 3] (x, y in [0, 1], z relative depth) -> the per-frame
+    control vector [..., 1434]: x, y mapped to [-1, 1], z scaled by 2 (same scale as x), NaN
+    (no face) -> 0."""
+    if landmarks.shape[-2:] != (478, 3):
+        raise ValueError(f"landmarks must be [..., 478, 3], got {list(landmarks.shape)}")
+    lm = landmarks.float()
+    scaled = torch.stack([lm[..., 0] * 2 - 1, lm[..., 1] * 2 - 1, lm[..., 2] * 2], dim=-1)
+    return torch.nan_to_num(scaled, nan=0.0).flatten(-2)
+
+
 @dataclass(frozen=True)
 class SDiTConfig:
     """Architecture of an sDiT + mapping network. ``from_name`` gives the paper's sizes."""

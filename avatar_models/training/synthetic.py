@@ -49,3 +49,21 @@ class BlobSequences(Dataset):
         glob[: min(self.channels, self.global_dim)] = colour[: self.global_dim]
         return {"frames": frames.clamp(-1, 1), "control": control * 2 - 1, "global": glob,
                 "mask": (face > 0.3).float()[:, None]}
+
+
+def stats_conditioner(source: torch.Tensor, driving: torch.Tensor, *, global_dim: int,
+                      control_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A file-free conditioner for smoke runs: G = the source's mean colour, L_t = a coarse
+    luminance grid of each driving frame (padded / truncated to the model's sizes).
+
+    source uint8 [H, W, 3], driving uint8 [N, H, W, 3] -> (G [global_dim], L [N, control_dim]).
+    """
+    src = source.float().div(127.5).sub(1)                                  # [H, W, 3]
+    g = torch.zeros(global_dim)
+    g[: min(3, global_dim)] = src.mean(dim=(0, 1))[:global_dim]
+    lum = driving.float().div(127.5).sub(1).mean(-1)                         # [N, H, W]
+    grid = torch.nn.functional.adaptive_avg_pool2d(lum[:, None], (2, 3)).flatten(1)  # [N, 6]
+    ctrl = torch.zeros(driving.shape[0], control_dim)
+    k = min(6, control_dim)
+    ctrl[:, :k] = grid[:, :k]
+    return g, ctrl

@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", type=Path, help="diffusers AutoencoderKL folder (--data)")
     parser.add_argument("--clip", type=Path, help="CLIP vision model folder (--data)")
     parser.add_argument("--resolution", type=int, default=256, help="frame size for --data")
+    parser.add_argument("--conditioner", metavar="SPEC",
+                        help="how `sample anchored` builds G and L_t from a source image and a "
+                             "driving video: 'clip-landmarks' (default with --data) or "
+                             "MODULE:FUNCTION (recorded in the checkpoint)")
     m = parser.add_argument_group("model")
     m.add_argument("--config", default="sdit-xl/2", help="named sDiT config (default sdit-xl/2)")
     m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -122,13 +126,13 @@ def build_dataset(args: argparse.Namespace):
             kw["channels"] = over["in_channels"]
         if "input_size" in over:
             kw["size"] = over["input_size"]
-        return BlobSequences(args.synthetic, seed=args.seed, **kw), {
-            "conditioning": {"kind": "synthetic"}}
+        spec = args.conditioner or "avatar_models.training.synthetic:stats_conditioner"
+        return BlobSequences(args.synthetic, seed=args.seed, **kw), {"conditioner": spec}
     if args.dataset is not None:
         kwargs = _pairs(args.dataset_arg, "--dataset-arg")
         return load_factory(args.dataset)(**kwargs), {
-            "conditioning": {"kind": "custom", "dataset": args.dataset, "dataset_args": kwargs}}
-    from samplers.commands._video_data import video_training_dataset
+            "conditioner": args.conditioner, "dataset": args.dataset, "dataset_args": kwargs}
+    from samplers.commands._anchored_io import video_training_dataset
 
     return video_training_dataset(args)
 
