@@ -147,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
 
     dataset, extra = build_dataset(args)
     overrides = _pairs(args.set, "--set")
-    first = dataset[0] if hasattr(dataset, "__getitem__") else next(iter(dataset))
+    from torch.utils.data import IterableDataset
+
+    indexable = hasattr(dataset, "__getitem__") and not isinstance(dataset, IterableDataset)
+    first = dataset[0] if indexable else next(iter(dataset))
     inferred = infer_data_fields(first)
     cfg = SDiTConfig.from_name(args.config, **{**inferred, **overrides})
     model = None

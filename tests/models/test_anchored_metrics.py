@@ -10,6 +10,15 @@ import torch
 from avatar_models.metrics import csim, expressive_lmse, lmse, min_pairwise_similarity, self_csim
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add contention on shared CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _unit(deg: float) -> list[float]:
     return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
 

@@ -10,6 +10,15 @@ from avatar_models.anchored_diffusion import Conditions, SDiT, SDiTConfig
 from avatar_models.layers import AnchorPacking
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add contention on shared CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _random_model(cfg: SDiTConfig, std: float = 0.05) -> SDiT:
     """Non-zero everything, so zero-init adaLN / final layers cannot hide bugs."""
     model = SDiT(cfg)
