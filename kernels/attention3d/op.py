@@ -182,6 +182,7 @@ class Attention3DFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scale):
+        k_pos = q_pos if k_pos is None else k_pos  # None: the same positions as q
         out, lse = _attention_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length,
                                   source, scale)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos)
@@ -222,6 +223,10 @@ def _attention_ref(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale):
 
 def _attention_triton(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale):
     starts, length, source = anchor if anchor is not None else ([], 0, 0)
+    # autograd.Function under torch.compile rejects one tensor passed as two inputs
+    k = k.view_as(k) if k is q else k
+    v = v.view_as(v) if v is q or v is k else v
+    k_pos = None if k_pos is q_pos else k_pos
     return Attention3DFunction.apply(q, k, v, q_pos, k_pos, list(rope_dims), rope_theta,
                                      list(starts), length, source, scale)
 
