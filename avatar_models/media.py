@@ -225,6 +225,8 @@ def read_audio(path: PathLike, *, sample_rate: int | None = None, mono: bool = T
     path = check_file(path, "audio/video file")
     if sample_rate is not None:
         check_positive("sample_rate", sample_rate, integer=True)
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}")
     with av.open(str(path)) as container:
         if not container.streams.audio:
             raise ValueError(f"{str(path)!r} has no audio stream")
@@ -234,6 +236,8 @@ def read_audio(path: PathLike, *, sample_rate: int | None = None, mono: bool = T
         resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
         chunks = []
         for frame in container.decode(stream):
+            if end is not None and frame.time is not None and frame.time > end + 0.5:
+                break  # decoded past the window (the margin covers resampler delay)
             chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
         chunks.extend(f.to_ndarray() for f in resampler.resample(None))
         stored = None  # the encoder pads its last frame; the stream duration says where it ends

@@ -153,3 +153,22 @@ def test_region_masks_reject_bad_input():
         fr.region_masks(lm, (0, 4))
     with pytest.raises(TypeError, match="landmarks must be floating point"):
         fr.region_masks(lm.long(), 16)
+
+
+def test_masks_and_samplers_import_without_heavy_dependencies():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import avatar_models
+
+    root = str(Path(avatar_models.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    code = ("import sys, avatar_models, avatar_models.conditioning, avatar_models.data\n"
+            "import avatar_models.conditioning.face_regions\n"
+            "heavy = {'av', 'diffusers', 'transformers', 'mediapipe'}\n"
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.strip() == "[]", out.stdout

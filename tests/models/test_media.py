@@ -63,6 +63,10 @@ def test_stereo_audio_and_resampling(tmp_path):
     rms = wave[:, 2000:-2000].pow(2).mean(1).sqrt()
     assert rms[0] / rms[1] == pytest.approx(5.0, rel=0.1)
     mono16, rate16 = media.read_audio(path, sample_rate=16000)
+    part, _ = media.read_audio(path, sample_rate=16000, start=0.1, end=0.2)
+    torch.testing.assert_close(part, mono16[:, 1600:3200])
+    with pytest.raises(ValueError, match="need 0 <= start <= end"):
+        media.read_audio(path, start=0.3, end=0.2)
     assert rate16 == 16000 and mono16.shape[0] == 1
     assert mono16.shape[1] == pytest.approx(8000, abs=40)
     res = media.resample_audio(torch.from_numpy(left), sr, 16000)
