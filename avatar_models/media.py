@@ -293,7 +293,10 @@ def _frames_uint8(name: str, frames: object, ranks=(4,), layout="[T, H, W, 3]") 
     x = as_tensor(name, frames)
     check_rank(name, x, ranks, layout)
     check_dim(name, x, -1, 3, layout)
-    check_dtype(name, x, uint8=True)
+    if x.dtype != torch.uint8:
+        raise TypeError(f"{name} must have dtype uint8 {layout}, got "
+                        f"{str(x.dtype).removeprefix('torch.')} (float model frames in [-1, 1]: "
+                        f"convert with media.to_uint8_frames)")
     return x.detach().cpu()
 
 
@@ -459,7 +462,9 @@ def contact_sheet(rows: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | np.
             sheet.paste(Image.fromarray(r[ci].numpy()), (margin + gap + ci * (w + gap), y))
         if labels:
             ink = (0, 0, 0) if background > 127 else (255, 255, 255)
-            draw.text((gap + 2, y + h // 2), str(labels[ri]), fill=ink, font=font, anchor="lm")
+            top, bottom = draw.textbbox((0, 0), str(labels[ri]), font=font)[1::2]
+            draw.text((gap + 2, y + (h - (bottom - top)) // 2 - top), str(labels[ri]), fill=ink,
+                      font=font)
     if path is not None:
         path = Path(path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ def test_odd_sizes_error_or_pad(tmp_path):
 
 def test_write_video_rejects_bad_input(tmp_path):
     f = tmp_path / "x.mp4"
-    with pytest.raises(TypeError, match="frames must have dtype uint8, got float32"):
+    with pytest.raises(TypeError, match="dtype uint8.*got float32.*to_uint8_frames"):
         media.write_video(f, np.zeros((2, 8, 8, 3), np.float32), 10)
     with pytest.raises(ValueError, match=r"frames must be \[T, H, W, 3\]"):
         media.write_video(f, np.zeros((8, 8, 3), np.uint8), 10)
