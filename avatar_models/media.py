@@ -225,6 +225,8 @@ def read_audio(path: PathLike, *, sample_rate: int | None = None, mono: bool = T
     path = check_file(path, "audio/video file")
     if sample_rate is not None:
         check_positive("sample_rate", sample_rate, integer=True)
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}")
     with av.open(str(path)) as container:
         if not container.streams.audio:
             raise ValueError(f"{str(path)!r} has no audio stream")
@@ -234,6 +236,8 @@ def read_audio(path: PathLike, *, sample_rate: int | None = None, mono: bool = T
         resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
         chunks = []
         for frame in container.decode(stream):
+            if end is not None and frame.time is not None and frame.time > end + 0.5:
+                break  # decoded past the window (the margin covers resampler delay)
             chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
         chunks.extend(f.to_ndarray() for f in resampler.resample(None))
         stored = None  # the encoder pads its last frame; the stream duration says where it ends
@@ -289,7 +293,10 @@ def _frames_uint8(name: str, frames: object, ranks=(4,), layout="[T, H, W, 3]") 
     x = as_tensor(name, frames)
     check_rank(name, x, ranks, layout)
     check_dim(name, x, -1, 3, layout)
-    check_dtype(name, x, uint8=True)
+    if x.dtype != torch.uint8:
+        raise TypeError(f"{name} must have dtype uint8 {layout}, got "
+                        f"{str(x.dtype).removeprefix('torch.')} (float model frames in [-1, 1]: "
+                        f"convert with media.to_uint8_frames)")
     return x.detach().cpu()
 
 
@@ -455,7 +462,9 @@ def contact_sheet(rows: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | np.
             sheet.paste(Image.fromarray(r[ci].numpy()), (margin + gap + ci * (w + gap), y))
         if labels:
             ink = (0, 0, 0) if background > 127 else (255, 255, 255)
-            draw.text((gap + 2, y + h // 2), str(labels[ri]), fill=ink, font=font, anchor="lm")
+            top, bottom = draw.textbbox((0, 0), str(labels[ri]), font=font)[1::2]
+            draw.text((gap + 2, y + (h - (bottom - top)) // 2 - top), str(labels[ri]), fill=ink,
+                      font=font)
     if path is not None:
         path = Path(path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -175,9 +175,11 @@ class VideoFolderDataset(Dataset):
         for k, (name, frame_index) in enumerate(extra.items()):
             sample[name], sample[f"{name}_index"] = frames[t + k], frame_index
         if self.with_audio:
-            wave, sr = media.read_audio(info.path, sample_rate=self.audio_sample_rate, mono=True)
+            sr = self.audio_sample_rate
             lo, hi = audio_span(int(idx[0]), t * self.stride, info.fps, sr)
-            seg = wave[:, lo:hi]
+            seg, _ = media.read_audio(info.path, sample_rate=sr, mono=True, start=lo / sr,
+                                      end=hi / sr)
+            seg = seg[:, :hi - lo]
             sample["audio"] = torch.nn.functional.pad(seg, (0, (hi - lo) - seg.shape[1]))
             sample["sample_rate"] = sr
         if self.with_landmarks:
