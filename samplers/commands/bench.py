@@ -10,7 +10,7 @@ import argparse
 import importlib
 import importlib.util
 
-BENCHES = ("adaln", "attention3d", "warp", "performer", "frame_causal", "models")
+BENCHES = ("adaln", "attention3d", "warp", "performer", "frame_causal")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,1 @@
+"""Training: diffusion schedule math, losses, and one loop module per system."""

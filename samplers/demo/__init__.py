@@ -1,0 +1,1 @@
+"""The bundled demo: procedural-face reenactment with Anchored Diffusion vs. MultiDiffusion."""
