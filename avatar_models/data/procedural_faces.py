@@ -358,29 +358,22 @@ def make_video(identity_seed: int, motion_seed: int, frames: int) -> dict[str, t
     return dict(frames=video, masks=masks, params=params, controls=landmarks(params))
 
 
-def nonuniform_indices(rng: np.random.Generator, length: int, frames: int) -> np.ndarray:
-    """``frames`` sorted distinct indices in ``[0, length)``, spacing drawn at random."""
-    if frames > length:
-        raise ValueError(f"frames: expected <= length {length}, got {frames}")
-    return np.sort(rng.choice(length, size=frames, replace=False))
-
-
 class ProceduralFaces(torch.utils.data.IterableDataset):
     """Endless training sequences from procedural faces, rendered on the fly.
 
-    Each item is one identity (seed < ``HELD_OUT_SEED_BASE``) and one motion clip of
-    ``video_frames`` frames; ``frames`` non-uniformly spaced indices are rendered, and the source
-    is the clip's first or last frame, whichever is further from the sequence (paper, 3.1).
-    Items are dicts: ``frames`` [T, 3, 64, 64] in [-1, 1], ``controls`` [T, 40], ``identity``
-    [768] (``identity_embedding`` of the source), ``masks`` [T, 1, 64, 64] (expressive regions),
-    ``params`` [T, 8], ``times`` [T] (frame indices).
+    Each item is one identity (seed < ``identities`` <= ``HELD_OUT_SEED_BASE``) and one motion
+    clip of ``video_frames`` frames; ``frames`` non-uniformly spaced indices and the source frame
+    furthest in time from them are drawn with ``avatar_models.data.nonuniform_indices`` (paper,
+    section 3.1) and rendered. Items are dicts in the layout ``train_anchored`` takes:
+    ``frames`` [T, 3, 64, 64] in [-1, 1], ``control`` [T, 40] (``landmarks``), ``global`` [768]
+    (``identity_embedding`` of the source frame), ``mask`` [T, 1, 64, 64] (expressive regions).
     """
 
     def __init__(self, frames: int = 4, video_frames: int = 48, seed: int = 0,
                  identities: int = HELD_OUT_SEED_BASE):
         super().__init__()
-        if not 1 <= frames <= video_frames:
-            raise ValueError(f"frames: expected 1 <= frames <= video_frames ({video_frames}), "
+        if not 1 <= frames < video_frames:
+            raise ValueError(f"frames: expected 1 <= frames < video_frames ({video_frames}), "
                              f"got {frames}")
         if not 1 <= identities <= HELD_OUT_SEED_BASE:
             raise ValueError(f"identities: expected 1..{HELD_OUT_SEED_BASE}, got {identities}")
@@ -388,17 +381,24 @@ class ProceduralFaces(torch.utils.data.IterableDataset):
         self.identities = identities
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        rng = np.random.default_rng([self.seed, 0xDA7A])
+        gen = torch.Generator().manual_seed(self.seed)
         while True:
-            yield self.sample(rng)
+            yield self.sample(gen)
 
-    def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        ident = sample_identity(int(rng.integers(self.identities)))
-        params = sample_motion(int(rng.integers(2 ** 31)), self.video_frames)
-        idx = nonuniform_indices(rng, self.video_frames, self.frames)
-        src = 0 if idx[0] >= self.video_frames - 1 - idx[-1] else self.video_frames - 1
-        sel = torch.from_numpy(np.concatenate([idx, [src]]))
+    def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        from avatar_models.data.samplers import nonuniform_indices
+
+        seeds = torch.randint(0, 2 ** 31 - 1, (2,), generator=gen).tolist()
+        ident = sample_identity(seeds[0] % self.identities)
+        params = sample_motion(seeds[1], self.video_frames)
+        idx, src = nonuniform_indices(self.video_frames, self.frames, gen)
+        sel = torch.cat([idx, torch.tensor([src])])
         frames, masks = render(ident, params[sel])
-        return dict(frames=frames[:-1] * 2 - 1, controls=landmarks(params[sel[:-1]]),
-                    identity=identity_embedding(frames[-1]), masks=masks[:-1],
-                    params=params[sel[:-1]], times=sel[:-1].float())
+        return {"frames": frames[:-1] * 2 - 1, "control": landmarks(params[idx]),
+                "global": identity_embedding(frames[-1]), "mask": masks[:-1]}
+
+
+def training_dataset(frames: int = 4, video_frames: int = 48, seed: int = 0) -> ProceduralFaces:
+    """Factory for ``avatar-kernels train anchored --dataset
+    avatar_models.data.procedural_faces:training_dataset --dataset-arg frames=4``."""
+    return ProceduralFaces(frames=frames, video_frames=video_frames, seed=seed)

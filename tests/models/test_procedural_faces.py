@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -119,36 +118,39 @@ def test_mouth_pixels_lie_in_mask_and_render_is_differentiable():
     assert torch.isfinite(p.grad).all() and (p.grad[:, [0, 1, 2, 5]].abs() > 0).all()
 
 
-def test_dataset_items():
+def test_dataset_items_in_training_layout():
     ds = pf.ProceduralFaces(frames=5, video_frames=20, seed=3, identities=50)
-    rng = np.random.default_rng(0)
-    item = ds.sample(rng)
+    item = ds.sample(torch.Generator().manual_seed(0))
+    assert sorted(item) == ["control", "frames", "global", "mask"]
     assert item["frames"].shape == (5, 3, 64, 64)
     assert -1.0 <= item["frames"].min() and item["frames"].max() <= 1.0
-    assert item["controls"].shape == (5, pf.CONTROL_DIM)
-    assert item["identity"].shape == (pf.IDENTITY_DIM,)
-    assert item["masks"].shape == (5, 1, 64, 64)
-    t = item["times"]
-    assert (t[1:] > t[:-1]).all() and 0 <= t[0] and t[-1] < 20
-    a, b = next(iter(ds)), next(iter(pf.ProceduralFaces(5, 20, seed=3, identities=50)))
+    assert item["frames"].min() < -0.5 and item["frames"].max() > 0.5
+    assert item["control"].shape == (5, pf.CONTROL_DIM)
+    assert item["global"].shape == (pf.IDENTITY_DIM,)
+    assert item["mask"].shape == (5, 1, 64, 64) and item["mask"].sum() > 0
+    a = next(iter(ds))
+    b = next(iter(pf.ProceduralFaces(frames=5, video_frames=20, seed=3, identities=50)))
+    c = next(iter(pf.ProceduralFaces(5, 20, seed=4)))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["frames"], c["frames"])
+    d = pf.training_dataset(frames=4, video_frames=30, seed=1)
+    assert (d.frames, d.video_frames, d.seed, d.identities) == (4, 30, 1, pf.HELD_OUT_SEED_BASE)
 
 
-def test_source_frame_is_furthest_from_the_sequence():
+def test_dataset_source_is_the_identity_and_frames_follow_controls():
+    # the global vector is the embedding of another frame of the same clip: same identity
     ds = pf.ProceduralFaces(frames=3, video_frames=30, seed=0, identities=1)
-    rng = np.random.default_rng(1)
+    item = ds.sample(torch.Generator().manual_seed(1))
     ident = pf.sample_identity(0)
-    for _ in range(3):
-        state = rng.bit_generator.state
-        item = ds.sample(rng)
-        rng2 = np.random.default_rng()
-        rng2.bit_generator.state = state
-        rng2.integers(1)
-        params = pf.sample_motion(int(rng2.integers(2 ** 31)), 30)
-        t = item["times"].long()
-        src = 0 if t[0] >= 29 - t[-1] else 29
-        expected = pf.identity_embedding(pf.render(ident, params[src:src + 1])[0][0])
-        assert torch.allclose(item["identity"], expected)
+    neutral = pf.identity_embedding(pf.render(ident, _neutral())[0][0])
+    other = pf.identity_embedding(pf.render(pf.sample_identity(1), _neutral())[0][0])
+    assert (item["global"] - neutral).abs().mean() < (item["global"] - other).abs().mean()
+    # frames are the renders of the identity at the poses the landmarks describe
+    face_centre = item["control"].view(3, pf.N_LANDMARKS, 2)[:, 0] * 32 + 32
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    m = item["mask"][:, 0]
+    mask_x = (m * xs).sum((1, 2)) / m.sum((1, 2))
+    assert (mask_x - face_centre[:, 0]).abs().max() < 2.0
 
 
 def test_bad_arguments_raise_with_names():
@@ -162,5 +164,5 @@ def test_bad_arguments_raise_with_names():
         pf.sample_motion(0, 0)
     with pytest.raises(ValueError, match=r"source: expected shape \[..., 3, 64, 64\]"):
         pf.identity_embedding(torch.zeros(3, 32, 32))
-    with pytest.raises(ValueError, match="frames: expected 1 <= frames <= video_frames"):
-        pf.ProceduralFaces(frames=9, video_frames=8)
+    with pytest.raises(ValueError, match="frames: expected 1 <= frames < video_frames"):
+        pf.ProceduralFaces(frames=8, video_frames=8)
