@@ -32,6 +32,19 @@ import torch.nn.functional as F
 from avatar_models.data import procedural_faces as pf
 
 EMBEDDING = "rgbhist4-hog9x8"
+EMBEDDING_ABOUT = (
+    "per frame: joint RGB histogram (4 soft bins per channel, square-rooted, L2-normalised) "
+    "concatenated with a HOG-like descriptor (9 unsigned orientation bins, magnitude-weighted, "
+    "8x8 cells of 8x8 px, L2-normalised); whole frame; deterministic, no learned weights. "
+    "CSIM = min cosine(source, frame); Self-CSIM = |min pairwise cosine(generated) - min "
+    "pairwise cosine(ideal video)|, the ideal video being the source identity rendered by the "
+    "generator with the driving motion")
+CONTROL_ABOUT = (
+    "pose and expression of every generated frame recovered by fitting the differentiable "
+    "procedural generator (source identity) to it by Adam on pixel MSE; lmse_px / "
+    "expressive_lmse_px = mean distance in pixels (64x64 frame) between the 20 landmarks of the "
+    "recovered and of the driving parameters (all points / eye, brow and mouth points); mse and "
+    "psnr_db compare the frames with the ideal video")
 # landmark indices of eyes (5..10), brows (11..14) and mouth (16..19) in procedural_faces.landmarks
 EXPRESSIVE_POINTS = tuple(range(5, 15)) + tuple(range(16, 20))
 
@@ -69,23 +82,18 @@ def embed(frames: torch.Tensor) -> torch.Tensor:
     return (torch.cat([hist, hog], 1) / math.sqrt(2)).float()
 
 
-def cosine_matrix(e: torch.Tensor) -> torch.Tensor:
-    e = F.normalize(e.double(), dim=1)
-    return e @ e.T
-
-
 def consistency(generated: torch.Tensor, source: torch.Tensor,
                 truth: torch.Tensor) -> dict[str, float]:
-    """CSIM (min cosine to the source), Self-CSIM against the ground truth, and the min
-    pairwise similarity itself. ``generated``/``truth``: [N, 3, 64, 64], ``source``: [3, 64, 64]
-    or [1, 3, 64, 64], all in [0, 1]."""
-    eg, et = embed(generated), embed(truth)
-    es = embed(source.reshape(1, 3, *source.shape[-2:]))
-    min_gen = cosine_matrix(eg).min().item()
-    min_true = cosine_matrix(et).min().item()
-    csim = (F.normalize(eg.double(), dim=1) @ F.normalize(es.double(), dim=1).T).min().item()
-    return dict(csim=csim, self_csim=abs(min_gen - min_true), min_pairwise_csim=min_gen,
-                min_pairwise_csim_truth=min_true)
+    """CSIM (min cosine to the source), Self-CSIM against the ideal video, and the min pairwise
+    similarities themselves (``avatar_models.metrics``, on ``embed`` embeddings).
+    ``generated``/``truth``: [N, 3, 64, 64] (N >= 2), ``source``: [3, 64, 64], all in [0, 1]."""
+    from avatar_models import metrics
+
+    eg, et = embed(generated).double(), embed(truth).double()
+    es = embed(source.reshape(1, 3, *source.shape[-2:]))[0].double()
+    return dict(csim=metrics.csim(es, eg), self_csim=metrics.self_csim(eg, et),
+                min_pairwise_csim=metrics.min_pairwise_similarity(eg),
+                min_pairwise_csim_ideal=metrics.min_pairwise_similarity(et))
 
 
 def fit_params(ident: pf.FaceIdentity, frames: torch.Tensor, steps: int = 120,
