@@ -1,0 +1,104 @@
+"""`avatar-kernels demo`: a reduced run of the real demo on the bundled model, the bundled
+model itself, and the training entry point behind `make train-demo`."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+
+import pytest
+import torch
+
+from samplers.cli import main
+from samplers.demo.train import CHECKPOINT, DemoRecipe, train_command, train_demo
+
+OUTPUTS = ("anchored.mp4", "multidiffusion.mp4", "contact_sheet.png", "metrics.json",
+           "consistency.png")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _numbers(x):
+    if isinstance(x, bool):
+        return
+    if isinstance(x, (int, float)):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _numbers(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _numbers(v)
+
+
+def test_reduced_demo_writes_every_output(tmp_path, capsys):
+    from avatar_models.media import read_video
+
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), "--frames", "8", "--steps", "2", "--lengths", "4,8",
+                 "--curve-seeds", "1", "--fit-steps", "5", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+        assert str(out / name) in printed, name
+    video = read_video(out / "anchored.mp4", with_audio=False)
+    assert video.frames.shape == (8, 256, 256, 3)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["embedding"]["name"] == "rgbhist4-hog9x8"
+    for method in ("anchored", "multidiffusion"):
+        for key in ("csim", "self_csim", "lmse_px", "expressive_lmse_px", "psnr_db"):
+            assert math.isfinite(report["methods"][method][key]), (method, key)
+    curve = report["consistency_vs_length"]
+    assert curve["lengths"] == [4, 8]
+    assert len(curve["anchored"]["self_csim"]) == len(curve["multidiffusion"]["csim"]) == 2
+    values = list(_numbers(report))
+    assert len(values) > 20 and all(math.isfinite(v) for v in values)
+
+
+def test_bundled_checkpoint_and_its_training_record():
+    from avatar_models.checkpoint import load_checkpoint
+
+    assert CHECKPOINT.stat().st_size <= 20 * 2 ** 20
+    ckpt = load_checkpoint(CHECKPOINT, system="anchored")
+    recipe = DemoRecipe(**ckpt.extra["demo_recipe"])
+    assert ckpt.config == recipe.model_config().to_dict()
+    assert ckpt.ema, "the demo samples the EMA weights"
+    record = json.loads((CHECKPOINT.parent / "loss.json").read_text())
+    assert record["recipe"] == ckpt.extra["demo_recipe"]
+    assert len(record["loss"]) == recipe.steps == ckpt.extra["step"]
+    assert (CHECKPOINT.parent / "loss.png").is_file()
+    first, last = record["loss"][:50], record["loss"][-100:]
+    assert sum(last) / len(last) < 0.5 * sum(first) / len(first)
+
+
+def test_train_demo_writes_checkpoint_and_loss_curve(tmp_path):
+    recipe = DemoRecipe(steps=2, batch_size=2, hidden=32, depth=1, heads=2)
+    record = train_demo(recipe, tmp_path / "m.safetensors", progress=False)
+    assert (tmp_path / "m.safetensors").is_file() and (tmp_path / "loss.png").is_file()
+    saved = json.loads((tmp_path / "loss.json").read_text())
+    assert saved["recipe"] == record["recipe"] and len(saved["loss"]) == 2
+
+
+def test_train_command_is_a_valid_train_anchored_line(tmp_path):
+    from avatar_models.checkpoint import load_checkpoint
+
+    recipe = DemoRecipe(steps=1, batch_size=2, hidden=32, depth=1, heads=2)
+    out = tmp_path / "cli.safetensors"
+    argv = shlex.split(train_command(recipe, out))
+    assert argv[:3] == ["avatar-kernels", "train", "anchored"]
+    assert main(argv[1:] + ["--no-progress"]) == 0
+    assert load_checkpoint(out).config == recipe.model_config().to_dict()
+
+
+def test_demo_arguments_are_checked(tmp_path):
+    with pytest.raises(SystemExit, match="demo checkpoint not found"):
+        main(["demo", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "none.st")])
+    with pytest.raises(SystemExit):
+        main(["demo", "--lengths", "1,8"])
