@@ -121,24 +121,30 @@ def method_metrics(video: torch.Tensor, data: dict, ident: pf.FaceIdentity,
 
 def consistency_curve(model, schedule, data: dict, videos: dict, opts: DemoOptions,
                       device: torch.device) -> dict:
-    """Self-CSIM and CSIM against video length, both methods, mean over ``curve_seeds``."""
+    """Self-CSIM and CSIM against video length, both methods, mean over ``curve_seeds``: every
+    point is a separate reenactment of the first n driving frames (the full-length, seed-0 one
+    is the main run)."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
     lengths = sorted({min(max(2, n), opts.frames) for n in opts.lengths})
     g = pf.identity_embedding(data["source"])
+    quiet = replace(opts, progress=False)
+    jobs = [(m, n, s) for m in METHODS for n in lengths for s in range(opts.curve_seeds)]
+    vals: dict[tuple[str, int], list[dict]] = {}
+    for method, n, s in tqdm(jobs, desc="consistency vs. length", disable=not opts.progress):
+        if n == opts.frames and s == 0:
+            video = videos[method]
+        else:
+            video = reenact(model, schedule, method, g, data["controls"][:n], quiet,
+                            opts.seed + s, device)
+        vals.setdefault((method, n), []).append(
+            M.consistency(video, data["source"], data["truth"][:n]))
     curve = {"lengths": lengths, "seeds": opts.curve_seeds}
     for method in METHODS:
-        rows = []
-        for n in lengths:
-            vals = []
-            for s in range(opts.curve_seeds):
-                if n == opts.frames and s == 0:
-                    video = videos[method]
-                else:
-                    video = reenact(model, schedule, method, g, data["controls"][:n], opts,
-                                    opts.seed + s, device)
-                vals.append(M.consistency(video, data["source"], data["truth"][:n]))
-            rows.append({k: sum(v[k] for v in vals) / len(vals) for k in ("self_csim", "csim")})
-        curve[method] = {"self_csim": [r["self_csim"] for r in rows],
-                         "csim": [r["csim"] for r in rows]}
+        curve[method] = {k: [sum(v[k] for v in vals[method, n]) / len(vals[method, n])
+                             for n in lengths] for k in ("self_csim", "csim")}
     return curve
 
 
@@ -178,11 +184,15 @@ def run_demo(opts: DemoOptions, out: Path) -> dict[str, Path]:
     ident = pf.sample_identity(SOURCE_SEED)
     g = pf.identity_embedding(data["source"])
     videos, seconds = {}, {}
+    _say(opts, f"reenacting a held-out face: {opts.frames} frames, {opts.steps} DDIM steps, "
+               f"model {model.config.hidden}x{model.config.depth}, T={model.config.frames}, on "
+               f"{device}")
     for method in METHODS:
         start = time.perf_counter()
         videos[method] = reenact(model, schedule, method, g, data["controls"], opts, opts.seed,
                                  device)
         seconds[method] = round(time.perf_counter() - start, 2)
+    _say(opts, "measuring control following (fitting the generator to every frame)")
     results = {m: method_metrics(videos[m], data, ident, opts.fit_steps) for m in METHODS}
     floor = M.landmark_error(M.fit_params(ident, data["truth"], steps=opts.fit_steps),
                              data["params"])
@@ -221,6 +231,11 @@ def run_demo(opts: DemoOptions, out: Path) -> dict[str, Path]:
     paths["metrics"] = out / "metrics.json"
     paths["metrics"].write_text(json.dumps(_round(report), indent=1, default=str) + "\n")
     return paths
+
+
+def _say(opts: DemoOptions, text: str) -> None:
+    if opts.progress:
+        print(text, flush=True)
 
 
 def _round(x):

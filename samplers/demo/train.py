@@ -67,24 +67,28 @@ def train_command(recipe: DemoRecipe, out: Path) -> str:
             f"--ema-decay {r.ema_decay:g} --seed {r.seed} --out {out}")
 
 
-def plot_loss(losses: list[float], path: Path, title: str) -> Path:
+def plot_loss(losses: list[float], mse: list[float], path: Path, title: str) -> Path:
+    """Per-step loss and weighted epsilon MSE (light) with running means (dark), log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = torch.arange(1, len(losses) + 1)
-    loss = torch.tensor(losses)
     k = max(1, len(losses) // 50)
-    smooth = torch.nn.functional.avg_pool1d(loss.view(1, 1, -1), k, 1).view(-1) if k > 1 else loss
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, loss, color="0.75", lw=0.6, label="loss (per step)")
-    ax.plot(steps[k - 1:], smooth, color="C0", lw=1.5, label=f"running mean ({k} steps)")
+    for values, colour, label in ((losses, "C0", "loss = weighted eps MSE + vb"),
+                                  (mse, "C1", "weighted eps MSE")):
+        v = torch.tensor(values, dtype=torch.float64)
+        steps = torch.arange(1, len(values) + 1)
+        ax.plot(steps, v, color=colour, alpha=0.25, lw=0.5)
+        if len(values) >= k:
+            mean = v.unfold(0, k, 1).mean(1)
+            ax.plot(steps[k - 1:], mean, color=colour, lw=1.5, label=f"{label} ({k}-step mean)")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("DiT loss (weighted eps MSE + vb)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -102,10 +106,12 @@ def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, 
     dataset = pf.training_dataset(frames=recipe.frames, seed=recipe.seed)
     print("equivalent to: " + train_command(recipe, checkpoint))
     start = time.perf_counter()
+    mse: list[float] = []
     result = train_anchored(cfg, dataset, recipe.train_config(), device="cpu", out=checkpoint,
                             extra={"dataset": DATASET, "dataset_args": {"frames": recipe.frames,
                                                                           "seed": recipe.seed},
-                                   "demo_recipe": recipe.__dict__}, progress=progress)
+                                   "demo_recipe": recipe.__dict__}, progress=progress,
+                            callback=lambda step, terms: mse.append(terms["mse"]))
     wall = time.perf_counter() - start
     params = sum(p.numel() for p in result.model.parameters())
     record = {
@@ -114,9 +120,10 @@ def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, 
         "machine": f"{platform.machine()}, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
         "final_loss_mean_last_100": sum(result.losses[-100:]) / len(result.losses[-100:]),
-        "loss": [round(v, 5) for v in result.losses]}
+        "final_mse_mean_last_100": sum(mse[-100:]) / len(mse[-100:]),
+        "loss": [round(v, 5) for v in result.losses], "mse": [round(v, 5) for v in mse]}
     (checkpoint.parent / "loss.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot_loss(result.losses, checkpoint.parent / "loss.png",
+    plot_loss(result.losses, mse, checkpoint.parent / "loss.png",
               f"demo sDiT ({params / 1e6:.2f}M params), seed {recipe.seed}, "
               f"{recipe.steps} steps x batch {recipe.batch_size}, {wall / 60:.1f} min CPU")
     print(f"wrote {checkpoint} ({checkpoint.stat().st_size / 1e6:.1f} MB), "
