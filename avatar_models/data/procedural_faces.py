@@ -367,11 +367,14 @@ class ProceduralFaces(torch.utils.data.IterableDataset):
     section 3.1) and rendered. Items are dicts in the layout ``train_anchored`` takes:
     ``frames`` [T, 3, 64, 64] in [-1, 1], ``control`` [T, 40] (``landmarks``), ``global`` [768]
     (``identity_embedding`` of the source frame), ``mask`` [T, 1, 64, 64] (expressive regions).
+    With an ``autoencoder`` (e.g. :class:`avatar_models.data.patch_pca.PatchPCA`), ``frames``
+    holds its latents ``autoencoder.encode(frames)`` instead of pixels.
     """
 
     def __init__(self, frames: int = 4, video_frames: int = 48, seed: int = 0,
-                 identities: int = HELD_OUT_SEED_BASE):
+                 identities: int = HELD_OUT_SEED_BASE, autoencoder=None):
         super().__init__()
+        self.autoencoder = autoencoder
         if not 1 <= frames < video_frames:
             raise ValueError(f"frames: expected 1 <= frames < video_frames ({video_frames}), "
                              f"got {frames}")
@@ -394,11 +397,32 @@ class ProceduralFaces(torch.utils.data.IterableDataset):
         idx, src = nonuniform_indices(self.video_frames, self.frames, gen)
         sel = torch.cat([idx, torch.tensor([src])])
         frames, masks = render(ident, params[sel])
-        return {"frames": frames[:-1] * 2 - 1, "control": landmarks(params[idx]),
+        clip = frames[:-1] * 2 - 1
+        if self.autoencoder is not None:
+            clip = self.autoencoder.encode(clip)
+        return {"frames": clip, "control": landmarks(params[idx]),
                 "global": identity_embedding(frames[-1]), "mask": masks[:-1]}
 
 
-def training_dataset(frames: int = 4, video_frames: int = 48, seed: int = 0) -> ProceduralFaces:
+def training_dataset(frames: int = 4, video_frames: int = 48, seed: int = 0,
+                     autoencoder: str | None = None) -> ProceduralFaces:
     """Factory for ``avatar-kernels train anchored --dataset
-    avatar_models.data.procedural_faces:training_dataset --dataset-arg frames=4``."""
-    return ProceduralFaces(frames=frames, video_frames=video_frames, seed=seed)
+    avatar_models.data.procedural_faces:training_dataset --dataset-arg frames=4
+    [--dataset-arg autoencoder=PATH]`` (PATH: a :class:`~avatar_models.data.patch_pca.PatchPCA`
+    safetensors file; latents instead of pixels)."""
+    ae = None
+    if autoencoder is not None:
+        from avatar_models.data.patch_pca import PatchPCA
+
+        ae = PatchPCA.load(autoencoder)
+    return ProceduralFaces(frames=frames, video_frames=video_frames, seed=seed, autoencoder=ae)
+
+
+def autoencoder_fit_frames(count: int = 1024, seed: int = 0) -> torch.Tensor:
+    """``count`` training frames [count, 3, 64, 64] in [-1, 1] (16 per identity, identities
+    below ``HELD_OUT_SEED_BASE``) to fit a patch-PCA autoencoder on, deterministic per seed."""
+    clips = []
+    for i in range((count + 15) // 16):
+        ident = sample_identity((seed * 7919 + i) % HELD_OUT_SEED_BASE)
+        clips.append(render(ident, sample_motion(seed * 104729 + i + 1, 16))[0])
+    return torch.cat(clips)[:count] * 2 - 1

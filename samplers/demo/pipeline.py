@@ -61,18 +61,22 @@ def inputs(frames: int) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: Path, device: torch.device):
+    """(SDiT with the EMA weights, checkpoint, autoencoder or None for pixel-space models)."""
     from avatar_models.anchored_diffusion import SDiT, SDiTConfig
     from avatar_models.checkpoint import load_checkpoint
+    from avatar_models.data.patch_pca import PatchPCA
 
     ckpt = load_checkpoint(path, system="anchored")
     model = SDiT(SDiTConfig.from_dict(ckpt.config))  # backend chosen by the registry
     model.load_state_dict(ckpt.weights("ema"))
-    return model.to(device).eval(), ckpt
+    ae = ckpt.extra.get("autoencoder")
+    ae = None if ae is None else PatchPCA.load(Path(path).parent / ae)
+    return model.to(device).eval(), ckpt, ae
 
 
 def reenact(model, schedule: dict | None, method: str, identity: torch.Tensor,
             controls: torch.Tensor, opts: DemoOptions, seed: int,
-            device: torch.device) -> torch.Tensor:
+            device: torch.device, ae=None) -> torch.Tensor:
     """Video [N, 3, 64, 64] in [0, 1] from G [768] and per-frame controls [N, 40]."""
     from avatar_models.anchored_diffusion import Conditions
     from samplers.anchored import anchored_sample, decode_video, sdit_denoiser
@@ -102,7 +106,10 @@ def reenact(model, schedule: dict | None, method: str, identity: torch.Tensor,
                                       device=device, progress=opts.progress)
     else:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    return ((video.float().cpu().clamp(-1, 1) + 1) / 2)
+    video = video.float().cpu()
+    if ae is not None:
+        video = ae.decode(video)
+    return (video.clamp(-1, 1) + 1) / 2
 
 
 def _uint8(frames: torch.Tensor, upscale: int) -> torch.Tensor:
@@ -120,7 +127,7 @@ def method_metrics(video: torch.Tensor, data: dict, ident: pf.FaceIdentity,
 
 
 def consistency_curve(model, schedule, data: dict, videos: dict, opts: DemoOptions,
-                      device: torch.device) -> dict:
+                      device: torch.device, ae=None) -> dict:
     """Self-CSIM and CSIM against video length, both methods, mean over ``curve_seeds``: every
     point is a separate reenactment of the first n driving frames (the full-length, seed-0 one
     is the main run)."""
@@ -138,7 +145,7 @@ def consistency_curve(model, schedule, data: dict, videos: dict, opts: DemoOptio
             video = videos[method]
         else:
             video = reenact(model, schedule, method, g, data["controls"][:n], quiet,
-                            opts.seed + s, device)
+                            opts.seed + s, device, ae)
         vals.setdefault((method, n), []).append(
             M.consistency(video, data["source"], data["truth"][:n]))
     curve = {"lengths": lengths, "seeds": opts.curve_seeds}
@@ -178,7 +185,7 @@ def run_demo(opts: DemoOptions, out: Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()
-    model, ckpt = load_model(Path(opts.checkpoint), device)
+    model, ckpt, ae = load_model(Path(opts.checkpoint), device)
     schedule = ckpt.extra.get("diffusion")
     data = inputs(opts.frames)
     ident = pf.sample_identity(SOURCE_SEED)
@@ -190,13 +197,13 @@ def run_demo(opts: DemoOptions, out: Path) -> dict[str, Path]:
     for method in METHODS:
         start = time.perf_counter()
         videos[method] = reenact(model, schedule, method, g, data["controls"], opts, opts.seed,
-                                 device)
+                                 device, ae)
         seconds[method] = round(time.perf_counter() - start, 2)
     _say(opts, "measuring control following (fitting the generator to every frame)")
     results = {m: method_metrics(videos[m], data, ident, opts.fit_steps) for m in METHODS}
     floor = M.landmark_error(M.fit_params(ident, data["truth"], steps=opts.fit_steps),
                              data["params"])
-    curve = consistency_curve(model, schedule, data, videos, opts, device)
+    curve = consistency_curve(model, schedule, data, videos, opts, device, ae)
 
     paths = {}
     for method in METHODS:

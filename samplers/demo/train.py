@@ -1,14 +1,24 @@
 """``make train-demo``: train the bundled demo model on procedural faces (CPU, minutes).
 
-It calls :func:`avatar_models.training.anchored.train_anchored`, the function behind
-``avatar-kernels train anchored``; the equivalent command line is :func:`train_command`. Besides
-the checkpoint it writes ``loss.json`` (seed, steps, hyperparameters, wall time, per-step loss)
-and ``loss.png`` next to it.
+Two stages, both deterministic per seed:
+1. fit the tiny linear autoencoder (:class:`avatar_models.data.patch_pca.PatchPCA`: 8x8-pixel
+   tiles -> 48 whitened PCA coefficients, so a 64x64 frame is a [48, 8, 8] latent) on training
+   frames, written as ``patch_pca.safetensors`` beside the checkpoint;
+2. train the sDiT on those latents with
+   :func:`avatar_models.training.anchored.train_anchored`, the function behind ``avatar-kernels
+   train anchored`` (:func:`train_command` prints the equivalent command line).
+Besides the checkpoint (EMA weights in float16) it writes ``loss.json`` (seed, steps,
+hyperparameters, wall time, per-step loss) and ``loss.png``.
+
+Why latents: a pixel-space DiT with 8x8 patches must emit 192 values per token, and at the
+widths a CPU can train in minutes it cannot even represent the noise it has to predict
+(hidden < 192 makes epsilon prediction rank-deficient); 48 whitened coefficients per token can.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -20,6 +30,7 @@ from avatar_models.data import procedural_faces as pf
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "demo"
 CHECKPOINT = ASSETS / "sdit_faces.safetensors"
+AUTOENCODER = "patch_pca.safetensors"  # beside the checkpoint
 DATASET = "avatar_models.data.procedural_faces:training_dataset"
 
 
@@ -30,8 +41,10 @@ class DemoRecipe:
     hidden: int = 128
     depth: int = 4
     heads: int = 4
-    patch: int = 8
     frames: int = 4
+    pca_components: int = 48              # latent channels
+    pca_patch: int = 8                    # pixels per latent cell (one token per cell)
+    pca_frames: int = 2048                # training frames the PCA is fitted on
     steps: int = 3000
     batch_size: int = 8
     lr: float = 1e-3
@@ -44,8 +57,9 @@ class DemoRecipe:
         from avatar_models.anchored_diffusion import SDiTConfig
 
         return SDiTConfig.from_name(
-            "tiny", hidden=self.hidden, depth=self.depth, heads=self.heads, patch=self.patch,
-            frames=self.frames, in_channels=3, input_size=pf.SIZE, control_dim=pf.CONTROL_DIM,
+            "tiny", hidden=self.hidden, depth=self.depth, heads=self.heads, patch=1,
+            frames=self.frames, in_channels=self.pca_components,
+            input_size=pf.SIZE // self.pca_patch, control_dim=pf.CONTROL_DIM,
             global_dim=pf.IDENTITY_DIM)
 
     def train_config(self):
@@ -57,11 +71,13 @@ class DemoRecipe:
 
 
 def train_command(recipe: DemoRecipe, out: Path) -> str:
-    """The ``avatar-kernels train anchored`` line that trains the same model."""
+    """The ``avatar-kernels train anchored`` line that trains the same model (stage 2), given
+    the autoencoder file of stage 1 beside ``out``."""
     r = recipe
     return (f"avatar-kernels train anchored --dataset {DATASET} --dataset-arg frames={r.frames} "
-            f"--dataset-arg seed={r.seed} --config tiny --set hidden={r.hidden} "
-            f"--set depth={r.depth} --set heads={r.heads} --set patch={r.patch} "
+            f"--dataset-arg seed={r.seed} "
+            f"--dataset-arg autoencoder={Path(out).parent / AUTOENCODER} --config tiny "
+            f"--set hidden={r.hidden} --set depth={r.depth} --set heads={r.heads} --set patch=1 "
             f"--steps {r.steps} --batch-size {r.batch_size} --lr {r.lr:g} "
             f"--warmup-steps {r.warmup_steps} --min-lr-ratio {r.min_lr_ratio:g} "
             f"--ema-decay {r.ema_decay:g} --seed {r.seed} --out {out}")
@@ -95,28 +111,60 @@ def plot_loss(losses: list[float], mse: list[float], path: Path, title: str) -> 
     return path
 
 
+def compact_checkpoint(path: Path) -> Path:
+    """Keep only the EMA weights (what sampling uses), stored as float16, so the bundled file
+    stays small; the format is unchanged (``load_checkpoint`` reads it, ``weights("ema")``)."""
+    from safetensors.torch import save_file
+
+    from avatar_models.checkpoint import FORMAT, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    weights = ckpt.weights("ema")
+    tensors = {f"ema.{k}": (v.half() if v.is_floating_point() else v).contiguous()
+               for k, v in weights.items()}
+    extra = {**ckpt.extra, "stored": "EMA weights only, float16"}
+    meta = {"format": FORMAT, "system": ckpt.system, "config": json.dumps(ckpt.config),
+            "extra": json.dumps(extra)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
 def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, *,
                progress: bool = True) -> dict:
     """Train the demo model; write ``checkpoint``, ``loss.json`` and ``loss.png`` beside it."""
+    from avatar_models.data.patch_pca import PatchPCA
     from avatar_models.training.anchored import train_anchored
 
     recipe = recipe or DemoRecipe()
     checkpoint = Path(checkpoint)
     cfg = recipe.model_config()
-    dataset = pf.training_dataset(frames=recipe.frames, seed=recipe.seed)
-    print("equivalent to: " + train_command(recipe, checkpoint))
     start = time.perf_counter()
+    ae_path = checkpoint.parent / AUTOENCODER
+    fit = pf.autoencoder_fit_frames(recipe.pca_frames, recipe.seed)
+    ae = PatchPCA.fit(fit, recipe.pca_components, recipe.pca_patch)
+    ae.save(ae_path)
+    recon = ae.decode(ae.encode(fit)).clamp(-1, 1)
+    ae_psnr = 10 * math.log10(4.0 / torch.nn.functional.mse_loss(recon, fit).item())
+    print(f"stage 1: {ae_path} ({recipe.pca_components} components of {recipe.pca_patch}x"
+          f"{recipe.pca_patch} tiles, reconstruction PSNR {ae_psnr:.1f} dB on its fit frames)")
+    dataset = pf.ProceduralFaces(frames=recipe.frames, seed=recipe.seed, autoencoder=ae)
+    print("stage 2, equivalent to: " + train_command(recipe, checkpoint))
     mse: list[float] = []
     result = train_anchored(cfg, dataset, recipe.train_config(), device="cpu", out=checkpoint,
                             extra={"dataset": DATASET, "dataset_args": {"frames": recipe.frames,
                                                                           "seed": recipe.seed},
-                                   "demo_recipe": recipe.__dict__}, progress=progress,
+                                   "autoencoder": AUTOENCODER, "demo_recipe": recipe.__dict__},
+                            progress=progress,
                             callback=lambda step, terms: mse.append(terms["mse"]))
     wall = time.perf_counter() - start
+    compact_checkpoint(checkpoint)
     params = sum(p.numel() for p in result.model.parameters())
     record = {
         "recipe": recipe.__dict__, "command": train_command(recipe, checkpoint),
         "parameters": params, "wall_seconds": round(wall, 1),
+        "autoencoder_psnr_db": round(ae_psnr, 2),
         "machine": f"{platform.machine()}, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
         "final_loss_mean_last_100": sum(result.losses[-100:]) / len(result.losses[-100:]),
