@@ -32,8 +32,12 @@ class PatchPCA:
         return self.basis.shape[1]
 
     @classmethod
-    def fit(cls, frames: torch.Tensor, components: int, patch: int = 8) -> PatchPCA:
-        """Principal components of the tiles of ``frames`` [N, 3, H, W] (float64 inside)."""
+    def fit(cls, frames: torch.Tensor, components: int, patch: int = 8,
+            whiten: bool = True) -> PatchPCA:
+        """Principal components of the tiles of ``frames`` [N, 3, H, W] (float64 inside).
+
+        ``whiten``: divide each coefficient by its own standard deviation; otherwise all by one
+        constant (their root-mean-square std), which keeps the spectrum's shape."""
         _check_frames(frames, patch)
         dim = 3 * patch * patch
         if not 1 <= components <= dim:
@@ -45,8 +49,10 @@ class PatchPCA:
         evals, evecs = evals.flip(0)[:components], evecs.flip(1)[:, :components]
         # fix each component's sign (largest-magnitude entry positive): deterministic output
         sign = torch.sign(evecs.gather(0, evecs.abs().argmax(0, keepdim=True))).squeeze(0)
-        return cls(mean.float(), (evecs * sign).float(), evals.clamp_min(1e-8).sqrt().float(),
-                   patch)
+        std = evals.clamp_min(1e-8).sqrt()
+        if not whiten:
+            std = std.pow(2).mean().sqrt().expand(components).clone()
+        return cls(mean.float(), (evecs * sign).float(), std.float(), patch)
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """[..., 3, H, W] in [-1, 1] -> latents [..., k, H/patch, W/patch]."""

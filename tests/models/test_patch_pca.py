@@ -37,6 +37,16 @@ def test_latents_are_whitened_and_reconstruct_faces(fitted):
     assert ae.encode(held_out[None]).shape == (1, 8, 48, 8, 8)  # leading dims pass through
 
 
+def test_unwhitened_latents_keep_the_spectrum(fitted):
+    _, frames = fitted
+    ae = PatchPCA.fit(frames, 32, 8, whiten=False)
+    z = ae.encode(frames).transpose(0, 1).reshape(32, -1)
+    assert torch.allclose(z.pow(2).mean(), torch.tensor(1.0), atol=1e-2)  # unit mean variance
+    var = z.var(1)
+    assert (var[:-1] >= var[1:] - 1e-3).all() and var[0] > 10 * var[-1]
+    assert torch.equal(ae.std, ae.std[:1].expand(32))
+
+
 def test_fit_is_deterministic_and_saves_round_trip(fitted, tmp_path):
     ae, frames = fitted
     again = PatchPCA.fit(frames, 48, 8)
