@@ -39,7 +39,7 @@ PARAM_NAMES = ("head_x", "head_y", "tilt", "eye_left", "eye_right", "mouth_open"
 N_PARAMS = len(PARAM_NAMES)
 N_LANDMARKS = 20
 CONTROL_DIM = 2 * N_LANDMARKS
-IDENTITY_GRID = 16
+IDENTITY_GRID = 4
 IDENTITY_DIM = 3 * IDENTITY_GRID * IDENTITY_GRID
 # identity seeds at or above this value are never drawn by ProceduralFaces (held out)
 HELD_OUT_SEED_BASE = 1_000_000
@@ -336,18 +336,23 @@ def landmarks(params: torch.Tensor) -> torch.Tensor:
     return (torch.stack([px, py], -1).reshape(params.shape[0], CONTROL_DIM) - 32.0) / 32.0
 
 
-def identity_embedding(source: torch.Tensor) -> torch.Tensor:
-    """Global identity vector ``[..., 768]`` of source frames ``[..., 3, 64, 64]`` in [0, 1].
+def identity_embedding(source: torch.Tensor, grid: int = IDENTITY_GRID) -> torch.Tensor:
+    """Global identity vector ``[..., 3 * grid * grid]`` of source frames ``[..., 3, 64, 64]``
+    in [0, 1].
 
-    The source image area-averaged to 16x16 and mapped to [-1, 1]: a fixed, weight-free stand-in
-    for the paper's CLIP image embedding (no pretrained weights ship with the project).
+    The source image area-averaged to ``grid x grid`` and mapped to [-1, 1]: a fixed, weight-free
+    stand-in for the paper's CLIP image embedding (no pretrained weights ship with the project).
+    Like CLIP's, a coarse grid gives the palette and layout but not the details (texture, hair
+    style, face shape, iris colour), which the model must then keep consistent across frames.
     """
     if source.shape[-3:] != (3, SIZE, SIZE):
         raise ValueError(f"source: expected shape [..., 3, {SIZE}, {SIZE}], "
                          f"got {tuple(source.shape)}")
     lead = source.shape[:-3]
-    small = F.adaptive_avg_pool2d(source.reshape(-1, 3, SIZE, SIZE).float(), IDENTITY_GRID)
-    return (small * 2 - 1).reshape(*lead, IDENTITY_DIM)
+    if SIZE % grid:
+        raise ValueError(f"grid: expected a divisor of {SIZE}, got {grid}")
+    small = F.adaptive_avg_pool2d(source.reshape(-1, 3, SIZE, SIZE).float(), grid)
+    return (small * 2 - 1).reshape(*lead, 3 * grid * grid)
 
 
 def make_video(identity_seed: int, motion_seed: int, frames: int) -> dict[str, torch.Tensor]:
@@ -365,16 +370,18 @@ class ProceduralFaces(torch.utils.data.IterableDataset):
     clip of ``video_frames`` frames; ``frames`` non-uniformly spaced indices and the source frame
     furthest in time from them are drawn with ``avatar_models.data.nonuniform_indices`` (paper,
     section 3.1) and rendered. Items are dicts in the layout ``train_anchored`` takes:
-    ``frames`` [T, 3, 64, 64] in [-1, 1], ``control`` [T, 40] (``landmarks``), ``global`` [768]
-    (``identity_embedding`` of the source frame), ``mask`` [T, 1, 64, 64] (expressive regions).
+    ``frames`` [T, 3, 64, 64] in [-1, 1], ``control`` [T, 40] (``landmarks``), ``global``
+    [3 * identity_grid ** 2] (``identity_embedding`` of the source frame), ``mask``
+    [T, 1, 64, 64] (expressive regions).
     With an ``autoencoder`` (e.g. :class:`avatar_models.data.patch_pca.PatchPCA`), ``frames``
     holds its latents ``autoencoder.encode(frames)`` instead of pixels.
     """
 
     def __init__(self, frames: int = 4, video_frames: int = 48, seed: int = 0,
-                 identities: int = HELD_OUT_SEED_BASE, autoencoder=None):
+                 identities: int = HELD_OUT_SEED_BASE, autoencoder=None,
+                 identity_grid: int = IDENTITY_GRID):
         super().__init__()
-        self.autoencoder = autoencoder
+        self.autoencoder, self.identity_grid = autoencoder, identity_grid
         if not 1 <= frames < video_frames:
             raise ValueError(f"frames: expected 1 <= frames < video_frames ({video_frames}), "
                              f"got {frames}")
@@ -401,11 +408,12 @@ class ProceduralFaces(torch.utils.data.IterableDataset):
         if self.autoencoder is not None:
             clip = self.autoencoder.encode(clip)
         return {"frames": clip, "control": landmarks(params[idx]),
-                "global": identity_embedding(frames[-1]), "mask": masks[:-1]}
+                "global": identity_embedding(frames[-1], self.identity_grid), "mask": masks[:-1]}
 
 
 def training_dataset(frames: int = 4, video_frames: int = 48, seed: int = 0,
-                     autoencoder: str | None = None) -> ProceduralFaces:
+                     autoencoder: str | None = None,
+                     identity_grid: int = IDENTITY_GRID) -> ProceduralFaces:
     """Factory for ``avatar-kernels train anchored --dataset
     avatar_models.data.procedural_faces:training_dataset --dataset-arg frames=4
     [--dataset-arg autoencoder=PATH]`` (PATH: a :class:`~avatar_models.data.patch_pca.PatchPCA`
@@ -415,7 +423,8 @@ def training_dataset(frames: int = 4, video_frames: int = 48, seed: int = 0,
         from avatar_models.data.patch_pca import PatchPCA
 
         ae = PatchPCA.load(autoencoder)
-    return ProceduralFaces(frames=frames, video_frames=video_frames, seed=seed, autoencoder=ae)
+    return ProceduralFaces(frames=frames, video_frames=video_frames, seed=seed, autoencoder=ae,
+                           identity_grid=identity_grid)
 
 
 def autoencoder_fit_frames(count: int = 1024, seed: int = 0) -> torch.Tensor:

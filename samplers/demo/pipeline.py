@@ -74,6 +74,11 @@ def load_model(path: Path, device: torch.device):
     return model.to(device).eval(), ckpt, ae
 
 
+def identity_grid(model) -> int:
+    """The source-thumbnail size the model was trained with (G = 3 * grid * grid values)."""
+    return round((model.config.global_dim / 3) ** 0.5)
+
+
 def reenact(model, schedule: dict | None, method: str, identity: torch.Tensor,
             controls: torch.Tensor, opts: DemoOptions, seed: int,
             device: torch.device, ae=None) -> torch.Tensor:
@@ -136,7 +141,7 @@ def consistency_curve(model, schedule, data: dict, videos: dict, opts: DemoOptio
     from tqdm.auto import tqdm
 
     lengths = sorted({min(max(2, n), opts.frames) for n in opts.lengths})
-    g = pf.identity_embedding(data["source"])
+    g = pf.identity_embedding(data["source"], identity_grid(model))
     quiet = replace(opts, progress=False)
     jobs = [(m, n, s) for m in METHODS for n in lengths for s in range(opts.curve_seeds)]
     vals: dict[tuple[str, int], list[dict]] = {}
@@ -189,7 +194,7 @@ def run_demo(opts: DemoOptions, out: Path) -> dict[str, Path]:
     schedule = ckpt.extra.get("diffusion")
     data = inputs(opts.frames)
     ident = pf.sample_identity(SOURCE_SEED)
-    g = pf.identity_embedding(data["source"])
+    g = pf.identity_embedding(data["source"], identity_grid(model))
     videos, seconds = {}, {}
     _say(opts, f"reenacting a held-out face: {opts.frames} frames, {opts.steps} DDIM steps, "
                f"model {model.config.hidden}x{model.config.depth}, T={model.config.frames}, on "

@@ -48,6 +48,7 @@ class DemoRecipe:
     pca_patch: int = 8                    # pixels per latent cell (one token per cell)
     pca_frames: int = 2048                # training frames the PCA is fitted on
     pca_whiten: bool = False              # one global scale: keeps the spectrum's shape
+    identity_grid: int = pf.IDENTITY_GRID  # G = the source image averaged to grid x grid
     steps: int = 5000
     batch_size: int = 8
     lr: float = 1e-3
@@ -63,7 +64,7 @@ class DemoRecipe:
             "tiny", hidden=self.hidden, depth=self.depth, heads=self.heads, patch=1,
             frames=self.frames, in_channels=self.pca_components,
             input_size=pf.SIZE // self.pca_patch, control_dim=pf.CONTROL_DIM,
-            global_dim=pf.IDENTITY_DIM)
+            global_dim=3 * self.identity_grid ** 2)
 
     def train_config(self):
         from avatar_models.training.anchored import TrainConfig
@@ -78,7 +79,7 @@ def train_command(recipe: DemoRecipe, out: Path) -> str:
     the autoencoder file of stage 1 beside ``out``."""
     r = recipe
     return (f"avatar-kernels train anchored --dataset {DATASET} --dataset-arg frames={r.frames} "
-            f"--dataset-arg seed={r.seed} "
+            f"--dataset-arg seed={r.seed} --dataset-arg identity_grid={r.identity_grid} "
             f"--dataset-arg autoencoder={Path(out).parent / AUTOENCODER} --config tiny "
             f"--set hidden={r.hidden} --set depth={r.depth} --set heads={r.heads} --set patch=1 "
             f"--steps {r.steps} --batch-size {r.batch_size} --lr {r.lr:g} "
@@ -152,12 +153,14 @@ def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, 
     ae_psnr = 10 * math.log10(4.0 / torch.nn.functional.mse_loss(recon, fit).item())
     print(f"stage 1: {ae_path} ({recipe.pca_components} components of {recipe.pca_patch}x"
           f"{recipe.pca_patch} tiles, reconstruction PSNR {ae_psnr:.1f} dB on its fit frames)")
-    dataset = pf.ProceduralFaces(frames=recipe.frames, seed=recipe.seed, autoencoder=ae)
+    dataset = pf.ProceduralFaces(frames=recipe.frames, seed=recipe.seed, autoencoder=ae,
+                                 identity_grid=recipe.identity_grid)
     print("stage 2, equivalent to: " + train_command(recipe, checkpoint))
     mse: list[float] = []
     result = train_anchored(cfg, dataset, recipe.train_config(), device="cpu", out=checkpoint,
-                            extra={"dataset": DATASET, "dataset_args": {"frames": recipe.frames,
-                                                                          "seed": recipe.seed},
+                            extra={"dataset": DATASET, "dataset_args": {
+                                       "frames": recipe.frames, "seed": recipe.seed,
+                                       "identity_grid": recipe.identity_grid},
                                    "autoencoder": AUTOENCODER, "demo_recipe": recipe.__dict__},
                             progress=progress,
                             callback=lambda step, terms: mse.append(terms["mse"]))

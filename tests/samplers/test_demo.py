@@ -88,9 +88,13 @@ def test_train_demo_writes_checkpoint_and_loss_curve(tmp_path):
 
 def test_train_command_is_a_valid_train_anchored_line(tmp_path):
     from avatar_models.checkpoint import load_checkpoint
+    from avatar_models.data import procedural_faces as pf
+    from avatar_models.data.patch_pca import PatchPCA
 
     recipe = DemoRecipe(steps=1, batch_size=2, hidden=32, depth=1, heads=2)
     out = tmp_path / "cli.safetensors"
+    PatchPCA.fit(pf.autoencoder_fit_frames(32), recipe.pca_components, recipe.pca_patch,
+                 recipe.pca_whiten).save(tmp_path / "patch_pca.safetensors")
     argv = shlex.split(train_command(recipe, out))
     assert argv[:3] == ["avatar-kernels", "train", "anchored"]
     assert main(argv[1:] + ["--no-progress"]) == 0
