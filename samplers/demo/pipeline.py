@@ -38,7 +38,7 @@ class DemoOptions:
     steps: int = 25                       # DDIM steps
     guidance: float = 1.0                 # classifier-free guidance scale (1: off)
     lengths: tuple[int, ...] = (8, 16, 24, 32, 40, 48)  # consistency-vs-length curve
-    curve_seeds: int = 2                  # noise seeds averaged per curve point
+    curve_seeds: int = 4                  # noise seeds averaged per curve point
     fit_steps: int = 100                  # control estimator (generator fit) iterations
     seed: int = 0
     checkpoint: Path = CHECKPOINT

@@ -18,10 +18,17 @@ OUTPUTS = ("anchored.mp4", "multidiffusion.mp4", "contact_sheet.png", "metrics.j
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread_reference_kernels():
+    """One thread (CI shares cores) and the reference kernels: under TRITON_INTERPRET=1 the
+    registry would run the model's attention and adaLN in Triton's interpreter, which the kernel
+    tests already cover and which makes this pipeline test 50x slower. The demo itself never
+    forces a backend."""
+    import kernels
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with kernels.backend("ref"):
+        yield
     torch.set_num_threads(threads)
 
 
