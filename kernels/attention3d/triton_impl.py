@@ -303,8 +303,8 @@ def _attention3d_bwd_kernel(
         n_mask = offs_n < n_k
         s_b = 0
         s_src = 0
-        hi1 = n_q
-        lo2 = n_q
+        hi1 = tl.zeros_like(b) + n_q  # a tensor even when Triton specialises n_q == 1
+        lo2 = tl.zeros_like(b) + n_q
         if HAS_ANCHOR:
             s_b = tl.load(starts_ptr + b)
             s_src = tl.load(starts_ptr + anchor_src)
