@@ -1,0 +1,426 @@
+"""attention3d / rope3d: reference vs an independent float64 composition, gradcheck on the
+reference, anchor semantics (forward and gradients), validation messages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import Anchor
+from kernels.attention3d.ref import attention3d_ref, default_rope_dims, rope3d_ref
+from kernels.testing import assert_within_tolerance, nan_empty
+
+# Runtime loop bounds (sequence lengths) in the Triton interpreter: harmless with numpy < 2.4
+# (see DESIGN.md, known pitfalls); the deprecation message is noise here.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+def _grid_positions(frames, height, width, t0=0.0):
+    t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width),
+                             indexing="ij")
+    return torch.stack([t + t0, y, x], dim=-1).reshape(-1, 3)  # [T*h*w, 3]
+
+
+def _rotate_complex(x, pos, dims, theta):
+    """Independent RoPE: each (x_i, x_{i+d/2}) pair as a complex number times exp(i*angle)."""
+    out = x.clone()
+    col = 0
+    for axis, d in enumerate(dims):
+        half = d // 2
+        for i in range(half):
+            angle = pos[..., axis].double() * theta ** (-2.0 * i / d)            # [B, N]
+            z = torch.complex(x[..., col + i], x[..., col + half + i])           # [B, N, H]
+            z = z * torch.polar(torch.ones_like(angle), angle)[..., None]
+            out[..., col + i], out[..., col + half + i] = z.real, z.imag
+        col += d
+    return out
+
+
+def _independent_attention(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
+    k, v = k.clone(), v.clone()
+    if anchor is not None:
+        starts, length, src = anchor
+        for b in range(q.shape[0]):
+            if b != src:
+                rows = torch.arange(starts[b], starts[b] + length)
+                src_rows = torch.arange(starts[src], starts[src] + length)
+                k[b].index_copy_(0, rows, k[src].index_select(0, src_rows))
+                v[b].index_copy_(0, rows, v[src].index_select(0, src_rows))
+    if q_pos is not None:
+        q, k = _rotate_complex(q, q_pos, dims, theta), _rotate_complex(k, k_pos, dims, theta)
+    s = (q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1)) * scale                  # [B, H, Nq, Nk]
+    e = torch.exp(s - s.max(dim=-1, keepdim=True).values)
+    out = ((e / e.sum(dim=-1, keepdim=True)) @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+    if anchor is not None:
+        out = out.clone()
+        for b in range(q.shape[0]):
+            if b != src:
+                out[b, starts[b]:starts[b] + length] = out[src, starts[src]:starts[src] + length]
+    return out
+
+
+def _qkv(batch, nq, nk, heads, dim, dtype=torch.float64, device="cpu"):
+    return (torch.randn(batch, nq, heads, dim, dtype=dtype, device=device),
+            torch.randn(batch, nk, heads, dim, dtype=dtype, device=device),
+            torch.randn(batch, nk, heads, dim, dtype=dtype, device=device))
+
+
+def test_default_rope_dims():
+    assert default_rope_dims(72) == (24, 24, 24)
+    assert default_rope_dims(64) == (24, 20, 20)
+    assert default_rope_dims(40) == (16, 12, 12)
+    assert default_rope_dims(128) == (44, 42, 42)
+
+
+@pytest.mark.parametrize("anchor", [None, ([0, 8, 4], 4, 0), ([8, 0, 4], 4, 1), ([4, 4, 8], 4, 2)])
+@pytest.mark.parametrize("float_pos", [False, True])
+def test_ref_matches_independent_fp64(anchor, float_pos):
+    q, k, v = _qkv(3, 12, 12, 2, 40)
+    pos = _grid_positions(3, 2, 2)
+    if float_pos:
+        pos = pos.double() * 0.37 + torch.tensor([1e4, 0.5, -2.25], dtype=torch.float64)
+    pos_b = pos[None].expand(3, -1, -1)
+    dims = default_rope_dims(40)
+    out = attention3d_ref(q, k, v, q_pos=pos_b, k_pos=pos_b, anchor=anchor)
+    exp = _independent_attention(q, k, v, pos_b, pos_b, dims, 10000.0, anchor, 1 / math.sqrt(40))
+    torch.testing.assert_close(out, exp, rtol=0, atol=1e-10)
+    # the public function (fp32 only: fp64 is not a public dtype) on the ref backend agrees
+    a = None if anchor is None else Anchor(*anchor)
+    pub = kernels.attention3d(q.float(), k.float(), v.float(), positions=pos, anchor=a,
+                              backend="ref")
+    torch.testing.assert_close(pub.double(), exp, rtol=0, atol=2e-4)
+
+
+def test_ref_cross_attention_and_rope3d():
+    q, k, v = _qkv(2, 7, 11, 1, 24)
+    qp, kp = _grid_positions(7, 1, 1), _grid_positions(11, 1, 1, t0=0.5)
+    dims = (8, 8, 8)
+    out = kernels.attention3d(q.float(), k.float(), v.float(), positions=(qp, kp),
+                              rope_dims=dims, rope_theta=100.0, scale=0.3, backend="ref").double()
+    exp = _independent_attention(q, k, v, qp[None].expand(2, -1, -1), kp[None].expand(2, -1, -1),
+                                 dims, 100.0, None, 0.3)
+    torch.testing.assert_close(out, exp, rtol=0, atol=1e-5)
+    x = torch.randn(2, 7, 3, 24, dtype=torch.float64)
+    torch.testing.assert_close(kernels.rope3d(x.float(), qp, rope_dims=dims, rope_theta=100.0),
+                               _rotate_complex(x, qp[None].expand(2, -1, -1), dims, 100.0).float(),
+                               rtol=0, atol=1e-5)
+
+
+def test_ref_anchor_gradients_follow_semantics():
+    q, k, v = (t.requires_grad_(True) for t in _qkv(3, 10, 10, 1, 8))
+    starts, length, src = [2, 6, 0], 3, 1
+    out = attention3d_ref(q, k, v, anchor=(starts, length, src))
+    out.backward(torch.randn_like(out))
+    for b in (0, 2):  # replaced k/v rows get zero gradient; so do q rows whose output is copied
+        rows = slice(starts[b], starts[b] + length)
+        assert k.grad[b, rows].abs().max() == 0 and v.grad[b, rows].abs().max() == 0
+        assert q.grad[b, rows].abs().max() == 0
+    assert k.grad[src, 6:9].abs().min() > 0
+
+
+def test_ref_gradcheck():
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 4, 4, 1, 8))
+    pos = _grid_positions(2, 1, 2).double() + 0.25
+
+    def f(a, b, c):
+        return attention3d_ref(a, b, c, q_pos=pos[None].expand(2, -1, -1),
+                               k_pos=pos[None].expand(2, -1, -1), anchor=([2, 0], 2, 1))
+
+    assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)
+    x = torch.randn(2, 4, 1, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: rope3d_ref(t, pos[None].expand(2, -1, -1),
+                                                         (4, 2, 2)), (x,))
+
+
+def test_anchor_single_sequence_is_noop():
+    q, k, v = _qkv(1, 9, 9, 2, 16, torch.float32)
+    plain = kernels.attention3d(q, k, v, backend="ref")
+    anchored = kernels.attention3d(q, k, v, anchor=Anchor(torch.tensor([3]), 3), backend="ref")
+    torch.testing.assert_close(plain, anchored, rtol=0, atol=0)
+
+
+def _bad_cases():
+    q = torch.randn(2, 6, 1, 16)
+    pos = torch.zeros(6, 3)
+    k8 = torch.randn(2, 8, 1, 16)
+    return [
+        ({"q": torch.randn(2, 6, 1, 12)}, r"head dim D must be a positive multiple of 8.*D=12"),
+        ({"q": torch.randn(2, 6, 1, 264)}, r"up to 256, got D=264"),
+        ({"k": torch.randn(2, 6, 2, 16)}, r"k must have shape \[2, \*, 1, 16\]"),
+        ({"v": torch.randn(2, 5, 1, 16)}, r"v must have shape \[2, 6, 1, 16\]"),
+        ({"v": q.half()}, "v must have the same dtype as q"),
+        ({"positions": torch.zeros(5, 3)}, r"positions must have shape \[6, 3\]"),
+        ({"positions": torch.zeros(2, 6, 2)}, r"positions must have shape \[2, 6, 3\]"),
+        ({"positions": torch.zeros(6, 3, dtype=torch.bool)}, "positions must have dtype in"),
+        ({"positions": (pos, torch.zeros(4, 3))}, r"k_positions must have shape \[6, 3\]"),
+        ({"positions": pos, "rope_dims": (6, 6, 6)}, r"sum <= D=16, got \(6, 6, 6\)"),
+        ({"positions": pos, "rope_dims": (5, 5, 6)}, "rope_dims must be 3 non-negative even"),
+        ({"rope_theta": 0.0}, "rope_theta must be a finite float > 0, got 0.0"),
+        ({"anchor": Anchor([0, 7], 2)}, (r"anchor.starts\[1\] must be in \[0, N - length\] = "
+                                         r"\[0, 4\].*got 7")),
+        ({"anchor": Anchor([0, 5], 2)}, r"anchor.starts\[1\].*got 5"),
+        ({"anchor": Anchor([0, -1], 2)}, r"anchor.starts\[1\].*got -1"),
+        ({"anchor": Anchor([0, 0], 0)}, "anchor.length must be > 0, got 0"),
+        ({"anchor": Anchor([0, 0], 2, source=2)}, r"anchor.source must be in \[0, B=2\), got 2"),
+        ({"anchor": Anchor([0], 2)}, "anchor.starts must have B=2 entries, got 1"),
+        ({"anchor": Anchor(torch.zeros(2), 2)}, "anchor.starts must have dtype in"),
+        ({"anchor": (0, 2)}, "anchor must be a kernels.Anchor"),
+        ({"k": k8, "v": k8, "anchor": Anchor([0, 0], 2)},
+         "anchor requires self-attention \\(Nq == Nk\\), got Nq=6 and Nk=8"),
+        ({"k": k8, "v": k8, "positions": pos},
+         "must be a tuple \\(q_positions, k_positions\\) for cross-attention"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs, match", _bad_cases())
+def test_bad_input_is_named(kwargs, match):
+    args = {name: torch.randn(2, 6, 1, 16) for name in "qkv"}
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        kernels.attention3d(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_rope3d_bad_input():
+    with pytest.raises(ValueError, match=r"positions must have shape \[4, 3\]"):
+        kernels.rope3d(torch.randn(1, 4, 1, 8), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        kernels.rope3d(torch.randn(4, 1, 8), torch.zeros(4, 3))
+
+
+def test_public_name_is_the_function_not_the_package():
+    """kernels/attention3d/ shares its name with the function; both spellings must call it."""
+    import importlib
+
+    from kernels.attention3d import op
+
+    assert kernels.attention3d is op.attention3d
+    package = importlib.import_module("kernels.attention3d")
+    q = torch.randn(1, 5, 1, 8)
+    torch.testing.assert_close(package(q, q, q, backend="ref"),
+                               op.attention3d(q, q, q, backend="ref"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton (interpreter on CPU, compiled on GPU) vs the fp64 reference, tolerance rule of DESIGN.md
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def _batched(pos, batch):
+    return None if pos is None else (pos if pos.dim() == 3 else pos[None].expand(batch, -1, -1))
+
+
+def _plain_torch(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
+    """Baseline for the tolerance rule: what a user writes today, in q's precision: index copy,
+    eager RoPE (fp32 inside, rounded to q's dtype), SDPA, index copy."""
+    from kernels.attention3d.ref import anchor_override
+
+    if anchor is not None:
+        k, v = anchor_override(k, *anchor), anchor_override(v, *anchor)
+    if q_pos is not None:
+        q, k = rope3d_ref(q, q_pos, dims, theta), rope3d_ref(k, k_pos, dims, theta)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
+    return out if anchor is None else anchor_override(out, *anchor)
+
+
+def _check_triton(q, k, v, *, positions=None, anchor=None, rope_dims=None, scale=None,
+                  theta=10000.0):
+    batch, _, _, dim = q.shape
+    dims = default_rope_dims(dim) if rope_dims is None else rope_dims
+    scale_v = 1 / math.sqrt(dim) if scale is None else scale
+    qp, kp = positions if isinstance(positions, tuple) else (positions, positions)
+    qp, kp = _batched(qp, batch), _batched(kp, batch)
+    leaves = _leaves(q, k, v)
+    out = kernels.attention3d(*leaves, positions=positions, rope_dims=rope_dims, scale=scale,
+                              rope_theta=theta, anchor=None if anchor is None else Anchor(*anchor),
+                              backend="triton")
+    assert out.dtype == q.dtype and out.shape == q.shape
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = _leaves(q.double(), k.double(), v.double())
+    ref = attention3d_ref(*ref_leaves, q_pos=qp, k_pos=kp, rope_dims=dims, rope_theta=theta,
+                          anchor=anchor, scale=scale_v)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    low_leaves = _leaves(q, k, v)
+    low = _plain_torch(*low_leaves, qp, kp, dims, theta, anchor, scale_v)
+    low_grads = torch.autograd.grad(low, low_leaves, dout)
+    assert_within_tolerance(out, ref, low, name="out")
+    for name, g, rg, lg in zip("qkv", grads, ref_grads, low_grads):
+        assert_within_tolerance(g, rg, lg, factor=3.0, floor=1e-4, name=f"d{name}")
+
+
+def _frames_positions(frames, h, w, t0=0.0, batch=None):
+    pos = _grid_positions(frames, h, w, t0)
+    return pos if batch is None else pos[None].repeat(batch, 1, 1)
+
+
+TRITON_CASES = {
+    # odd length, D=40 (padded to 64), integer positions shared by the batch
+    "n113_d40_intpos": lambda dt, dev: (_qkv(2, 113, 113, 1, 40, dt, dev),
+                                        {"positions": _grid_positions(1, 113, 1).to(dev)}),
+    # cross-attention 113 x 203, D=64, fractional positions with t = 1e4 on the keys (lookahead)
+    "cross_113x203_d64_t1e4": lambda dt, dev: (
+        _qkv(1, 113, 203, 2, 64, dt, dev),
+        {"positions": ((_grid_positions(1, 113, 1) * 0.5).to(dev),
+                       (_grid_positions(1, 203, 1, t0=1e4) + 0.25).to(dev))}),
+    # anchor in the first / a middle / the last frame, different starts, source in the middle,
+    # frames of 17 tokens (not tile aligned), D=72, per-sequence positions
+    "anchor_mixed_d72": lambda dt, dev: (
+        _qkv(3, 68, 68, 1, 72, dt, dev),
+        {"positions": _frames_positions(4, 17, 1, batch=3).to(dev),
+         "anchor": ([0, 34, 51], 17, 1)}),
+    # anchor in the last frame of every sequence, source 0, no RoPE, rope_dims/scale given
+    "anchor_last_norope_d40": lambda dt, dev: (
+        _qkv(2, 68, 68, 2, 40, dt, dev), {"anchor": ([51, 51], 17, 0), "scale": 0.2}),
+    # B=1 with an anchor (no-op), D=128, a partial rope split with an unrotated tail
+    "b1_anchor_d128": lambda dt, dev: (
+        _qkv(1, 45, 45, 1, 128, dt, dev),
+        {"positions": _frames_positions(3, 3, 5, t0=7.5).to(dev), "anchor": ([15], 15, 0),
+         "rope_dims": (48, 32, 32)}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_matches_reference(triton_device, dtype, case):
+    (q, k, v), kwargs = TRITON_CASES[case](dtype, triton_device)
+    _check_triton(q, k, v, **kwargs)
+
+
+def test_triton_strided_inputs(triton_device):
+    """q, k, v as views into a packed [B, N, 3, H, D] projection (no copies on the way in)."""
+    qkv = torch.randn(2, 50, 3, 2, 16, device=triton_device)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    _check_triton(q, k, v, positions=_grid_positions(2, 5, 5).to(triton_device),
+                  anchor=([25, 0], 25, 0))
+
+
+def test_anchor_skip_launches_no_query_work(triton_device):
+    """Structural check: no program for the anchor rows of b != source, in forward and dq."""
+    from kernels.attention3d import triton_impl
+
+    batch, frames, per_frame = 4, 4, 32
+    n = frames * per_frame
+    starts = [0, 2 * per_frame, 3 * per_frame, per_frame]
+    q, k, v = _leaves(*_qkv(batch, n, n, 1, 16, torch.float32, triton_device))
+    out = kernels.attention3d(q, k, v, anchor=Anchor(starts, per_frame, source=2),
+                              backend="triton")
+    stats = dict(triton_impl.LAUNCH_STATS)
+    block_m = stats["fwd_block_m"]
+    assert per_frame % block_m == 0
+    # cost scales with B*(T-1)+1 frames, not B*T
+    assert stats["fwd_query_tiles"] == (batch * (frames - 1) + 1) * per_frame // block_m
+    assert stats["fwd_dense_query_tiles"] == batch * frames * per_frame // block_m
+    tiles = triton_impl.query_tiles(batch, n, block_m, (starts, per_frame, 2), q.device).cpu()
+    for b, lo, hi in tiles.tolist():
+        if b != 2:
+            assert hi <= starts[b] or lo >= starts[b] + per_frame, (b, lo, hi)
+    out.sum().backward()
+    assert triton_impl.LAUNCH_STATS["bwd_query_tiles"] < batch * n // block_m
+
+
+def test_triton_writes_every_element(triton_device, monkeypatch):
+    """Outputs allocated as NaN must come back fully written (copied anchor rows included)."""
+    from kernels.attention3d import triton_impl
+
+    real_empty = torch.empty
+
+    def nan_alloc(*shape, dtype=None, device=None, **kw):
+        return nan_empty(*shape, dtype=dtype or torch.float32, device=device or "cpu")
+
+    monkeypatch.setattr(triton_impl.torch, "empty", nan_alloc)
+    q, k, v = _qkv(3, 40, 40, 1, 16, torch.float32, triton_device)
+    anchor = ([0, 30, 10], 10, 1)
+    pos = _grid_positions(4, 10, 1).to(triton_device)
+    out, lse = triton_impl.attention3d_fwd(q, k, v, pos[None].expand(3, -1, -1),
+                                           pos[None].expand(3, -1, -1), (8, 4, 4), 1e4, anchor,
+                                           0.25)
+    assert torch.isfinite(out).all()
+    grads = triton_impl.attention3d_bwd(torch.randn_like(out), q, k, v, out, lse,
+                                        pos[None].expand(3, -1, -1), pos[None].expand(3, -1, -1),
+                                        (8, 4, 4), 1e4, anchor, 0.25)
+    assert all(torch.isfinite(g).all() for g in grads)
+    monkeypatch.setattr(triton_impl.torch, "empty", real_empty)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_rope3d_matches_reference(triton_device, dtype):
+    x = torch.randn(2, 37, 3, 40, dtype=dtype, device=triton_device)
+    pos = (_frames_positions(37, 1, 1, t0=1e4, batch=2) * 0.7).to(triton_device)
+    (leaf,) = _leaves(x)
+    y = kernels.rope3d(leaf, pos, backend="triton")
+    dy = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, leaf, dy)
+    (ref_leaf,) = _leaves(x.double())
+    ref = rope3d_ref(ref_leaf, pos, default_rope_dims(40))
+    (ref_grad,) = torch.autograd.grad(ref, ref_leaf, dy.double())
+    (low_leaf,) = _leaves(x)
+    low = rope3d_ref(low_leaf, pos, default_rope_dims(40))
+    (low_grad,) = torch.autograd.grad(low, low_leaf, dy)
+    assert_within_tolerance(y, ref, low, name="rope3d")
+    assert_within_tolerance(grad, ref_grad, low_grad, factor=3.0, name="drope3d")
+
+
+def test_torch_compile_traces_triton_path(triton_device):
+    q, k, v = _leaves(*_qkv(2, 20, 20, 1, 16, torch.float32, triton_device))
+    pos = _grid_positions(2, 2, 5).to(triton_device)
+
+    def f(a, b, c):
+        rot = kernels.rope3d(a, pos, backend="triton")
+        return kernels.attention3d(rot, b, c, positions=pos, anchor=Anchor([0, 10], 10),
+                                   backend="triton").sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v)
+    out.backward()
+    pb = pos[None].expand(2, -1, -1)
+    dims = default_rope_dims(16)
+    expected = attention3d_ref(rope3d_ref(q, pb, dims), k, v, q_pos=pb, k_pos=pb,
+                               anchor=([0, 10], 10, 0)).sum()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU lane: real shapes, every dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [64, 72, 128])
+def test_gpu_sdit_shapes_with_anchor(dtype, dim):
+    batch, frames, per_frame, heads = 4, 4, 256, 4
+    q, k, v = _qkv(batch, frames * per_frame, frames * per_frame, heads, dim, dtype, "cuda")
+    pos = _frames_positions(frames, 16, 16).cuda()
+    starts = [0, per_frame, 3 * per_frame, 2 * per_frame]
+    _check_triton(q, k, v, positions=pos, anchor=(starts, per_frame, 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_lookahead_cross_and_odd(dtype):
+    q, k, v = _qkv(2, 1203, 1560 + 203, 2, 128, dtype, "cuda")
+    qp = _frames_positions(3, 401, 1).cuda()
+    kp = torch.cat([_frames_positions(4, 390, 1), _frames_positions(1, 203, 1, t0=1e4)]).cuda()
+    _check_triton(q, k, v, positions=(qp, kp))
+    q, k, v = _qkv(1, 203, 203, 3, 256, dtype, "cuda")
+    _check_triton(q, k, v)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor():
+    q, k, v = _qkv(2, 512, 512, 4, 64, torch.bfloat16, "cuda")
+    pos = _frames_positions(2, 16, 16).cuda()
+    f = torch.compile(lambda a, b, c: kernels.attention3d(a, b, c, positions=pos,
+                                                          anchor=Anchor([0, 256], 256)))
+    out = f(q, k, v)
+    ref = kernels.attention3d(q, k, v, positions=pos, anchor=Anchor([0, 256], 256))
+    torch.testing.assert_close(out, ref)
