@@ -23,9 +23,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "adaln_modulate": "kernels.adaln.op",
     "gated_residual": "kernels.adaln.op",
-    "attention3d": "kernels.attention3d.op",
-    "Anchor": "kernels.attention3d.op",
-    "rope3d": "kernels.attention3d.op",
+    "attention3d": "kernels.attention.op",
+    "Anchor": "kernels.attention.op",
+    "rope3d": "kernels.attention.op",
     "warp_occlusion": "kernels.warp.op",
     "warp": "kernels.warp.op",
     "orthogonal_features": "kernels.performer.op",

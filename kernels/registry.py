@@ -290,7 +290,7 @@ def resolve(op: str, tensor: torch.Tensor, backend: str | None = None,
 
 OP_MODULES: tuple[str, ...] = (
     "kernels.adaln.op",
-    "kernels.attention3d.op",
+    "kernels.attention.op",
     "kernels.warp.op",
     "kernels.performer.op",
     "kernels.frame_causal.op",
