@@ -48,7 +48,9 @@ def _prune(configs, named_args, **kwargs):
     for cfg in configs:
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         smem = 2 * block_d * (bm + bn + cfg.num_stages * 2 * min(bm, bn))
-        if smem <= 200 * 1024 and (block_d < 256 or bm * bn <= 64 * 64):
+        # D=256 keeps only small tiles: the fp32 accumulators ([tile, D], two of them in the
+        # dk/dv pass) must stay in registers
+        if smem <= 200 * 1024 and (block_d < 256 or bm * bn <= 2048):
             kept.append(cfg)
     return kept or configs[-1:]
 
@@ -65,7 +67,7 @@ _FWD_CONFIGS = _configs((32, 16), [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 
                                    (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
 # dk/dv programs own BLOCK_N keys, dq programs own BLOCK_M queries.
 _BWD_CONFIGS = _configs((16, 32), [(64, 128, 8, 2), (32, 128, 4, 3), (128, 64, 8, 2),
-                                   (128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)])
+                                   (128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 8, 2), (32, 32, 4, 2)])
 _KEY = ["tokens", "HEAD_DIM", "PERMUTED"]
 
 
