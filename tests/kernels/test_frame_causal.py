@@ -270,6 +270,61 @@ def test_torch_compile_traces_triton_path(triton_device):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
 
 
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.frame_causal import triton_impl
+
+def build(kernel, **consts):
+    ints = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kv_end_ptr": "*i32",
+            "q_begin_ptr": "*i32", "perm_ptr": "*i32", "stats_ptr": "*i32"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ints.get(name, "*bf16")
+        else:
+            sig[name] = "fp32" if name.endswith("scale") else "i32"
+        if name.endswith("_ptr") or (name.startswith("stride_") and name != "stride_meta_b"):
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT specialises at run time
+    src = ASTSource(kernel, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "num_stages": 3})
+
+common = {"HEAD_DIM": 64, "BLOCK_D": 64, "PERMUTED": False, "COUNT_TILES": False,
+          "INPUT_PRECISION": "tf32", "BLOCK_M": 64, "BLOCK_N": 64}
+kernels = [build(triton_impl._frame_causal_fwd_kernel.fn, **common)]
+kernels += [build(triton_impl._frame_causal_bwd_kernel.fn, DQ_PASS=p, **common)
+            for p in (False, True)]
+for k in kernels:
+    ir = k.asm["ttgir"]
+    print("wgmma" if "warp_group_dot" in ir else "no-wgmma",
+          "pipelined" if "async_copy_global_to_local" in ir else "not-pipelined")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_with_pipelined_loads():
+    """Ahead-of-time compile (no GPU needed; a subprocess without the interpreter) of the forward
+    and both backward passes for sm_90 in bf16, D=64: catches compiled-path errors the
+    interpreter cannot see, and checks that the tile loads are software-pipelined (async copies)
+    and the products use wgmma, which the performance depends on."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["wgmma", "pipelined"] * 3, done.stdout
+
+
 def test_default_backend_on_plain_cpu_is_ref(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _qkv(1, 9, 1, 8, torch.float32, "cpu")
@@ -368,7 +423,7 @@ def test_gpu_inductor_compile():
     ids = _ids([1350, 1350], device="cuda")
     q, k, v = _leaves(*_qkv(1, 2700, 4, 64, torch.bfloat16, "cuda"))
     f = torch.compile(lambda a, b, c: kernels.frame_causal_attention(
-        a, b, c, frame_ids=ids, rope_theta=THETA), fullgraph=True)
+        a, b, c, frame_ids=ids, rope_theta=THETA, backend="triton"), fullgraph=True)
     out = f(q, k, v)
     out.float().sum().backward()
     ref = frame_causal_attention_ref(q, k, v, ids, THETA)
