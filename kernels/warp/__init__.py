@@ -1,0 +1,1 @@
+"""Flow warping with occlusion (WarpFace WarpCA): see README.md."""
