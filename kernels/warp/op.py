@@ -9,6 +9,7 @@ plain PyTorch and needs neither.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -211,3 +212,8 @@ def warp(h: torch.Tensor, flow: torch.Tensor, *, deterministic: bool = False,
     ``warp_occlusion(h, flow, None, residual=False)``. Same conventions and errors."""
     return warp_occlusion(h, flow, None, residual=False, deterministic=deterministic,
                           backend=backend)
+
+
+# ``kernels.warp`` is also the name of this op's package (kernels/warp/), which the import system
+# binds on ``kernels`` when the package loads; the public name must be the function.
+sys.modules["kernels"].warp = warp
