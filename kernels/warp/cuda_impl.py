@@ -28,11 +28,16 @@ def _pixel_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _launch_context(t: torch.Tensor) -> tuple[int, int]:
+    """(device index, stream handle) of the current torch stream on t's device."""
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
 def _common(h: torch.Tensor, flow: torch.Tensor, occ: torch.Tensor | None) -> dict:
+    device, stream = _launch_context(h)
     return dict(
-        device=h.device.index if h.device.index is not None else torch.cuda.current_device(),
-        stream=torch.cuda.current_stream(h.device).cuda_stream,
-        shape=tuple(h.shape), dtype=DTYPE_CODES[h.dtype],
+        device=device, stream=stream, shape=tuple(h.shape), dtype=DTYPE_CODES[h.dtype],
         h=h.data_ptr(), h_strides=_pixel_strides(h),
         flow=flow.data_ptr(), flow_strides=tuple(flow.stride()),
         flow_dtype=DTYPE_CODES[flow.dtype],

@@ -6,6 +6,9 @@ the CuPy path through DLPack."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,8 +125,11 @@ def _check_backend(backend, case, dtype, device, flow_dtype=None, deterministic=
     h, flow, occ = _inputs(batch, height, width, channels, kind, dtype, device, flow_dtype)
     occ = occ if with_occ else None
     leaves = _leaves(h, flow, occ)
-    out = kernels.warp_occlusion(*leaves, residual=residual, deterministic=deterministic,
-                                 backend=backend)
+    if callable(backend):
+        out = backend(*leaves, residual, deterministic)
+    else:
+        out = kernels.warp_occlusion(*leaves, residual=residual, deterministic=deterministic,
+                                     backend=backend)
     assert out.dtype == dtype and out.shape == h.shape and out.is_contiguous()
     dout = torch.randn_like(out)
     grads = _grads(out, leaves, dout)
@@ -406,6 +412,166 @@ def test_cuda_extension_validates_arguments_before_any_launch():
     with pytest.raises(ValueError, match="B\\*H\\*W must be below 2\\*\\*31"):
         module.warp_occlusion_fwd(**{**common, "shape": (1 << 16, 1 << 8, 1 << 8, 1)}, dtype=0,
                                   flow_dtype=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the CUDA kernels, emulated on the CPU: csrc/warp_occlusion_kernels.cuh compiled by g++ with a
+# shim for the CUDA built-ins (tests/kernels/cuda_emulation/), driven through kernels.warp.cuda_impl
+# unchanged. Checks indexing, math, the NaN rule, vector and scalar paths and the deterministic
+# plan; not races between real warps, alignment faults or speed (GPU lane below).
+
+EMU_DIR = Path(__file__).parent / "cuda_emulation"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda(tmp_path_factory):
+    import ctypes
+    import shutil
+    import subprocess
+
+    cuda_include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+    compiler = shutil.which("g++")
+    if compiler is None or not (cuda_include / "cuda_fp16.h").exists():
+        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h) to emulate the CUDA kernels")
+    lib = tmp_path_factory.mktemp("emu") / "warp_emulation.so"
+    cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w",
+           f"-I{cuda_include}", f"-I{CSRC}", str(EMU_DIR / "warp_emulation.cpp"), "-o", str(lib)]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    if build.returncode != 0:
+        pytest.fail(f"emulation build failed:\n{build.stderr[-3000:]}")
+    return ctypes.CDLL(str(lib))
+
+
+class _EmulatedExtension:
+    """The pybind module's warp entry points, same keywords, running the emulated kernels."""
+
+    def __init__(self, lib, allow_vec: bool):
+        self.lib, self.allow_vec, self.vec_used = lib, int(allow_vec), []
+
+    @staticmethod
+    def _arr(values):
+        import ctypes
+
+        return (ctypes.c_int64 * len(values))(*values)
+
+    @staticmethod
+    def _ptr(address):
+        import ctypes
+
+        return ctypes.c_void_p(address or None)
+
+    def _record(self, used):
+        assert used > 0, "unsupported dtype pair"
+        self.vec_used.append(used)
+
+    def warp_occlusion_fwd(self, *, device, stream, shape, dtype, h, h_strides, flow,
+                           flow_strides, flow_dtype, occ, occ_strides, out, residual):
+        a, p = self._arr, self._ptr
+        self._record(self.lib.emu_warp_fwd(
+            dtype, flow_dtype, a(shape), p(h), a(h_strides), p(flow), a(flow_strides), p(occ),
+            a(occ_strides), p(out), int(residual), self.allow_vec))
+
+    def warp_occlusion_bwd(self, *, device, stream, shape, dtype, dout, dout_strides, h,
+                           h_strides, flow, flow_strides, flow_dtype, occ, occ_strides, dh_accum,
+                           dflow, docc, plan_tgt, plan_wt):
+        a, p = self._arr, self._ptr
+        self._record(self.lib.emu_warp_bwd(
+            dtype, flow_dtype, a(shape), p(dout), a(dout_strides), p(h), a(h_strides), p(flow),
+            a(flow_strides), p(occ), a(occ_strides), p(dh_accum), p(dflow), p(docc),
+            p(plan_tgt), p(plan_wt), self.allow_vec))
+
+    def warp_occlusion_gather(self, *, device, stream, shape, dtype, dout, dout_strides, order,
+                              plan_wt, row_ptr, dh, residual):
+        a, p = self._arr, self._ptr
+        self._record(self.lib.emu_warp_gather(
+            dtype, a(shape), p(dout), a(dout_strides), p(order), p(plan_wt), p(row_ptr), p(dh),
+            int(residual), self.allow_vec))
+
+
+@pytest.fixture
+def emulated_backend(emulated_cuda, monkeypatch):
+    """Returns make(allow_vec) -> (run, extension): run(h, flow, occ, residual, deterministic)
+    goes through the cuda custom ops and kernels.warp.cuda_impl with the emulated extension."""
+    from kernels.warp import cuda_impl
+    from kernels.warp.op import WarpOcclusionFunction
+
+    monkeypatch.setattr(cuda_impl, "_launch_context", lambda t: (0, 0))
+
+    def make(allow_vec=True):
+        ext = _EmulatedExtension(emulated_cuda, allow_vec)
+        monkeypatch.setattr(cuda_impl, "_ext", lambda: ext)
+
+        def run(h, flow, occ, residual, deterministic):
+            return WarpOcclusionFunction.apply(h, flow, occ, residual, deterministic, "cuda")
+        return run, ext
+    return make
+
+
+EMU_CASES = [  # C=320, 16, 8: vectorised for every dtype; 77, 3, 1: scalar
+    (1, 4, 5, 320, "partial"),
+    (2, 3, 5, 16, "fractional"),
+    (1, 4, 3, 77, "nonfinite"),
+    (2, 3, 4, 3, "outside"),
+    (1, 5, 4, 1, "integer"),
+    (1, 3, 3, 8, "zero"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", EMU_CASES, ids=[c[-1] + f"-C{c[3]}" for c in EMU_CASES])
+def test_emulated_cuda_matches_reference(emulated_backend, dtype, case):
+    run, ext = emulated_backend(allow_vec=True)
+    for deterministic in (False, True):
+        _check_backend(run, case, dtype, "cpu", deterministic=deterministic)
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    assert set(ext.vec_used) == ({vec} if case[3] % vec == 0 else {1})
+
+
+@pytest.mark.parametrize("variant", [
+    dict(flow_dtype=torch.float32, dtype=torch.bfloat16),
+    dict(with_occ=False, residual=False, dtype=torch.float16),
+    dict(residual=False, deterministic=True, dtype=torch.float32),
+])
+def test_emulated_cuda_variants(emulated_backend, variant):
+    run, ext = emulated_backend(allow_vec=False)  # the scalar path at a vectorisable C
+    variant = dict(variant)
+    dtype = variant.pop("dtype")
+    _check_backend(run, (2, 4, 5, 24, "partial"), dtype, "cpu", **variant)
+    assert set(ext.vec_used) == {1}
+
+
+def test_emulated_cuda_strided_inputs_and_determinism(emulated_backend):
+    run, _ = emulated_backend()
+    h, flow, occ = _inputs(1, 6, 5, 12, "partial", torch.float32, "cpu")
+    flow_t = flow.transpose(1, 2).contiguous().transpose(1, 2)
+    occ_s = torch.cat([torch.rand_like(occ), occ], dim=-1)[..., 1:2]
+    results = []
+    for f, o in ((flow, occ), (flow_t, occ_s), (flow_t, occ_s)):
+        leaves = _leaves(h, f, o)
+        out = run(*leaves, True, True)
+        dout = torch.linspace(-1, 1, out.numel()).view_as(out).expand_as(out)
+        results.append((out, *_grads(out, leaves, dout)))
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[1], results[2]):
+        assert torch.equal(a, b)
+
+
+def test_emulated_cuda_converging_flow(emulated_backend):
+    run, _ = emulated_backend()
+    height, width = 6, 5
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    flow = torch.stack([2.3 - xs, 1.6 - ys], dim=-1)[None].float()
+    h = torch.randn(1, height, width, 8)
+    for deterministic in (False, True):
+        leaves = _leaves(h, flow)
+        out = run(*leaves, None, False, deterministic)
+        grads = _grads(out, leaves, torch.ones_like(out))
+        ref_leaves = _leaves(h.double(), flow.double())
+        ref = warp_occlusion_ref(*ref_leaves, None, residual=False)
+        for g, rg in zip(grads, _grads(ref, ref_leaves, torch.ones_like(ref))):
+            torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
