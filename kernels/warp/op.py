@@ -10,7 +10,6 @@ plain PyTorch and needs neither.
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import torch
 
@@ -52,28 +51,28 @@ def _fake_bwd(dout, h, flow, occlusion, residual, deterministic):
 
 
 @torch.library.custom_op("avatar_kernels::warp_occlusion_fwd", mutates_args=())
-def _triton_fwd(h: torch.Tensor, flow: torch.Tensor, occlusion: Optional[torch.Tensor],
+def _triton_fwd(h: torch.Tensor, flow: torch.Tensor, occlusion: torch.Tensor | None,
                 residual: bool) -> torch.Tensor:
     return _triton().warp_occlusion_fwd(h, flow, occlusion, residual)
 
 
 @torch.library.custom_op("avatar_kernels::warp_occlusion_bwd", mutates_args=())
 def _triton_bwd(dout: torch.Tensor, h: torch.Tensor, flow: torch.Tensor,
-                occlusion: Optional[torch.Tensor], residual: bool, deterministic: bool
+                occlusion: torch.Tensor | None, residual: bool, deterministic: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _triton().warp_occlusion_bwd(dout.contiguous(), h, flow, occlusion, residual,
                                         deterministic)
 
 
 @torch.library.custom_op("avatar_kernels::warp_occlusion_cuda_fwd", mutates_args=())
-def _cuda_fwd(h: torch.Tensor, flow: torch.Tensor, occlusion: Optional[torch.Tensor],
+def _cuda_fwd(h: torch.Tensor, flow: torch.Tensor, occlusion: torch.Tensor | None,
               residual: bool) -> torch.Tensor:
     return _cuda().warp_occlusion_fwd(h, flow, occlusion, residual)
 
 
 @torch.library.custom_op("avatar_kernels::warp_occlusion_cuda_bwd", mutates_args=())
 def _cuda_bwd(dout: torch.Tensor, h: torch.Tensor, flow: torch.Tensor,
-              occlusion: Optional[torch.Tensor], residual: bool, deterministic: bool
+              occlusion: torch.Tensor | None, residual: bool, deterministic: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _cuda().warp_occlusion_bwd(dout, h, flow, occlusion, residual, deterministic)
 

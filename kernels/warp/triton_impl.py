@@ -26,9 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.registry import interpreter_enabled
 from kernels.warp.plan import gather_plan
 
 TILE = 2048  # elements per program tile (pixels x channels)
+PROGRAM_TARGET = 1024
+INTERPRETER_PROGRAM_TARGET = 8
 
 
 def _block_c(channels: int, cap: int) -> int:
@@ -232,10 +235,14 @@ def _occ_strides(occ: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if occ is None else (occ.stride(0), occ.stride(1), occ.stride(2))
 
 
-def _fwd_blocks(channels: int) -> tuple[int, int, int]:
-    block_c = _block_c(channels, 128)
-    block_p = TILE // block_c
-    return block_p, block_c, 4
+def _pixels_per_program(n_pix: int, channel_blocks: int, cap: int) -> int:
+    """Pixels per tile: grow tiles (fewer, larger programs) only once there are PROGRAM_TARGET
+    programs, enough to fill the 132 SMs of an H100/H200 several times over; small latents (8x8,
+    16x16) get one pixel per program instead of a handful of programs on idle SMs. Under the
+    interpreter every program costs milliseconds, so the target there is much lower."""
+    target = INTERPRETER_PROGRAM_TARGET if interpreter_enabled() else PROGRAM_TARGET
+    want = triton.next_power_of_2(max(1, n_pix * channel_blocks // target))
+    return max(1, min(cap, want))
 
 
 def warp_occlusion_fwd(h: torch.Tensor, flow: torch.Tensor, occ: torch.Tensor | None,
@@ -245,13 +252,14 @@ def warp_occlusion_fwd(h: torch.Tensor, flow: torch.Tensor, occ: torch.Tensor | 
     out = torch.empty_like(h)
     if out.numel() == 0:
         return out
-    block_p, block_c, warps = _fwd_blocks(channels)
+    block_c = _block_c(channels, 128)
+    block_p = _pixels_per_program(n_pix, triton.cdiv(channels, block_c), TILE // block_c)
     grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c))
     _warp_occlusion_fwd_kernel[grid](
         h, flow, h if occ is None else occ, out, n_pix, height, width, channels,
         *flow.stride(), *_occ_strides(occ),
         HAS_OCC=occ is not None, RESIDUAL=residual, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=warps)
+        num_warps=4)
     return out
 
 
@@ -276,7 +284,8 @@ def warp_occlusion_bwd(dout: torch.Tensor, h: torch.Tensor, flow: torch.Tensor,
         dh_acc = base.to(torch.float32, copy=True)
         tgt = wt = None
     block_c = _block_c(channels, 128)
-    block_p = max(1, TILE // block_c // 2)
+    # one program reduces all of C for its pixels, so the grid is pixel tiles only
+    block_p = _pixels_per_program(n_pix, 1, TILE // block_c // 2)
     unused = docc  # stands in for pointers a variant never touches
     _warp_occlusion_bwd_kernel[(triton.cdiv(n_pix, block_p),)](
         dout, h, flow, h if occ is None else occ, unused if dh_acc is None else dh_acc, dflow,
@@ -289,8 +298,7 @@ def warp_occlusion_bwd(dout: torch.Tensor, h: torch.Tensor, flow: torch.Tensor,
         return dh_acc.to(h.dtype), dflow, docc
     order, row_ptr = gather_plan(tgt, n_pix)
     dh = torch.empty_like(h)
-    block_c = _block_c(channels, 128)
-    block_p = max(1, 1024 // block_c)
+    block_p = _pixels_per_program(n_pix, triton.cdiv(channels, block_c), 1024 // block_c)
     grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c))
     _warp_occlusion_gather_kernel[grid](
         dout, order, wt, row_ptr, dh, n_pix, channels,

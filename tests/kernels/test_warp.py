@@ -174,6 +174,18 @@ def test_triton_variants(triton_device, variant):
     _check_backend("triton", (2, 5, 6, 24, "partial"), dtype, triton_device, **variant)
 
 
+@pytest.mark.parametrize("target", [1, 1 << 30], ids=["largest-tiles", "one-pixel-tiles"])
+def test_triton_tile_extremes(triton_device, monkeypatch, target):
+    """Both ends of the pixels-per-program heuristic (GPU: 1 pixel for small latents)."""
+    from kernels.warp import triton_impl
+
+    monkeypatch.setattr(triton_impl, "INTERPRETER_PROGRAM_TARGET", target)
+    monkeypatch.setattr(triton_impl, "PROGRAM_TARGET", target)
+    _check_backend("triton", (1, 3, 5, 130, "partial"), torch.float32, triton_device)
+    _check_backend("triton", (1, 3, 5, 130, "partial"), torch.float32, triton_device,
+                   deterministic=True)
+
+
 def test_triton_integer_shift_is_exact(triton_device):
     h = torch.randn(1, 5, 7, 6, device=triton_device)
     flow = torch.tensor([2.0, -1.0], device=triton_device).expand(1, 5, 7, 2)
@@ -320,6 +332,22 @@ def test_torch_compile_traces_triton_path(triton_device):
     expected = warp_occlusion_ref(h, flow, occ).square().sum()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (h, flow, occ))
+
+
+def test_public_name_warp_is_the_function_despite_the_package():
+    """kernels/warp/ is a package named like the public function: kernels.warp must be callable
+    in a fresh interpreter whichever is imported first."""
+    import subprocess
+    import sys
+
+    code = ("import torch, kernels.warp.ref, kernels; h = torch.randn(1, 2, 3, 4); "
+            "f = torch.zeros(1, 2, 3, 2); assert torch.equal(kernels.warp(h, f), 0 * h); "
+            "from kernels import warp; assert callable(warp) and warp.__name__ == 'warp'; "
+            "assert kernels.warp is warp; from kernels.warp import op; assert op.warp is warp")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_warp_is_warp_occlusion_without_occlusion_or_residual():
