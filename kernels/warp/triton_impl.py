@@ -48,7 +48,8 @@ def _bilinear_taps(flow_ptr, pix, pmask, height, width,
     rem = pix - b * hw
     y = rem // width
     x = rem - y * width
-    f_off = b.to(tl.int64) * stride_f_b + y * stride_f_y + x * stride_f_x
+    f_off = (b.to(tl.int64) * stride_f_b + y.to(tl.int64) * stride_f_y
+             + x.to(tl.int64) * stride_f_x)
     dx = tl.load(flow_ptr + f_off, mask=pmask, other=0.0).to(tl.float32)
     dy = tl.load(flow_ptr + f_off + stride_f_c, mask=pmask, other=0.0).to(tl.float32)
     sx = x.to(tl.float32) + dx
@@ -81,7 +82,8 @@ def _load_occlusion(occ_ptr, pix, pmask, height, width, stride_o_b, stride_o_y, 
         rem = pix - b * hw
         y = rem // width
         x = rem - y * width
-        o_off = b.to(tl.int64) * stride_o_b + y * stride_o_y + x * stride_o_x
+        o_off = (b.to(tl.int64) * stride_o_b + y.to(tl.int64) * stride_o_y
+                 + x.to(tl.int64) * stride_o_x)
         occ = tl.load(occ_ptr + o_off, mask=pmask, other=0.0).to(tl.float32)
     else:
         occ = tl.where(pmask, 1.0, 0.0)
@@ -148,7 +150,8 @@ def _warp_occlusion_bwd_kernel(
     ow11 = occ * fx * fy
     r00 = t00.to(tl.int64) * channels
     r10 = r00 + width * channels
-    self_row = pix.to(tl.int64) * channels
+    pix64 = pix.to(tl.int64)  # 4 * pix overflows int32 beyond 2**29 pixels
+    self_row = pix64 * channels
     docc = tl.zeros([BLOCK_P], dtype=tl.float32)
     dsx = tl.zeros([BLOCK_P], dtype=tl.float32)
     dsy = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -178,21 +181,21 @@ def _warp_occlusion_bwd_kernel(
             tl.atomic_add(dh_acc_ptr + r10[:, None] + c2, ow10[:, None] * dout, mask=k10)
             tl.atomic_add(dh_acc_ptr + (r10 + channels)[:, None] + c2, ow11[:, None] * dout,
                           mask=k11)
-    tl.store(dflow_ptr + 2 * pix, tl.where(valid, dsx, 0.0).to(dflow_ptr.dtype.element_ty),
+    tl.store(dflow_ptr + 2 * pix64, tl.where(valid, dsx, 0.0).to(dflow_ptr.dtype.element_ty),
              mask=pmask)
-    tl.store(dflow_ptr + 2 * pix + 1, tl.where(valid, dsy, 0.0).to(dflow_ptr.dtype.element_ty),
+    tl.store(dflow_ptr + 2 * pix64 + 1, tl.where(valid, dsy, 0.0).to(dflow_ptr.dtype.element_ty),
              mask=pmask)
-    tl.store(docc_ptr + pix, docc.to(docc_ptr.dtype.element_ty), mask=pmask)
+    tl.store(docc_ptr + pix64, docc.to(docc_ptr.dtype.element_ty), mask=pmask)
     if WRITE_PLAN:
         # target row of each (pixel, tap), or n_pix (sorts last, never read) when outside/invalid
-        tl.store(tgt_ptr + 4 * pix, tl.where(m00, t00, n_pix), mask=pmask)
-        tl.store(tgt_ptr + 4 * pix + 1, tl.where(m01, t00 + 1, n_pix), mask=pmask)
-        tl.store(tgt_ptr + 4 * pix + 2, tl.where(m10, t00 + width, n_pix), mask=pmask)
-        tl.store(tgt_ptr + 4 * pix + 3, tl.where(m11, t00 + width + 1, n_pix), mask=pmask)
-        tl.store(wt_ptr + 4 * pix, ow00, mask=pmask)
-        tl.store(wt_ptr + 4 * pix + 1, ow01, mask=pmask)
-        tl.store(wt_ptr + 4 * pix + 2, ow10, mask=pmask)
-        tl.store(wt_ptr + 4 * pix + 3, ow11, mask=pmask)
+        tl.store(tgt_ptr + 4 * pix64, tl.where(m00, t00, n_pix), mask=pmask)
+        tl.store(tgt_ptr + 4 * pix64 + 1, tl.where(m01, t00 + 1, n_pix), mask=pmask)
+        tl.store(tgt_ptr + 4 * pix64 + 2, tl.where(m10, t00 + width, n_pix), mask=pmask)
+        tl.store(tgt_ptr + 4 * pix64 + 3, tl.where(m11, t00 + width + 1, n_pix), mask=pmask)
+        tl.store(wt_ptr + 4 * pix64, ow00, mask=pmask)
+        tl.store(wt_ptr + 4 * pix64 + 1, ow01, mask=pmask)
+        tl.store(wt_ptr + 4 * pix64 + 2, ow10, mask=pmask)
+        tl.store(wt_ptr + 4 * pix64 + 3, ow11, mask=pmask)
 
 
 @triton.jit
