@@ -219,7 +219,9 @@ def _warp_occlusion_gather_kernel(
         acc = tl.load(dout_ptr + self_off, mask=iomask, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for j in range(0, tl.max(count, axis=0)):  # runtime bound: the longest list in the tile
+    # Runtime bound (the longest list in the tile): nothing constexpr can bound a gather list.
+    # The interpreter accepts it with numpy < 2.4 only (DESIGN.md pitfall; a DeprecationWarning).
+    for j in range(0, tl.max(count, axis=0)):
         live = j < count
         entry = tl.load(order_ptr + start + j, mask=live, other=0)
         w = tl.load(wt_ptr + entry, mask=live, other=0.0)
