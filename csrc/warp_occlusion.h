@@ -1,7 +1,7 @@
 // Flow warping with occlusion: out = (h if residual) + occ * bilinear(h, x + dx, y + dy).
 //
-// Mirrors kernels/warp/triton_impl.py exactly (same coordinate math in fp32, same tap order, same
-// NaN rule, same deterministic gather plan); kernels/warp/README.md has the formula.
+// Mirrors kernels/flow_warp/triton_impl.py exactly (same coordinate math in fp32, same tap order, same
+// NaN rule, same deterministic gather plan); kernels/flow_warp/README.md has the formula.
 //
 // Tensors are [B, H, W, *] with pixel p = (b*H + y)*W + x. Inputs are read through element
 // strides (channel stride 1 for h and dout); the outputs the caller allocates are contiguous.

@@ -7,7 +7,7 @@
 // per lane (16-byte loads when C, the strides and the pointers allow it, scalar loads otherwise).
 // The per-pixel reductions of the backward (dflow, docc) are a lane-local sum followed by a
 // butterfly shuffle: a fixed order, so they are reproducible. The coordinate math, tap order and
-// weights are those of kernels/warp/triton_impl.py, line for line.
+// weights are those of kernels/flow_warp/triton_impl.py, line for line.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.flow_warp.ref import warp_occlusion_ref
 from kernels.registry import cuda_extension
 from kernels.testing import assert_within_tolerance
-from kernels.warp.ref import warp_occlusion_ref
 
 NAN, INF = float("nan"), float("inf")
 
@@ -177,7 +177,7 @@ def test_triton_variants(triton_device, variant):
 @pytest.mark.parametrize("target", [1, 1 << 30], ids=["largest-tiles", "one-pixel-tiles"])
 def test_triton_tile_extremes(triton_device, monkeypatch, target):
     """Both ends of the pixels-per-program heuristic (GPU: 1 pixel for small latents)."""
-    from kernels.warp import triton_impl
+    from kernels.flow_warp import triton_impl
 
     monkeypatch.setattr(triton_impl, "INTERPRETER_PROGRAM_TARGET", target)
     monkeypatch.setattr(triton_impl, "PROGRAM_TARGET", target)
@@ -309,7 +309,7 @@ class _NanTorch:
 
 
 def test_triton_writes_every_element(triton_device, monkeypatch):
-    from kernels.warp import triton_impl
+    from kernels.flow_warp import triton_impl
 
     monkeypatch.setattr(triton_impl, "torch", _NanTorch())
     h, flow, occ = _inputs(1, 5, 3, 70, "partial", torch.float32, triton_device)
@@ -332,22 +332,6 @@ def test_torch_compile_traces_triton_path(triton_device):
     expected = warp_occlusion_ref(h, flow, occ).square().sum()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (h, flow, occ))
-
-
-def test_public_name_warp_is_the_function_despite_the_package():
-    """kernels/warp/ is a package named like the public function: kernels.warp must be callable
-    in a fresh interpreter whichever is imported first."""
-    import subprocess
-    import sys
-
-    code = ("import torch, kernels.warp.ref, kernels; h = torch.randn(1, 2, 3, 4); "
-            "f = torch.zeros(1, 2, 3, 2); assert torch.equal(kernels.warp(h, f), h); "
-            "from kernels import warp; assert callable(warp) and warp.__name__ == 'warp'; "
-            "assert kernels.warp is warp; from kernels.warp import op; assert op.warp is warp")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_warp_is_warp_occlusion_without_occlusion_or_residual():
@@ -444,7 +428,8 @@ def test_cuda_extension_validates_arguments_before_any_launch():
 
 # ----------------------------------------------------------------------------------------------
 # the CUDA kernels, emulated on the CPU: csrc/warp_occlusion_kernels.cuh compiled by g++ with a
-# shim for the CUDA built-ins (tests/kernels/cuda_emulation/), driven through kernels.warp.cuda_impl
+# shim for the CUDA built-ins (tests/kernels/cuda_emulation/), driven through
+# kernels.flow_warp.cuda_impl
 # unchanged. Checks indexing, math, the NaN rule, vector and scalar paths and the deterministic
 # plan; not races between real warps, alignment faults or speed (GPU lane below).
 
@@ -520,9 +505,9 @@ class _EmulatedExtension:
 @pytest.fixture
 def emulated_backend(emulated_cuda, monkeypatch):
     """Returns make(allow_vec) -> (run, extension): run(h, flow, occ, residual, deterministic)
-    goes through the cuda custom ops and kernels.warp.cuda_impl with the emulated extension."""
-    from kernels.warp import cuda_impl
-    from kernels.warp.op import WarpOcclusionFunction
+    goes through the cuda custom ops and kernels.flow_warp.cuda_impl with the emulated extension."""
+    from kernels.flow_warp import cuda_impl
+    from kernels.flow_warp.op import WarpOcclusionFunction
 
     monkeypatch.setattr(cuda_impl, "_launch_context", lambda t: (0, 0))
 

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.flow_warp.plan import gather_plan
 from kernels.registry import interpreter_enabled
-from kernels.warp.plan import gather_plan
 
 TILE = 2048  # elements per program tile (pixels x channels)
 PROGRAM_TARGET = 1024

@@ -2,7 +2,7 @@
 
 The extension is framework-agnostic: it takes device pointers, element strides, a dtype code and
 a stream handle. This module passes ``t.data_ptr()``, the strides and the current torch stream,
-allocates the outputs, and builds the deterministic gather plan with torch (kernels.warp.plan),
+allocates the outputs, and builds the deterministic gather plan with torch (kernels.flow_warp.plan),
 exactly as the Triton launchers do.
 """
 
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels._cuda_types import DTYPE_CODES
+from kernels.flow_warp.plan import gather_plan
 from kernels.registry import cuda_extension
-from kernels.warp.plan import gather_plan
-
-# Must match avatar::DType in csrc/common.h.
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _ext():
@@ -58,7 +56,7 @@ def warp_occlusion_fwd(h: torch.Tensor, flow: torch.Tensor, occ: torch.Tensor | 
 def warp_occlusion_bwd(dout: torch.Tensor, h: torch.Tensor, flow: torch.Tensor,
                        occ: torch.Tensor | None, residual: bool, deterministic: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as kernels.warp.triton_impl.warp_occlusion_bwd."""
+    """Same contract as kernels.flow_warp.triton_impl.warp_occlusion_bwd."""
     batch, height, width, channels = h.shape
     n_pix = batch * height * width
     dflow = torch.empty(batch, height, width, 2, dtype=flow.dtype, device=h.device)

@@ -9,13 +9,11 @@ plain PyTorch and needs neither.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from kernels._validation import check_same, check_shape, check_tensor
+from kernels.flow_warp.ref import warp_occlusion_ref
 from kernels.registry import CallInfo, registry, resolve
-from kernels.warp.ref import warp_occlusion_ref
 
 OP = "warp_occlusion"
 MAX_PIXELS = 2**31 - 1  # B*H*W: int32 pixel indices in both compiled backends and the plan
@@ -23,13 +21,13 @@ MAX_PIXELS = 2**31 - 1  # B*H*W: int32 pixel indices in both compiled backends a
 
 def _triton():
     # Imported on first Triton call only, so the ref path never pays for importing triton.
-    from kernels.warp import triton_impl
+    from kernels.flow_warp import triton_impl
 
     return triton_impl
 
 
 def _cuda():
-    from kernels.warp import cuda_impl
+    from kernels.flow_warp import cuda_impl
 
     return cuda_impl
 
@@ -181,7 +179,7 @@ def warp_occlusion(h: torch.Tensor, flow: torch.Tensor, occlusion: torch.Tensor 
     Output pixel (y, x) samples ``h`` bilinearly at ``(x + dx, y + dy)``: pixel centres at
     integer coordinates, taps outside the image contribute zero, coordinates computed in fp32
     whatever the input dtype. A non-finite displacement makes that pixel's sample zero, its flow
-    gradient zero and its contribution to ``dh`` zero. See kernels/warp/README.md.
+    gradient zero and its contribution to ``dh`` zero. See kernels/flow_warp/README.md.
 
     Args:
         h: [B, H, W, C] features, channels-last and contiguous; float32, float16 or bfloat16.
@@ -211,8 +209,3 @@ def warp(h: torch.Tensor, flow: torch.Tensor, *, deterministic: bool = False,
     ``warp_occlusion(h, flow, None, residual=False)``. Same conventions and errors."""
     return warp_occlusion(h, flow, None, residual=False, deterministic=deterministic,
                           backend=backend)
-
-
-# ``kernels.warp`` is also the name of this op's package (kernels/warp/), which the import system
-# binds on ``kernels`` when the package loads; the public name must be the function.
-sys.modules["kernels"].warp = warp
