@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import kernels
 from bench.harness import Provider, Workload, main, registry_providers
-from kernels.attention3d.ref import default_rope_dims, rope_inv_freq
+from kernels.attention.ref import default_rope_dims, rope_inv_freq
 
 OP = "attention3d"
 

@@ -435,7 +435,7 @@ def rope_tables(rope_dims, rope_theta: float, head_dim: int, device,
     key = (tuple(rope_dims), float(rope_theta), head_dim, str(device), inverse)
     if key in _META_CACHE:
         return _META_CACHE[key]
-    from kernels.attention3d.ref import rope_inv_freq
+    from kernels.attention.ref import rope_inv_freq
 
     bd = block_d(head_dim)
     freq = torch.zeros(bd, dtype=torch.float32)
