@@ -105,49 +105,44 @@ def _frame_index(frame: av.VideoFrame, start: int, time_base: Fraction, fps: flo
 
 
 def _decode_selected(path: Path, wanted: list[int]) -> dict[int, np.ndarray]:
-    """Decode the frames with the given (sorted, unique) indices, seeking over large gaps."""
+    """Decode the frames with the given (sorted, unique) indices, seeking over large gaps.
+
+    Frame indices come from timestamps (constant frame rate). When they do not line up
+    (variable frame rate, odd seeks) or run out, fall back to counting decoded frames, which
+    also gives the definitive out-of-range error.
+    """
     out: dict[int, np.ndarray] = {}
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps, tb = _fps(stream), stream.time_base
         start = stream.start_time or 0
-        k, frames, last, seeked = 0, None, None, False
+        k, frames, last = 0, None, -1
         while k < len(wanted):
-            target = wanted[k]
-            if frames is None or target - last > _SEEK_GAP:
-                if target > _SEEK_GAP:
-                    ts = start + int(target / fps / tb)
+            if frames is None or wanted[k] - last > _SEEK_GAP:
+                if wanted[k] > _SEEK_GAP:
+                    ts = start + int(wanted[k] / fps / tb)
                     container.seek(ts, stream=stream, backward=True, any_frame=False)
-                    seeked = True
                 elif frames is not None:
                     container.seek(start, stream=stream, backward=True, any_frame=False)
                 frames = container.decode(stream)
-            progressed = False
             for frame in frames:
-                idx = _frame_index(frame, start, tb, fps)
-                last, progressed = idx, True
-                if idx < wanted[k]:
+                last = _frame_index(frame, start, tb, fps)
+                if last < wanted[k]:
                     continue
-                if idx > wanted[k]:
-                    if seeked:  # seek landed past the target (odd timestamps): decode linearly
-                        return _decode_linear(path, wanted)
-                    raise ValueError(f"frame {wanted[k]} of {str(path)!r} has no matching "
-                                     f"timestamp (variable frame rate?)")
-                out[idx] = frame.to_ndarray(format="rgb24")
+                if last > wanted[k]:
+                    return _decode_linear(path, wanted)
+                out[last] = frame.to_ndarray(format="rgb24")
                 k += 1
-                if k == len(wanted) or wanted[k] - idx > _SEEK_GAP:
+                if k == len(wanted) or wanted[k] - last > _SEEK_GAP:
                     break
             else:
-                if k < len(wanted):
-                    count = (last + 1) if progressed else "fewer"
-                    raise ValueError(f"frames index {wanted[k]} out of range: {str(path)!r} has "
-                                     f"{count} frames")
+                return _decode_linear(path, wanted)
     return out
 
 
 def _decode_linear(path: Path, wanted: list[int]) -> dict[int, np.ndarray]:
-    want, out = set(wanted), {}
+    want, out, i = set(wanted), {}, -1
     with av.open(str(path)) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in want:

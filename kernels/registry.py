@@ -84,6 +84,15 @@ def cuda_extension() -> tuple[object | None, str | None]:
     return _cuda, None
 
 
+@_memo
+def cuda_device_error() -> str | None:
+    """Why the compiled extension sees no CUDA device (None when it sees one or is absent)."""
+    module, err = cuda_extension()
+    if err or module.has_device():  # type: ignore[union-attr]
+        return None
+    return module.device_error()  # type: ignore[union-attr]
+
+
 def _device_reasons_triton(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return []
@@ -129,8 +138,8 @@ class Implementation:
             module, err = cuda_extension()
             if err:
                 reasons.append(err)
-            elif not module.has_device():  # type: ignore[union-attr]
-                reasons.append(f"no CUDA device: {module.device_error()}")  # type: ignore[union-attr]
+            elif err := cuda_device_error():
+                reasons.append(f"no CUDA device: {err}")
         return reasons
 
     def reasons(self, call: CallInfo) -> list[str]:
@@ -191,7 +200,7 @@ class Registry:
         impls = self.implementations(op)
         requested, source = backend, "backend="
         if requested is None:
-            requested, source = _context_backend.get(), "kernels.backend(...)"
+            requested, source = context_backend(), "kernels.backend(...)"
         if requested is None:
             requested, source = env_backend(), f"${ENV_VAR}"
         if requested is not None:
@@ -249,6 +258,14 @@ _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "avatar_kernels_backend", default=None)
 
 
+@torch.compiler.assume_constant_result
+def context_backend() -> str | None:
+    """The backend set by the innermost ``with kernels.backend(...)``. Under torch.compile this is
+    read once at trace time (dynamo cannot trace ContextVar.get): a compiled function keeps the
+    backend it was traced with, so enter the context before compiling, not around calls."""
+    return _context_backend.get()
+
+
 @_memo
 def env_backend() -> str | None:
     """``AVATAR_KERNELS_BACKEND``, read once (empty or unset means automatic)."""
@@ -290,8 +307,8 @@ def resolve(op: str, tensor: torch.Tensor, backend: str | None = None,
 
 OP_MODULES: tuple[str, ...] = (
     "kernels.adaln.op",
-    "kernels.attention3d.op",
-    "kernels.warp.op",
+    "kernels.attention.op",
+    "kernels.flow_warp.op",
     "kernels.performer.op",
     "kernels.frame_causal.op",
 )

@@ -50,3 +50,38 @@ def triton_test_device() -> tuple[str | None, str]:
     if interpreter_enabled():
         return "cpu", ""
     return None, "no CUDA device and TRITON_INTERPRET is not set (run `make test`)"
+
+
+def compile_for_gpu(kernel, types: dict[str, str], constexprs: dict, *, arch: int = 90,
+                    num_warps: int = 4, num_stages: int = 3):
+    """Compile a ``@triton.jit`` kernel ahead of time for an NVIDIA target, with no GPU present.
+
+    It runs the real compiler pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin through ptxas), so
+    it catches compiled-path errors the interpreter cannot see (type errors in the lowered IR,
+    layouts, shared-memory overflow) and lets tests inspect the IR (``compiled.asm["ttgir"]``,
+    ``["ptx"]``). Must run in a process without TRITON_INTERPRET, since the interpreter replaces
+    ``triton.jit`` at decoration time.
+
+    Args:
+        kernel: the JITFunction (``triton_impl._x_kernel``).
+        types: argument name -> Triton type string ("*fp16", "*fp32", "i32", "fp32"); arguments
+            not named default to "*fp16" for ``*_ptr`` names and "i32" otherwise.
+        constexprs: values of the ``tl.constexpr`` arguments.
+        arch: compute capability as an int (80 = A100, 90 = H100/H200).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        default = "*fp16" if name.endswith("_ptr") else "i32"
+        signature[name] = types.get(name, default)
+        if name.endswith("_ptr"):
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT specialises for aligned tensors
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})

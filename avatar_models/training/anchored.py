@@ -155,7 +155,8 @@ def train_anchored(model_config: SDiTConfig | str, dataset: Iterable[dict],
         device: default "cuda" when available, else "cpu".
         out: checkpoint path (.safetensors), written every ``save_every`` steps and at the end;
             metadata holds the model config, the diffusion schedule, the train config and
-            ``extra`` (e.g. how to build the conditioning at sampling time).
+            ``extra``; put ``{"conditioner": "MODULE:FUNCTION"}`` there so that
+            ``avatar-kernels sample anchored`` knows how to build G and L_t (see docs/anchored.md).
         model: continue training this model instead of a fresh one.
         callback: called as ``callback(step, {"loss": float, "mse": ..., "vb": ...})``.
     """
@@ -210,7 +211,7 @@ def train_anchored(model_config: SDiTConfig | str, dataset: Iterable[dict],
             path = save(step + 1)
     path = save(train.steps) or path
     rate = train.steps / max(1e-9, time.perf_counter() - start)
-    if train.steps:
-        print(f"trained {train.steps} steps ({rate:.2f} it/s), final loss {smooth:.4f}"
+    if train.steps and progress:
+        bar.write(f"trained {train.steps} steps ({rate:.2f} it/s), final loss {smooth:.4f}"
                   + (f", checkpoint {path}" if path else ""))
     return TrainResult(model, None if ema is None else ema.model, losses, path)

@@ -10,7 +10,7 @@ import torch
 
 import kernels
 from kernels import Anchor
-from kernels.attention3d.ref import attention3d_ref, default_rope_dims, rope3d_ref
+from kernels.attention.ref import attention3d_ref, default_rope_dims, rope3d_ref
 from kernels.testing import assert_within_tolerance, nan_empty
 
 # Runtime loop bounds (sequence lengths) in the Triton interpreter: harmless with numpy < 2.4
@@ -191,19 +191,6 @@ def test_rope3d_bad_input():
         kernels.rope3d(torch.randn(4, 1, 8), torch.zeros(4, 3))
 
 
-def test_public_name_is_the_function_not_the_package():
-    """kernels/attention3d/ shares its name with the function; both spellings must call it."""
-    import importlib
-
-    from kernels.attention3d import op
-
-    assert kernels.attention3d is op.attention3d
-    package = importlib.import_module("kernels.attention3d")
-    q = torch.randn(1, 5, 1, 8)
-    torch.testing.assert_close(package(q, q, q, backend="ref"),
-                               op.attention3d(q, q, q, backend="ref"))
-
-
 # ----------------------------------------------------------------------------------------------
 # Triton (interpreter on CPU, compiled on GPU) vs the fp64 reference, tolerance rule of DESIGN.md
 
@@ -219,7 +206,7 @@ def _batched(pos, batch):
 def _plain_torch(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
     """Baseline for the tolerance rule: what a user writes today, in q's precision: index copy,
     eager RoPE (fp32 inside, rounded to q's dtype), SDPA, index copy."""
-    from kernels.attention3d.ref import anchor_override
+    from kernels.attention.ref import anchor_override
 
     if anchor is not None:
         k, v = anchor_override(k, *anchor), anchor_override(v, *anchor)
@@ -305,7 +292,7 @@ def test_triton_strided_inputs(triton_device):
 
 def test_anchor_skip_launches_no_query_work(triton_device):
     """Structural check: no program for the anchor rows of b != source, in forward and dq."""
-    from kernels.attention3d import triton_impl
+    from kernels.attention import triton_impl
 
     batch, frames, per_frame = 4, 4, 32
     n = frames * per_frame
@@ -329,7 +316,7 @@ def test_anchor_skip_launches_no_query_work(triton_device):
 
 def test_triton_writes_every_element(triton_device, monkeypatch):
     """Outputs allocated as NaN must come back fully written (copied anchor rows included)."""
-    from kernels.attention3d import triton_impl
+    from kernels.attention import triton_impl
 
     real_empty = torch.empty
 

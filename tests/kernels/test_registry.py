@@ -99,3 +99,18 @@ def test_info_prints_table():
     out = subprocess.run([sys.executable, "-m", "kernels.info"], capture_output=True, text=True,
                          check=True)
     assert "adaln_modulate" in out.stdout and "ref" in out.stdout
+
+
+def test_automatic_dispatch_traces_under_torch_compile_fullgraph():
+    """resolve() with no explicit backend (ContextVar, env var, priority) must not break the
+    graph: every op calls it on each invocation."""
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    s = torch.randn(2, 16)
+    expected = kernels.adaln_modulate(x, s, s, backend="ref").sum()
+    f = torch.compile(lambda a: kernels.adaln_modulate(a, s, s).sum(), backend="aot_eager",
+                      fullgraph=True)
+    torch.testing.assert_close(f(x), expected)
+    with kernels.backend("ref"):
+        g = torch.compile(lambda a: kernels.adaln_modulate(a, s, s).sum(), backend="aot_eager",
+                          fullgraph=True)
+        torch.testing.assert_close(g(x), expected)

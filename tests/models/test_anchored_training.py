@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels
 from avatar_models.anchored_diffusion import SDiT, SDiTConfig, landmark_control
 from avatar_models.checkpoint import load_checkpoint, save_checkpoint
 from avatar_models.training.anchored import (
@@ -21,11 +22,14 @@ from avatar_models.training.synthetic import BlobSequences
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on shared CI cores."""
+def _cpu_lane():
+    """Reference kernels (the Triton interpreter would win the automatic choice under
+    TRITON_INTERPRET=1 and is far too slow for whole models) and one intra-op thread (tiny
+    models: more threads only add contention on shared CI cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with kernels.backend("ref"):
+        yield
     torch.set_num_threads(threads)
 
 

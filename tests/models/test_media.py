@@ -82,14 +82,18 @@ def test_ntsc_rate_is_kept_as_a_fraction(tmp_path):
     assert media.video_info(path).fps == pytest.approx(29.97, abs=1e-3)
 
 
-def test_selected_frames_match_full_decode(tmp_path):
+def test_selected_frames_match_full_decode(tmp_path, monkeypatch):
     t = 150
     path = media.write_video(tmp_path / "long.mp4", _frames(t, 16, 16), 25, keyframe_interval=12)
     full = media.read_video(path, with_audio=False).frames
     assert full.shape[0] == t
+    linear = media._decode_linear
+    calls = []
+    monkeypatch.setattr(media, "_decode_linear", lambda *a: calls.append(a) or linear(*a))
     for wanted in ([0], [149], [3, 120, 4, 60, 61, 3], [100, 0], [50, 148, 149]):
         got = media.read_video(path, frames=wanted).frames
         assert torch.equal(got, full[wanted]), wanted
+    assert not calls  # constant frame rate: timestamps + seeking, no linear fallback
     with pytest.raises(ValueError, match="frames index 150 out of range"):
         media.read_video(path, frames=[2, 150])
     with pytest.raises(ValueError, match=">= 0"):

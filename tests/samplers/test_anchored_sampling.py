@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels
 from avatar_models.anchored_diffusion import Conditions, SDiT, SDiTConfig
 from samplers.anchored import anchored_sample, decode_video, sdit_denoiser
 from samplers.multidiffusion import multidiffusion_sample, uniform_windows
@@ -13,11 +14,14 @@ from samplers.schedules import guided, make_scheduler, plain_sample, scheduler_s
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on shared CI cores."""
+def _cpu_lane():
+    """Reference kernels (the Triton interpreter would win the automatic choice under
+    TRITON_INTERPRET=1 and is far too slow for whole models) and one intra-op thread (tiny
+    models: more threads only add contention on shared CI cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with kernels.backend("ref"):
+        yield
     torch.set_num_threads(threads)
 
 

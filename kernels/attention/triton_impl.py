@@ -12,7 +12,7 @@ axis a_j in {t, y, x} and the partner column p_j (j +- d/2). Then, with angle_j 
 which is exactly the issue's pair rotation; the inverse (for gradients) is the same formula with
 f negated. A tile is rotated from two loads of the same rows (columns j and p_j; the second hits
 L1/L2). In the backward, dq / dk accumulate in registers in the rotated basis; the one-time
-un-rotation needs column p_j of a register tile, taken as a dot with a 0/1 permutation matrix.
+un-rotation needs column p_j of a register tile: an exact ``tl.gather`` along the head dim.
 
 Anchor override without copies: a key/value row n of sequence b != source with
 starts[b] <= n < starts[b] + length is loaded from row n - starts[b] + starts[source] of sequence
@@ -118,12 +118,10 @@ def _load_rotated(x_ptr, row_off, row_mask, cols, col_mask, partner, pos_ptr, po
 
 
 @triton.jit
-def _unrotate(g, cols, partner, pos_ptr, pos_off, row_mask, freq, axis):
+def _unrotate(g, partner, pos_ptr, pos_off, row_mask, freq, axis):
     """Gradient through the rotation: g_j cos(angle_j) - g_{p_j} sin(angle_j) (fp32 [R, BD]).
-    Column p_j of the register tile comes from a dot with the 0/1 matrix P[i, j] = (i == p_j),
-    in 3-pass TF32 so the permuted values keep fp32 precision."""
-    perm = (cols[:, None] == partner[None, :]).to(tl.float32)
-    g_p = tl.dot(g, perm, input_precision="tf32x3")
+    Column p_j of the register tile is an exact in-register gather along the head dim."""
+    g_p = tl.gather(g, tl.broadcast_to(partner[None, :], g.shape), axis=1)
     c, s = _cos_sin(_rope_angles(pos_ptr, pos_off, row_mask, freq, axis))
     return g * c - g_p * s
 
@@ -303,8 +301,8 @@ def _attention3d_bwd_kernel(
         n_mask = offs_n < n_k
         s_b = 0
         s_src = 0
-        hi1 = n_q
-        lo2 = n_q
+        hi1 = tl.zeros_like(b) + n_q  # a tensor even when Triton specialises n_q == 1
+        lo2 = tl.zeros_like(b) + n_q
         if HAS_ANCHOR:
             s_b = tl.load(starts_ptr + b)
             s_src = tl.load(starts_ptr + anchor_src)
@@ -334,7 +332,7 @@ def _attention3d_bwd_kernel(
                                BLOCK_M1, HAS_ROPE, DOT_PRECISION)
         dk = dk * sm_scale
         if HAS_ROPE:
-            dk = _unrotate(dk, cols, partner, k_pos_ptr, kp_off, n_mask, freq, axis)
+            dk = _unrotate(dk, partner, k_pos_ptr, kp_off, n_mask, freq, axis)
         # b's own rows (redirected ones included); op.py folds those into source's rows
         out_rows = (b.to(tl.int64) * stride_dk_b + offs_n.to(tl.int64) * stride_dk_n
                     + h * stride_dk_h)
@@ -385,7 +383,7 @@ def _attention3d_bwd_kernel(
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         dq = dq * sm_scale
         if HAS_ROPE:
-            dq = _unrotate(dq, cols, partner, q_pos_ptr, qp_off, m_mask, freq, axis)
+            dq = _unrotate(dq, partner, q_pos_ptr, qp_off, m_mask, freq, axis)
         tl.store(dq_ptr + o_rows[:, None] + cols[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=mask)
 
@@ -437,7 +435,7 @@ def rope_tables(rope_dims, rope_theta: float, head_dim: int, device,
     key = (tuple(rope_dims), float(rope_theta), head_dim, str(device), inverse)
     if key in _META_CACHE:
         return _META_CACHE[key]
-    from kernels.attention3d.ref import rope_inv_freq
+    from kernels.attention.ref import rope_inv_freq
 
     bd = block_d(head_dim)
     freq = torch.zeros(bd, dtype=torch.float32)

@@ -4,14 +4,13 @@ dispatch, autograd and torch.library registration."""
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kernels._validation import check_head_dim, check_same, check_shape, check_tensor
-from kernels.attention3d.ref import attention3d_ref, default_rope_dims, rope3d_ref
+from kernels.attention.ref import attention3d_ref, default_rope_dims, rope3d_ref
 from kernels.registry import registry, resolve
 
 OP_ATTENTION = "attention3d"
@@ -125,7 +124,7 @@ def _check_anchor(anchor: object, batch: int, nq: int, nk: int) -> tuple[list[in
 
 def _triton():
     # Imported on first Triton call only, so the ref path never pays for importing triton.
-    from kernels.attention3d import triton_impl
+    from kernels.attention import triton_impl
 
     return triton_impl
 
@@ -345,8 +344,3 @@ def rope3d(x: torch.Tensor, positions: torch.Tensor, *, rope_dims: Sequence[int]
     theta = _check_scalar("rope_theta", rope_theta, positive=True)
     impl = resolve(OP_ROPE, x, backend, D=head_dim)
     return impl.fn(x, pos, dims, theta)
-
-
-# Importing this module set ``kernels.attention3d`` to the package; point it back to the function
-# (see the package docstring).
-sys.modules["kernels"].attention3d = attention3d
