@@ -25,7 +25,7 @@ import triton.language as tl
 from kernels.registry import interpreter_enabled
 
 MAX_D = 128
-EXP_CLAMP = 80.0  # exponents that are <= 0 in exact math but may exceed it by a chunk's spread
+EXP_CLAMP = tl.constexpr(80.0)  # exponents that are <= 0 in exact math but may exceed it by a chunk's spread
 
 
 @dataclass(frozen=True)

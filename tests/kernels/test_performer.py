@@ -5,6 +5,7 @@ reference for the output and every gradient, causal prefix property, large-norm 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -119,7 +120,7 @@ def test_approximates_softmax_attention_as_features_grow():
                                              backend="ref") - exact).abs().mean().item()
                 for s in range(4)]
         errors.append(sum(errs) / len(errs))
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 0.35 * errors[0], errors
 
 
@@ -251,7 +252,8 @@ def test_torch_compile_traces_triton_path(triton_device):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (lambda q, w: (q, q, q, w[:, :8]), r"features must have shape \[M, D\] with D = 16.*got \[5, 8\]"),
+    (lambda q, w: (q, q, q, w[:, :8]),
+     r"features must have shape \[M, D\] with D = 16.*got \[5, 8\]"),
     (lambda q, w: (q, q, q, w[:0]), r"features must have at least one row \(M >= 1\), got M=0"),
     (lambda q, w: (q, q[:, :3], q, w), r"k must have shape \[2, 4, 3, 16\].*got \[2, 3, 3, 16\]"),
     (lambda q, w: (q, q, q[..., :8], w), r"v must have shape \[2, 4, 3, 16\]"),
