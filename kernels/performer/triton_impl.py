@@ -25,7 +25,8 @@ import triton.language as tl
 from kernels.registry import interpreter_enabled
 
 MAX_D = 128
-EXP_CLAMP = tl.constexpr(80.0)  # exponents that are <= 0 in exact math but may exceed it by a chunk's spread
+# Cap for exponents that are <= 0 in exact math but may exceed it by one chunk's spread.
+EXP_CLAMP = tl.constexpr(80.0)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ def config(seq_len: int, head_dim: int, n_features: int, *, backward: bool = Fal
     state = block_m * block_d
     block_n = 64 if state <= 64 * 64 else 32
     block_n = min(block_n, max(16, triton.next_power_of_2(seq_len)))
-    return Config(block_n, block_m, block_d, n_mblocks, 4 if state <= 64 * 64 else 8)
+    # 8 warps: even the small-state configurations hold several [BLOCK_N, BLOCK_N | BLOCK_M] fp32
+    # tiles per chunk and spill at 4 warps (ptxas, sm_90a).
+    return Config(block_n, block_m, block_d, n_mblocks, 8)
 
 
 def _dot_modes(dtype: torch.dtype) -> tuple[bool, str]:
