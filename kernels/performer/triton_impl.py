@@ -52,28 +52,30 @@ def _feature_blocking(n_features: int, max_block: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def config(seq_len: int, head_dim: int, n_features: int, *, backward: bool = False) -> Config:
+def config(seq_len: int, head_dim: int, n_features: int, *, backward: bool = False,
+           fp32: bool = False) -> Config:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreter_enabled():
         # Small tiles so CPU tests cover several chunks and several feature blocks.
         block_m, n_mblocks = _feature_blocking(n_features, 32)
         return Config(16, block_m, block_d, n_mblocks, 4)
-    # The fp32 state [BLOCK_M, D] lives in registers: 256 x 64 is the most 8 warps hold next to
-    # the [BLOCK_N, BLOCK_M] feature tiles; the backward keeps two such tiles more.
-    block_m, n_mblocks = _feature_blocking(n_features, 128 if backward else 256)
+    # The fp32 state [BLOCK_M, D] lives in registers next to [BLOCK_N, BLOCK_M] feature tiles:
+    # at most 16K elements forward (256 x 64), 8K backward (it carries two more tiles), half that
+    # for fp32 inputs (4-byte operands). Checked with ptxas for sm_90a: spills stay < 2 KB.
+    budget = (8192 if backward else 16384) // (2 if fp32 else 1)
+    block_m, n_mblocks = _feature_blocking(n_features, max(16, min(256, budget // block_d)))
     state = block_m * block_d
-    block_n = 64 if state <= 64 * 64 else 32
+    block_n = 64 if state <= 64 * 64 and not backward else 32
     block_n = min(block_n, max(16, triton.next_power_of_2(seq_len)))
-    # 8 warps: even the small-state configurations hold several [BLOCK_N, BLOCK_N | BLOCK_M] fp32
-    # tiles per chunk and spill at 4 warps (ptxas, sm_90a).
     return Config(block_n, block_m, block_d, n_mblocks, 8)
 
 
 def _dot_modes(dtype: torch.dtype) -> tuple[bool, str]:
-    """(feature operands in bf16?, input precision of fp32 dots)."""
+    """(feature operands in bf16?, input precision of fp32 dots). fp32 inputs use tf32x3 (three
+    tf32 products, about fp32 accuracy on tensor cores; "ieee" FMA dots spill heavily)."""
     if dtype == torch.bfloat16:
         return True, "tf32"
-    return False, "ieee" if dtype == torch.float32 else "tf32"
+    return False, "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +399,7 @@ def performer_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
     for the non-causal case and empty otherwise)."""
     batch, seq_len, heads, head_dim = q.shape
     n_features = features.shape[0]
-    cfg = config(seq_len, head_dim, n_features)
+    cfg = config(seq_len, head_dim, n_features, fp32=q.dtype == torch.float32)
     feat_bf16, prec = _dot_modes(q.dtype)
     dev = q.device
     lse = torch.empty(cfg.n_mblocks, batch, heads, seq_len, device=dev, dtype=torch.float32)
@@ -431,7 +433,7 @@ def performer_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, seq_len, heads, head_dim = q.shape
     n_features = features.shape[0]
-    cfg = config(seq_len, head_dim, n_features, backward=True)
+    cfg = config(seq_len, head_dim, n_features, backward=True, fp32=q.dtype == torch.float32)
     feat_bf16, prec = _dot_modes(q.dtype)
     if cfg.n_mblocks == 1:
         grads = [torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3)]
