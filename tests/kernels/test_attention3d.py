@@ -391,19 +391,28 @@ FIXED = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "q_pos_ptr": "*fp32", "k_pos_
          "pos_ptr": "*fp32", "freq_ptr": "*fp32", "meta_ptr": "*i32", "tiles_ptr": "*i32",
          "starts_ptr": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"}
 
-def build(kernel, dt, dim, consts, **options):
+def count(ptx, pattern):
+    return len(re.findall(pattern, ptx))
+
+def build(kernel, dt, dim, consts, aligned_8=True, **options):
     names = kernel.arg_names
     types = {**{n: "*" + dt for n in names if n.endswith("_ptr")}, **FIXED}
-    # what the JIT specialises for contiguous [B, N, H, D] with D % 16 == 0 (D = 72: nothing)
+    # what the JIT specialises for contiguous [B, N, H, D] with D % 16 == 0 (D = 72: nothing);
+    # ALIGNED_8 is what the launchers pass for such tensors (D % 8 == 0, 16-byte pointers)
     aligned = tuple(n for n in names if dim % 16 == 0 and (
         n == "head_dim" or re.fullmatch(r"stride_(q|k|v|o|dk)_[bnh]", n)))
-    c = compile_for_gpu(kernel, types, {"BLOCK_D": ti.block_d(dim), **consts}, arch=arch,
-                        aligned=aligned, **options)
+    consts = {"BLOCK_D": ti.block_d(dim), "ALIGNED_8": aligned_8, **consts}
+    c = compile_for_gpu(kernel, types, consts, arch=arch, aligned=aligned, **options)
     assert ".entry" in c.asm["ptx"] and c.asm["cubin"]
     assert c.metadata.shared <= {80: 166912, 90: 232448}[arch], c.metadata.shared
     ir = c.asm["ttgir"]
     tiles = re.search(r"async_copy_global_to_local[^\n]*tensor<\d+x\d+x!tt.ptr<b?f16", ir)
-    return "wgmma" if "warp_group_dot" in ir else "mma", "async" if tiles else "sync"
+    ptx = c.asm["ptx"]  # 16-byte vector loads / async copies, scalar 16-bit loads
+    loads = (count(ptx, r"ld\.global[^\n]*\.v4\."),
+             count(ptx, r"cp\.async\.c[ga]\.shared\.global[^\n]*, 0x10[,;]"),
+             count(ptx, r"ld\.global(\.[a-z0-9:]+)*\.b16 "))
+    return ("wgmma" if "warp_group_dot" in ir else "mma", "async" if tiles else "sync",
+            *map(str, loads))
 
 # (HAS_ROPE, HAS_ANCHOR, dtype, D): the heaviest variant (both flags, BLOCK_D = 128) and no flags
 # on each target, the other two combinations once; D = 72 is padded to BLOCK_D = 128
@@ -413,20 +422,24 @@ for rope, anchor, dt, dim in COMBOS[arch]:
     flags = {"HAS_ROPE": bool(rope), "HAS_ANCHOR": bool(anchor), "DOT_PRECISION": "tf32"}
     if which == "fwd":  # autotune configs: 4 or 8 warps, 2..4 stages (the most shared memory)
         bm, bn = ti.fwd_blocks(dim, DTYPES[dt])
-        res = build(ti._attention3d_fwd_kernel, dt, dim, {"BLOCK_M": bm, "BLOCK_N": bn, **flags},
-                    num_warps=8, num_stages=4)
+        args = (ti._attention3d_fwd_kernel, dt, dim, {"BLOCK_M": bm, "BLOCK_N": bn, **flags})
+        opts = {"num_warps": 8, "num_stages": 4}
     else:
         blocks = dict(zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"),
                           ti.bwd_blocks(dim, DTYPES[dt])))
-        res = build(ti._attention3d_bwd_kernel, dt, dim, {**blocks, **flags},
-                    num_warps=8, num_stages=3)
-    print(f"{dim}:" + ",".join(res))
-for i, dt in enumerate(DTYPES):  # every dtype on each target, BLOCK_D = 64 and 128
-    dim = (64, 128)[(i + arch // 10) % 2]
-    if which == "fwd":  # rope3d_fwd: BLOCK_R = min(128, 8192 // BLOCK_D), 4 warps
-        build(ti._rope3d_kernel, dt, dim, {"BLOCK_R": min(128, 8192 // ti.block_d(dim))})
-    else:
-        build(ti._attention3d_bwd_preprocess_kernel, dt, dim, {"BLOCK_R": 64})
+        args = (ti._attention3d_bwd_kernel, dt, dim, {**blocks, **flags})
+        opts = {"num_warps": 8, "num_stages": 3}
+    print(f"{dim}:" + ",".join(build(*args, **opts)))
+    if dim == 72:  # the generic path (ALIGNED_8 False: strides not multiples of 8)
+        print("72u:" + ",".join(build(*args, aligned_8=False, **opts)))
+for i, dt in enumerate(DTYPES):  # every dtype on each target, BLOCK_D = 64 and 128 (and D = 72)
+    for dim in ((64, 128)[(i + arch // 10) % 2],) + ((72,) if dt == "bf16" else ()):
+        if which == "fwd":  # rope3d_fwd: BLOCK_R = min(128, 8192 // BLOCK_D), 4 warps
+            res = build(ti._rope3d_kernel, dt, dim, {"BLOCK_R": min(128, 8192 // ti.block_d(dim))})
+        else:
+            res = build(ti._attention3d_bwd_preprocess_kernel, dt, dim, {"BLOCK_R": 64})
+        if dim == 72:
+            print("72r:" + ",".join(res))
 print("compiled")
 """
 
@@ -439,9 +452,11 @@ def test_kernels_compile_for_a100_and_hopper(arch, which):
     (+ preprocess) kernels for sm_80 / sm_90 with the launchers' block sizes, bf16 and fp16, D =
     64, 128 and 72 (padded), RoPE and anchor flags on and off: catches compiled-path errors the
     interpreter cannot see and shared memory over the target's limit. On sm_90 the products must
-    use wgmma, and for D % 16 == 0 the K/V (Q/dO) tile loads must be pipelined (async copies).
-    D = 72 is not: head_dim and the head stride are not known multiples of 16, so the tile loads
-    are neither vectorised nor pipelined (a known performance gap, not asserted either way)."""
+    use wgmma; the K/V (Q/dO) tile loads must be pipelined (async copies) for every D, D = 72
+    included: with ALIGNED_8 the kernels show the compiler that head_dim and the row strides are
+    multiples of 8, so the tiles move as 16-byte async copies / vector loads with no scalar 16-bit
+    loads left. D = 72 is also compiled on the generic path (ALIGNED_8 False, for unaligned
+    views), which must compile; its loads are scalar (not asserted)."""
     import os
     import subprocess
     import sys
@@ -455,12 +470,18 @@ def test_kernels_compile_for_a100_and_hopper(arch, which):
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     *lines, last = done.stdout.split()
-    assert last == "compiled" and len(lines) == 3, done.stdout
-    for line in lines:
-        dim, (product, loads) = int(line.split(":")[0]), line.split(":")[1].split(",")
-        assert product == ("wgmma" if arch == 90 else "mma"), line
-        if dim % 16 == 0:
-            assert loads == "async", line
+    assert last == "compiled", done.stdout
+    results = {line.split(":")[0]: line.split(":")[1].split(",") for line in lines}
+    assert sorted(results) == sorted(["64", "128", "72", "72u", "72r"]), done.stdout
+    for key, (product, tiles, v4, cp16, scalar16) in results.items():
+        if key != "72r":  # (the row kernels have no product and nothing to pipeline)
+            assert product == ("wgmma" if arch == 90 else "mma"), (key, results[key])
+        if key in ("64", "128", "72"):
+            assert tiles == "async", (key, results[key])
+        if key == "72":  # (these combos have no RoPE) every tile load is 16-byte
+            assert int(v4) + int(cp16) > 0 and int(scalar16) == 0, (key, results[key])
+        if key == "72r":  # rope3d / preprocess rows; rope3d's partner-column loads stay scalar
+            assert int(v4) > 0, (key, results[key])
 
 
 # ----------------------------------------------------------------------------------------------
