@@ -218,14 +218,16 @@ def _plain_torch(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
 
 
 def _check_triton(q, k, v, *, positions=None, anchor=None, rope_dims=None, scale=None,
-                  theta=10000.0):
+                  theta=10000.0, layouts=None):
+    """layouts: optional (f_q, f_k, f_v), differentiable same-value views given to the kernels."""
     batch, _, _, dim = q.shape
     dims = default_rope_dims(dim) if rope_dims is None else rope_dims
     scale_v = 1 / math.sqrt(dim) if scale is None else scale
     qp, kp = positions if isinstance(positions, tuple) else (positions, positions)
     qp, kp = _batched(qp, batch), _batched(kp, batch)
     leaves = _leaves(q, k, v)
-    out = kernels.attention3d(*leaves, positions=positions, rope_dims=rope_dims, scale=scale,
+    inputs = leaves if layouts is None else [f(t) for f, t in zip(layouts, leaves)]
+    out = kernels.attention3d(*inputs, positions=positions, rope_dims=rope_dims, scale=scale,
                               rope_theta=theta, anchor=None if anchor is None else Anchor(*anchor),
                               backend="triton")
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -288,6 +290,35 @@ def test_triton_strided_inputs(triton_device):
     assert not q.is_contiguous()
     _check_triton(q, k, v, positions=_grid_positions(2, 5, 5).to(triton_device),
                   anchor=([25, 0], 25, 0))
+
+
+def _head_padded(t):
+    """Same values, head stride D + 4 (not a multiple of 8)."""
+    return torch.nn.functional.pad(t, (0, 4))[..., :t.shape[-1]]
+
+
+def _misaligned(t):
+    """Same values, contiguous, data pointer one element past a 16-byte boundary."""
+    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+
+
+def test_triton_alignment_flag_and_generic_path(triton_device):
+    """ALIGNED_8 (16-byte tile rows: vector loads, async copies) is chosen per launch: packed
+    views of a contiguous projection take it; a head-padded view (head stride 44) or a data
+    pointer off 16 bytes takes the generic path, which must give the same results."""
+    from kernels.attention import triton_impl
+
+    assert triton_impl.aligned_8(40, *torch.randn(3, 2, 30, 2, 40).unbind(0))
+    assert not triton_impl.aligned_8(40, _head_padded(torch.randn(2, 30, 2, 40)))
+    assert not triton_impl.aligned_8(40, _misaligned(torch.randn(2, 30, 2, 40)))
+    qkv = torch.randn(2, 30, 3, 2, 40, dtype=torch.float16, device=triton_device)
+    pos, anchor = _grid_positions(2, 3, 5).to(triton_device), ([15, 0], 15, 0)
+    _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor)  # packed views: aligned
+    assert triton_impl.LAUNCH_STATS["fwd_aligned_8"] and triton_impl.LAUNCH_STATS["bwd_aligned_8"]
+    _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor,
+                  layouts=(_head_padded, _misaligned, lambda t: t))
+    assert not triton_impl.LAUNCH_STATS["fwd_aligned_8"]
+    assert not triton_impl.LAUNCH_STATS["bwd_aligned_8"]
 
 
 def test_anchor_skip_launches_no_query_work(triton_device):
