@@ -7,7 +7,8 @@ compiled extension, plus an optional per-call check such as a head-dim limit) an
     explicit ``backend=`` argument
       > ``with kernels.backend("triton"):``   (a ContextVar, restored on exit)
       > ``AVATAR_KERNELS_BACKEND`` env var     (read once, at first use)
-      > priority order: cuda ext / triton on CUDA tensors, ``ref`` everywhere.
+      > priority order: cuda ext / triton on CUDA tensors, ``ref`` on CPU tensors (also under
+        TRITON_INTERPRET=1, where Triton accepts CPU tensors but only when asked for).
 
 A request made by any of the first three that cannot run raises ``BackendUnavailableError`` listing
 every backend's reasons. Automatic selection falls back to the next usable backend (ultimately the
@@ -214,7 +215,11 @@ class Registry:
                     f"{op}: backend {requested!r} requested through {source} cannot run this call "
                     f"({_describe(call)}).\n" + _format_reasons(table))
             return impl
-        ranked = sorted(impls.values(), key=lambda i: -i.priority)
+        # CPU tensors run the reference first: Triton accepts them only under its interpreter,
+        # which is a test vehicle (orders of magnitude slower), never the automatic choice.
+        on_cpu = call.device.type == "cpu"
+        ranked = sorted(impls.values(), key=lambda i: (not (on_cpu and i.name == "ref"),
+                                                       -i.priority))
         skipped: dict[str, list[str]] = {}
         for impl in ranked:
             reasons = impl.reasons(call)
@@ -258,11 +263,17 @@ _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "avatar_kernels_backend", default=None)
 
 
-@torch.compiler.assume_constant_result
+# torch.compile cannot trace ContextVar.get, so the context manager mirrors its value into a
+# module global, which dynamo reads (and guards on: a different backend recompiles). The mirror is
+# process-wide, so threads that compile under different `kernels.backend(...)` blocks at the same
+# time may see each other's choice; eager code always reads the ContextVar.
+_backend_for_compile: str | None = None
+
+
 def context_backend() -> str | None:
-    """The backend set by the innermost ``with kernels.backend(...)``. Under torch.compile this is
-    read once at trace time (dynamo cannot trace ContextVar.get): a compiled function keeps the
-    backend it was traced with, so enter the context before compiling, not around calls."""
+    """The backend set by the innermost ``with kernels.backend(...)`` (None: not set)."""
+    if torch.compiler.is_compiling():
+        return _backend_for_compile
     return _context_backend.get()
 
 
@@ -279,11 +290,14 @@ def backend(name: str | None) -> Iterator[None]:
     automatic selection. An op that cannot run on that backend raises with the reasons."""
     if name is not None and name not in BACKEND_NAMES:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES} or None, got {name!r}")
+    global _backend_for_compile
     token = _context_backend.set(name)
+    outer, _backend_for_compile = _backend_for_compile, name
     try:
         yield
     finally:
         _context_backend.reset(token)
+        _backend_for_compile = outer
 
 
 def _default_device() -> torch.device:

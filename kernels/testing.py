@@ -53,7 +53,7 @@ def triton_test_device() -> tuple[str | None, str]:
 
 
 def compile_for_gpu(kernel, types: dict[str, str], constexprs: dict, *, arch: int = 90,
-                    num_warps: int = 4, num_stages: int = 3):
+                    num_warps: int = 4, num_stages: int = 3, aligned: tuple[str, ...] = ()):
     """Compile a ``@triton.jit`` kernel ahead of time for an NVIDIA target, with no GPU present.
 
     It runs the real compiler pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin through ptxas), so
@@ -63,16 +63,25 @@ def compile_for_gpu(kernel, types: dict[str, str], constexprs: dict, *, arch: in
     ``triton.jit`` at decoration time.
 
     Args:
-        kernel: the JITFunction (``triton_impl._x_kernel``).
-        types: argument name -> Triton type string ("*fp16", "*fp32", "i32", "fp32"); arguments
-            not named default to "*fp16" for ``*_ptr`` names and "i32" otherwise.
+        kernel: the JITFunction (``triton_impl._x_kernel``), or an autotuned one (its
+            ``triton.Config`` is then given by ``num_warps``/``num_stages``).
+        types: argument name -> Triton type string ("*fp16", "*fp32", "i32", "i64", "fp32");
+            arguments not named default to "*fp16" for ``*_ptr`` names and "i32" otherwise.
         constexprs: values of the ``tl.constexpr`` arguments.
         arch: compute capability as an int (80 = A100, 90 = H100/H200).
+        aligned: integer arguments to compile as multiples of 16, as the JIT specialises them
+            at run time when they are (strides and sizes of aligned shapes); pointers always are.
     """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
 
+    if isinstance(kernel, Autotuner):
+        kernel = kernel.fn
+    unknown = (set(constexprs) | set(aligned)) - set(kernel.arg_names)
+    if unknown:  # (types may name arguments of several kernels: they are not checked)
+        raise ValueError(f"{kernel.fn.__name__} has no argument(s) {sorted(unknown)}")
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -80,7 +89,7 @@ def compile_for_gpu(kernel, types: dict[str, str], constexprs: dict, *, arch: in
             continue
         default = "*fp16" if name.endswith("_ptr") else "i32"
         signature[name] = types.get(name, default)
-        if name.endswith("_ptr"):
+        if name.endswith("_ptr") or name in aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT specialises for aligned tensors
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),

@@ -20,8 +20,14 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Fixed seed, and one intra-op thread: test shapes are tiny, and on shared 2-core CI machines
+    more threads only add contention (a tiny training step ran 25x slower with two)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -84,6 +84,16 @@ def _configs(stages: tuple[int, ...]) -> list[triton.Config]:
 
 
 @triton.jit
+def _mult8(x):
+    """x, which the launcher checked is a multiple of 8, as (x // 8) * 8: the same value, but one
+    the compiler's divisibility analysis can see is a multiple of 8 (the JIT only specialises
+    integer arguments that are multiples of 16). Row offsets built from such strides and the mask
+    `cols < head_dim` are then uniform over groups of 8 columns: 16-byte vector loads/stores and
+    asynchronous (pipelined) tile copies."""
+    return x // 8 * 8
+
+
+@triton.jit
 def _cos_sin(angle):
     """cos and sin of fp32 angles of any size: Cody-Waite reduction to [-pi, pi] first."""
     k = tl.floor(angle * 0.15915494309189535 + 0.5)
@@ -144,7 +154,7 @@ def _kv_rows(b, offs_n, s_b, s_src, anchor_len, anchor_src, stride_b, stride_n,
 # Forward
 
 
-@triton.autotune(configs=_configs((2, 3, 4)), key=["head_dim", "n_k"])
+@triton.autotune(configs=_configs((2, 3, 4)), key=["head_dim", "n_k", "ALIGNED_8"])
 @triton.jit
 def _attention3d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
@@ -157,7 +167,18 @@ def _attention3d_fwd_kernel(
     n_batch, heads, n_q, n_k, head_dim, qk_scale, anchor_len, anchor_src,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_ANCHOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGNED_8: tl.constexpr,
 ):
+    if ALIGNED_8:  # (launcher-checked) so the tile loads/stores are 16-byte vectors
+        head_dim = _mult8(head_dim)
+        stride_q_b, stride_q_n, stride_q_h = _mult8(stride_q_b), _mult8(stride_q_n), \
+            _mult8(stride_q_h)
+        stride_k_b, stride_k_n, stride_k_h = _mult8(stride_k_b), _mult8(stride_k_n), \
+            _mult8(stride_k_h)
+        stride_v_b, stride_v_n, stride_v_h = _mult8(stride_v_b), _mult8(stride_v_n), \
+            _mult8(stride_v_h)
+        stride_o_b, stride_o_n, stride_o_h = _mult8(stride_o_b), _mult8(stride_o_n), \
+            _mult8(stride_o_h)
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.load(tiles_ptr + tile * 3)
@@ -227,8 +248,11 @@ def _attention3d_fwd_kernel(
 
 @triton.jit
 def _attention3d_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, n_rows, heads, n_q, head_dim,
-                                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                                       ALIGNED_8: tl.constexpr):
     """delta[b, h, m] = sum_d dO * O over rows r = (b*Nq + m)*H + h of contiguous [B, Nq, H, D]."""
+    if ALIGNED_8:
+        head_dim = _mult8(head_dim)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (cols < head_dim)[None, :]
@@ -269,7 +293,7 @@ def _dkdv_segment(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, q_pos_ptr, b,
     return dk, dv
 
 
-@triton.autotune(configs=_configs((2, 3)), key=["head_dim", "n_k"])
+@triton.autotune(configs=_configs((2, 3)), key=["head_dim", "n_k", "ALIGNED_8"])
 @triton.jit
 def _attention3d_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
@@ -284,7 +308,20 @@ def _attention3d_bwd_kernel(
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
     BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_ANCHOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGNED_8: tl.constexpr,
 ):
+    if ALIGNED_8:  # (launcher-checked) so the tile loads/stores are 16-byte vectors
+        head_dim = _mult8(head_dim)
+        stride_q_b, stride_q_n, stride_q_h = _mult8(stride_q_b), _mult8(stride_q_n), \
+            _mult8(stride_q_h)
+        stride_k_b, stride_k_n, stride_k_h = _mult8(stride_k_b), _mult8(stride_k_n), \
+            _mult8(stride_k_h)
+        stride_v_b, stride_v_n, stride_v_h = _mult8(stride_v_b), _mult8(stride_v_n), \
+            _mult8(stride_v_h)
+        stride_o_b, stride_o_n, stride_o_h = _mult8(stride_o_b), _mult8(stride_o_n), \
+            _mult8(stride_o_h)
+        stride_dk_b, stride_dk_n, stride_dk_h = _mult8(stride_dk_b), _mult8(stride_dk_n), \
+            _mult8(stride_dk_h)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
@@ -395,9 +432,11 @@ def _attention3d_bwd_kernel(
 @triton.jit
 def _rope3d_kernel(x_ptr, y_ptr, pos_ptr, freq_ptr, meta_ptr, n_rows, heads, n_tokens, head_dim,
                    stride_p_b, stride_p_n,
-                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED_8: tl.constexpr):
     """y = rot(x) over rows r = (b*N + n)*H + h of contiguous [B, N, H, D]. The backward is the
     same kernel with the frequencies negated (the inverse rotation)."""
+    if ALIGNED_8:
+        head_dim = _mult8(head_dim)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_D)
@@ -495,6 +534,15 @@ def _head_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def aligned_8(head_dim: int, *tensors: torch.Tensor) -> bool:
+    """The ALIGNED_8 flag: every tensor's data pointer is 16-byte aligned and all its strides but
+    the (unit) head-dim one, like head_dim, are multiples of 8 elements, so every tile row starts
+    on a 16-byte boundary and the kernels may tell the compiler so. False selects the generic
+    path (scalar, unpipelined loads), which is correct for any layout."""
+    return head_dim % 8 == 0 and all(
+        t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in tensors)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -518,9 +566,10 @@ def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale)
     starts = _starts_tensor(anchor, q.device)
     out = torch.empty(batch, n_q, heads, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, n_q, dtype=torch.float32, device=q.device)
+    aligned = aligned_8(head_dim, q, k, v, out)
     LAUNCH_STATS.update(fwd_query_tiles=tiles.shape[0],
                         fwd_dense_query_tiles=batch * triton.cdiv(n_q, bm),
-                        fwd_programs=tiles.shape[0] * heads, fwd_block_m=bm)
+                        fwd_programs=tiles.shape[0] * heads, fwd_block_m=bm, fwd_aligned_8=aligned)
     if tiles.shape[0] == 0:
         return out, lse
     qp_strides = (qp.stride(0), qp.stride(1)) if q_pos is not None else (0, 0)
@@ -535,7 +584,7 @@ def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale)
         batch, heads, n_q, n_k, head_dim, scale * LOG2E,
         anchor[1] if anchor else 0, anchor[2] if anchor else 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HAS_ROPE=q_pos is not None,
-        HAS_ANCHOR=has_anchor, DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_ANCHOR=has_anchor, DOT_PRECISION=_dot_precision(q.dtype), ALIGNED_8=aligned,
     )
     return out, lse
 
@@ -568,7 +617,8 @@ def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta
     delta = torch.empty_like(lse)
     n_rows = batch * n_q * heads
     _attention3d_bwd_preprocess_kernel[(triton.cdiv(n_rows, 64),)](
-        out, dout, delta, n_rows, heads, n_q, head_dim, BLOCK_R=64, BLOCK_D=bd)
+        out, dout, delta, n_rows, heads, n_q, head_dim, BLOCK_R=64, BLOCK_D=bd,
+        ALIGNED_8=aligned_8(head_dim, out, dout))
 
     tiles = query_tiles(batch, n_q, bm2, anchor, q.device)
     n_kv_tiles = batch * triton.cdiv(n_k, bn1)
@@ -578,7 +628,9 @@ def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta
     dq = torch.empty(batch, n_q, heads, head_dim, dtype=q.dtype, device=q.device)
     dk = torch.empty(batch, n_k, heads, head_dim, dtype=k.dtype, device=q.device)
     dv = torch.empty(batch, n_k, heads, head_dim, dtype=v.dtype, device=q.device)
-    LAUNCH_STATS.update(bwd_query_tiles=tiles.shape[0], bwd_kv_tiles=n_kv_tiles)
+    aligned = aligned_8(head_dim, q, k, v, dout, dq, dk, dv)
+    LAUNCH_STATS.update(bwd_query_tiles=tiles.shape[0], bwd_kv_tiles=n_kv_tiles,
+                        bwd_aligned_8=aligned)
     qp_strides = (qp.stride(0), qp.stride(1)) if q_pos is not None else (0, 0)
     kp_strides = (kp.stride(0), kp.stride(1)) if k_pos is not None else (0, 0)
     _attention3d_bwd_kernel[(n_kv_tiles + tiles.shape[0], heads)](
@@ -593,6 +645,7 @@ def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta
         anchor[1] if anchor else 0, anchor[2] if anchor else 0, n_kv_tiles,
         BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, BLOCK_D=bd,
         HAS_ROPE=q_pos is not None, HAS_ANCHOR=has_anchor, DOT_PRECISION=_dot_precision(q.dtype),
+        ALIGNED_8=aligned,
     )
     if has_anchor:
         # redirected key rows: b's contributions belong to source's rows; q rows whose output was
@@ -618,7 +671,7 @@ def rope3d_fwd(x, positions, rope_dims, rope_theta, inverse: bool = False):
     block_r = 32 if interpreter_enabled() else max(1, min(128, 8192 // bd))
     _rope3d_kernel[(triton.cdiv(n_rows, block_r),)](
         x, y, pos, freq, meta, n_rows, heads, n, head_dim, pos.stride(0), pos.stride(1),
-        BLOCK_R=block_r, BLOCK_D=bd, num_warps=4)
+        BLOCK_R=block_r, BLOCK_D=bd, ALIGNED_8=aligned_8(head_dim, x, y), num_warps=4)
     return y
 
 

@@ -218,14 +218,16 @@ def _plain_torch(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
 
 
 def _check_triton(q, k, v, *, positions=None, anchor=None, rope_dims=None, scale=None,
-                  theta=10000.0):
+                  theta=10000.0, layouts=None):
+    """layouts: optional (f_q, f_k, f_v), differentiable same-value views given to the kernels."""
     batch, _, _, dim = q.shape
     dims = default_rope_dims(dim) if rope_dims is None else rope_dims
     scale_v = 1 / math.sqrt(dim) if scale is None else scale
     qp, kp = positions if isinstance(positions, tuple) else (positions, positions)
     qp, kp = _batched(qp, batch), _batched(kp, batch)
     leaves = _leaves(q, k, v)
-    out = kernels.attention3d(*leaves, positions=positions, rope_dims=rope_dims, scale=scale,
+    inputs = leaves if layouts is None else [f(t) for f, t in zip(layouts, leaves)]
+    out = kernels.attention3d(*inputs, positions=positions, rope_dims=rope_dims, scale=scale,
                               rope_theta=theta, anchor=None if anchor is None else Anchor(*anchor),
                               backend="triton")
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -288,6 +290,35 @@ def test_triton_strided_inputs(triton_device):
     assert not q.is_contiguous()
     _check_triton(q, k, v, positions=_grid_positions(2, 5, 5).to(triton_device),
                   anchor=([25, 0], 25, 0))
+
+
+def _head_padded(t):
+    """Same values, head stride D + 4 (not a multiple of 8)."""
+    return torch.nn.functional.pad(t, (0, 4))[..., :t.shape[-1]]
+
+
+def _misaligned(t):
+    """Same values, contiguous, data pointer one element past a 16-byte boundary."""
+    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+
+
+def test_triton_alignment_flag_and_generic_path(triton_device):
+    """ALIGNED_8 (16-byte tile rows: vector loads, async copies) is chosen per launch: packed
+    views of a contiguous projection take it; a head-padded view (head stride 44) or a data
+    pointer off 16 bytes takes the generic path, which must give the same results."""
+    from kernels.attention import triton_impl
+
+    assert triton_impl.aligned_8(40, *torch.randn(3, 2, 30, 2, 40).unbind(0))
+    assert not triton_impl.aligned_8(40, _head_padded(torch.randn(2, 30, 2, 40)))
+    assert not triton_impl.aligned_8(40, _misaligned(torch.randn(2, 30, 2, 40)))
+    qkv = torch.randn(2, 30, 3, 2, 40, dtype=torch.float16, device=triton_device)
+    pos, anchor = _grid_positions(2, 3, 5).to(triton_device), ([15, 0], 15, 0)
+    _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor)  # packed views: aligned
+    assert triton_impl.LAUNCH_STATS["fwd_aligned_8"] and triton_impl.LAUNCH_STATS["bwd_aligned_8"]
+    _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor,
+                  layouts=(_head_padded, _misaligned, lambda t: t))
+    assert not triton_impl.LAUNCH_STATS["fwd_aligned_8"]
+    assert not triton_impl.LAUNCH_STATS["bwd_aligned_8"]
 
 
 def test_anchor_skip_launches_no_query_work(triton_device):
@@ -374,6 +405,114 @@ def test_torch_compile_traces_triton_path(triton_device):
                                anchor=([0, 10], 10, 0)).sum()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+# ----------------------------------------------------------------------------------------------
+# Compiled path without a GPU: ahead-of-time compile for sm_80 / sm_90 (a subprocess, since the
+# interpreter replaces triton.jit at decoration time)
+
+_AOT_SCRIPT = r"""
+import re, sys
+import torch
+from kernels.attention import triton_impl as ti
+from kernels.testing import compile_for_gpu
+
+arch, which = int(sys.argv[1]), sys.argv[2]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FIXED = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "q_pos_ptr": "*fp32", "k_pos_ptr": "*fp32",
+         "pos_ptr": "*fp32", "freq_ptr": "*fp32", "meta_ptr": "*i32", "tiles_ptr": "*i32",
+         "starts_ptr": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+
+def count(ptx, pattern):
+    return len(re.findall(pattern, ptx))
+
+def build(kernel, dt, dim, consts, aligned_8=True, **options):
+    names = kernel.arg_names
+    types = {**{n: "*" + dt for n in names if n.endswith("_ptr")}, **FIXED}
+    # what the JIT specialises for contiguous [B, N, H, D] with D % 16 == 0 (D = 72: nothing);
+    # ALIGNED_8 is what the launchers pass for such tensors (D % 8 == 0, 16-byte pointers)
+    aligned = tuple(n for n in names if dim % 16 == 0 and (
+        n == "head_dim" or re.fullmatch(r"stride_(q|k|v|o|dk)_[bnh]", n)))
+    consts = {"BLOCK_D": ti.block_d(dim), "ALIGNED_8": aligned_8, **consts}
+    c = compile_for_gpu(kernel, types, consts, arch=arch, aligned=aligned, **options)
+    assert ".entry" in c.asm["ptx"] and c.asm["cubin"]
+    assert c.metadata.shared <= {80: 166912, 90: 232448}[arch], c.metadata.shared
+    ir = c.asm["ttgir"]
+    tiles = re.search(r"async_copy_global_to_local[^\n]*tensor<\d+x\d+x!tt.ptr<b?f16", ir)
+    ptx = c.asm["ptx"]  # 16-byte vector loads / async copies, scalar 16-bit loads
+    loads = (count(ptx, r"ld\.global[^\n]*\.v4\."),
+             count(ptx, r"cp\.async\.c[ga]\.shared\.global[^\n]*, 0x10[,;]"),
+             count(ptx, r"ld\.global(\.[a-z0-9:]+)*\.b16 "))
+    return ("wgmma" if "warp_group_dot" in ir else "mma", "async" if tiles else "sync",
+            *map(str, loads))
+
+# (HAS_ROPE, HAS_ANCHOR, dtype, D): the heaviest variant (both flags, BLOCK_D = 128) and no flags
+# on each target, the other two combinations once; D = 72 is padded to BLOCK_D = 128
+COMBOS = {80: [(1, 1, "bf16", 128), (0, 0, "fp16", 72), (1, 0, "fp16", 64)],
+          90: [(1, 1, "fp16", 128), (0, 0, "bf16", 64), (0, 1, "bf16", 72)]}
+for rope, anchor, dt, dim in COMBOS[arch]:
+    flags = {"HAS_ROPE": bool(rope), "HAS_ANCHOR": bool(anchor), "DOT_PRECISION": "tf32"}
+    if which == "fwd":  # autotune configs: 4 or 8 warps, 2..4 stages (the most shared memory)
+        bm, bn = ti.fwd_blocks(dim, DTYPES[dt])
+        args = (ti._attention3d_fwd_kernel, dt, dim, {"BLOCK_M": bm, "BLOCK_N": bn, **flags})
+        opts = {"num_warps": 8, "num_stages": 4}
+    else:
+        blocks = dict(zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"),
+                          ti.bwd_blocks(dim, DTYPES[dt])))
+        args = (ti._attention3d_bwd_kernel, dt, dim, {**blocks, **flags})
+        opts = {"num_warps": 8, "num_stages": 3}
+    print(f"{dim}:" + ",".join(build(*args, **opts)))
+    if dim == 72:  # the generic path (ALIGNED_8 False: strides not multiples of 8)
+        print("72u:" + ",".join(build(*args, aligned_8=False, **opts)))
+for i, dt in enumerate(DTYPES):  # every dtype on each target, BLOCK_D = 64 and 128 (and D = 72)
+    for dim in ((64, 128)[(i + arch // 10) % 2],) + ((72,) if dt == "bf16" else ()):
+        if which == "fwd":  # rope3d_fwd: BLOCK_R = min(128, 8192 // BLOCK_D), 4 warps
+            res = build(ti._rope3d_kernel, dt, dim, {"BLOCK_R": min(128, 8192 // ti.block_d(dim))})
+        else:
+            res = build(ti._attention3d_bwd_preprocess_kernel, dt, dim, {"BLOCK_R": 64})
+        if dim == 72:
+            print("72r:" + ",".join(res))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_kernels_compile_for_a100_and_hopper(arch, which):
+    """Ahead-of-time compile (no GPU) of the attention forward (+ rope3d) or backward
+    (+ preprocess) kernels for sm_80 / sm_90 with the launchers' block sizes, bf16 and fp16, D =
+    64, 128 and 72 (padded), RoPE and anchor flags on and off: catches compiled-path errors the
+    interpreter cannot see and shared memory over the target's limit. On sm_90 the products must
+    use wgmma; the K/V (Q/dO) tile loads must be pipelined (async copies) for every D, D = 72
+    included: with ALIGNED_8 the kernels show the compiler that head_dim and the row strides are
+    multiples of 8, so the tiles move as 16-byte async copies / vector loads with no scalar 16-bit
+    loads left. D = 72 is also compiled on the generic path (ALIGNED_8 False, for unaligned
+    views), which must compile; its loads are scalar (not asserted)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch), which],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *lines, last = done.stdout.split()
+    assert last == "compiled", done.stdout
+    results = {line.split(":")[0]: line.split(":")[1].split(",") for line in lines}
+    assert sorted(results) == sorted(["64", "128", "72", "72u", "72r"]), done.stdout
+    for key, (product, tiles, v4, cp16, scalar16) in results.items():
+        if key != "72r":  # (the row kernels have no product and nothing to pipeline)
+            assert product == ("wgmma" if arch == 90 else "mma"), (key, results[key])
+        if key in ("64", "128", "72"):
+            assert tiles == "async", (key, results[key])
+        if key == "72":  # (these combos have no RoPE) every tile load is 16-byte
+            assert int(v4) + int(cp16) > 0 and int(scalar16) == 0, (key, results[key])
+        if key == "72r":  # rope3d / preprocess rows; rope3d's partner-column loads stay scalar
+            assert int(v4) > 0, (key, results[key])
 
 
 # ----------------------------------------------------------------------------------------------

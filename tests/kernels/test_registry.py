@@ -49,14 +49,14 @@ def test_context_manager_is_scoped_and_restored(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     reg = _toy_registry()
     call = CallInfo(torch.device("cpu"), torch.float32)
-    assert reg.resolve("toy", call).name == "triton"
-    with kernels.backend("ref"):
-        assert reg.resolve("toy", call).name == "ref"
-        with kernels.backend("triton"):
-            assert reg.resolve("toy", call).name == "triton"
-        assert reg.resolve("toy", call).name == "ref"
-        assert reg.resolve("toy", call, backend="triton").name == "triton"  # argument wins
-    assert reg.resolve("toy", call).name == "triton"
+    assert reg.resolve("toy", call).name == "ref"  # CPU tensors: the reference unless asked
+    with kernels.backend("triton"):
+        assert reg.resolve("toy", call).name == "triton"
+        with kernels.backend("ref"):
+            assert reg.resolve("toy", call).name == "ref"
+        assert reg.resolve("toy", call).name == "triton"
+        assert reg.resolve("toy", call, backend="ref").name == "ref"  # argument wins
+    assert reg.resolve("toy", call).name == "ref"
 
 
 def test_bad_backend_names_raise():
@@ -114,3 +114,17 @@ def test_automatic_dispatch_traces_under_torch_compile_fullgraph():
         g = torch.compile(lambda a: kernels.adaln_modulate(a, s, s).sum(), backend="aot_eager",
                           fullgraph=True)
         torch.testing.assert_close(g(x), expected)
+
+
+def test_compiled_function_follows_the_backend_context():
+    """A function compiled once and called inside and outside `kernels.backend(...)` dispatches
+    according to the block it is called in (dynamo guards on the mirrored choice)."""
+    x = torch.randn(1, 4, 8)
+    s = torch.randn(1, 8)
+    f = torch.compile(lambda a: kernels.adaln_modulate(a, s, s), backend="eager", fullgraph=True)
+    f(x)
+    # fullgraph wraps the error in dynamo's Unsupported; the message is the registry's
+    with pytest.raises(Exception, match="requested through kernels.backend"):
+        with kernels.backend("cuda"):
+            f(x)
+    torch.testing.assert_close(f(x), kernels.adaln_modulate(x, s, s, backend="ref"))

@@ -333,6 +333,84 @@ def test_torch_compile_traces_triton_path(triton_device):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (h, flow, occ))
 
+# ----------------------------------------------------------------------------------------------
+# Compiled path without a GPU: ahead-of-time compile for sm_80 / sm_90 (a subprocess, since the
+# interpreter replaces triton.jit at decoration time)
+
+_AOT_SCRIPT = r"""
+import triton
+from kernels.flow_warp import triton_impl as ti
+from kernels.testing import compile_for_gpu
+
+def build(kernel, arch, types, consts, shape):
+    # the launchers' int arguments for contiguous tensors of this shape: the JIT marks those
+    # that are multiples of 16
+    b, h, w, c = shape
+    ints = {"n_pix": b * h * w, "height": h, "width": w, "channels": c, "stride_f_b": h * w * 2,
+            "stride_f_y": w * 2, "stride_f_x": 2, "stride_f_c": 1, "stride_o_b": h * w,
+            "stride_o_y": w, "stride_o_x": 1}
+    aligned = tuple(n for n in kernel.arg_names if ints.get(n, 1) % 16 == 0)
+    compiled = compile_for_gpu(kernel, types, consts, arch=arch, aligned=aligned, num_warps=4)
+    assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"]
+
+# (B, H, W, C): the launchers' tile-size extremes, one pixel per program (small latent, C = 4),
+# many pixels x few channels, and 128-channel tiles over C = 320 (3 channel blocks)
+SHAPES = [(1, 8, 8, 4), (4, 128, 128, 4), (2, 64, 64, 320)]
+n = 0
+for arch in (80, 90):
+    for i, dt in enumerate(("bf16", "fp16", "fp32")):
+        shape = SHAPES[(i + arch // 10) % 3]
+        n_pix, channels = shape[0] * shape[1] * shape[2], shape[3]
+        flow = "fp32" if (i + arch // 10) % 2 else dt  # h's dtype or fp32
+        bc = ti._block_c(channels, 128)
+        # (occlusion, flag) over the three dtypes: all four combinations on each target
+        for occ, flag in ((1, 0), (0, 1)) if i % 2 else ((1, 1), (0, 0)):
+            occ, flag = bool(occ), bool(flag)
+            # warp_occlusion_fwd: HAS_OCC = occ, RESIDUAL = flag
+            bp = ti._pixels_per_program(n_pix, triton.cdiv(channels, bc), ti.TILE // bc)
+            types = {"h_ptr": "*" + dt, "flow_ptr": "*" + flow, "occ_ptr": "*" + dt,
+                     "out_ptr": "*" + dt}
+            build(ti._warp_occlusion_fwd_kernel, arch, types,
+                  {"HAS_OCC": occ, "RESIDUAL": flag, "BLOCK_P": bp, "BLOCK_C": bc}, shape)
+            # warp_occlusion_bwd: HAS_OCC = occ, deterministic = flag; unused pointers are docc
+            bp = ti._pixels_per_program(n_pix, 1, ti.TILE // bc // 2)
+            types = {"dout_ptr": "*" + dt, "h_ptr": "*" + dt, "flow_ptr": "*" + flow,
+                     "occ_ptr": "*" + dt, "dh_acc_ptr": "*" + (dt if flag else "fp32"),
+                     "dflow_ptr": "*" + flow, "docc_ptr": "*" + dt,
+                     "tgt_ptr": "*" + ("i32" if flag else dt),
+                     "wt_ptr": "*" + ("fp32" if flag else dt)}
+            build(ti._warp_occlusion_bwd_kernel, arch, types,
+                  {"HAS_OCC": occ, "ATOMIC_DH": not flag, "WRITE_PLAN": flag, "BLOCK_P": bp,
+                   "BLOCK_C": bc, "NUM_C_BLOCKS": triton.cdiv(channels, bc)}, shape)
+            # the deterministic gather (order, row_ptr int64 from plan.gather_plan)
+            bp = ti._pixels_per_program(n_pix, triton.cdiv(channels, bc), 1024 // bc)
+            types = {"dout_ptr": "*" + dt, "order_ptr": "*i64", "wt_ptr": "*fp32",
+                     "row_ptr_ptr": "*i64", "dh_ptr": "*" + dt}
+            build(ti._warp_occlusion_gather_kernel, arch, types,
+                  {"RESIDUAL": flag, "BLOCK_P": bp, "BLOCK_C": bc}, shape)
+            n += 3
+print("compiled", n)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a100_and_hopper():
+    """Ahead-of-time compile (no GPU) of the forward, backward (atomic and deterministic) and
+    gather kernels for sm_80 and sm_90 in bf16, fp16 and fp32 (fp32 flows too), with and without
+    occlusion and residual, at the launchers' tile sizes (1 to 512 pixels per program, 1 to 3
+    channel blocks): catches compiled-path errors the interpreter cannot see."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["compiled", "36"], done.stdout
+
+
 
 def test_warp_is_warp_occlusion_without_occlusion_or_residual():
     h, flow, _ = _inputs(1, 3, 4, 2, "fractional", torch.float32, "cpu")

@@ -7,20 +7,7 @@ import math
 import pytest
 import torch
 
-import kernels
 from avatar_models.metrics import csim, expressive_lmse, lmse, min_pairwise_similarity, self_csim
-
-
-@pytest.fixture(autouse=True)
-def _cpu_lane():
-    """Reference kernels (the Triton interpreter would win the automatic choice under
-    TRITON_INTERPRET=1 and is far too slow for whole models) and one intra-op thread (tiny
-    models: more threads only add contention on shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with kernels.backend("ref"):
-        yield
-    torch.set_num_threads(threads)
 
 
 def _unit(deg: float) -> list[float]:

@@ -10,18 +10,6 @@ from avatar_models.anchored_diffusion import Conditions, SDiT, SDiTConfig
 from avatar_models.layers import AnchorPacking
 
 
-@pytest.fixture(autouse=True)
-def _cpu_lane():
-    """Reference kernels (the Triton interpreter would win the automatic choice under
-    TRITON_INTERPRET=1 and is far too slow for whole models) and one intra-op thread (tiny
-    models: more threads only add contention on shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with kernels.backend("ref"):
-        yield
-    torch.set_num_threads(threads)
-
-
 def _random_model(cfg: SDiTConfig, std: float = 0.05) -> SDiT:
     """Non-zero everything, so zero-init adaLN / final layers cannot hide bugs."""
     model = SDiT(cfg)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
 from avatar_models.anchored_diffusion import SDiT, SDiTConfig, landmark_control
 from avatar_models.checkpoint import load_checkpoint, save_checkpoint
 from avatar_models.training.anchored import (
@@ -19,18 +18,6 @@ from avatar_models.training.anchored import (
 from avatar_models.training.diffusion import GaussianDiffusion, normal_kl
 from avatar_models.training.losses import dit_loss, expressive_weights
 from avatar_models.training.synthetic import BlobSequences
-
-
-@pytest.fixture(autouse=True)
-def _cpu_lane():
-    """Reference kernels (the Triton interpreter would win the automatic choice under
-    TRITON_INTERPRET=1 and is far too slow for whole models) and one intra-op thread (tiny
-    models: more threads only add contention on shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with kernels.backend("ref"):
-        yield
-    torch.set_num_threads(threads)
 
 
 def test_expressive_weights_area_resized():

@@ -5,24 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
 from avatar_models.anchored_diffusion import Conditions, SDiT, SDiTConfig
 from samplers.anchored import anchored_sample, decode_video, sdit_denoiser
 from samplers.multidiffusion import multidiffusion_sample, uniform_windows
 from samplers.nonuniform import gather_frames, nonuniform_plan, override_anchor, reorder
 from samplers.schedules import guided, make_scheduler, plain_sample, scheduler_step
-
-
-@pytest.fixture(autouse=True)
-def _cpu_lane():
-    """Reference kernels (the Triton interpreter would win the automatic choice under
-    TRITON_INTERPRET=1 and is far too slow for whole models) and one intra-op thread (tiny
-    models: more threads only add contention on shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with kernels.backend("ref"):
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("n,t", [(13, 4), (9, 3), (10, 4), (2, 3), (3, 5), (25, 8), (1, 2)])
