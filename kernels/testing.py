@@ -94,3 +94,20 @@ def compile_for_gpu(kernel, types: dict[str, str], constexprs: dict, *, arch: in
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def run_compiled_mode(script: str, *args: str, timeout: float = 600):
+    """Run ``python -c script *args`` in a subprocess with TRITON_INTERPRET=0 and the repository
+    on sys.path: the interpreter replaces ``triton.jit`` at decoration time, so ahead-of-time
+    compile checks (:func:`compile_for_gpu`) cannot run inside an interpreter test process.
+    Returns the ``subprocess.CompletedProcess`` (text mode, output captured)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=timeout, check=False)

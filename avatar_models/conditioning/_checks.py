@@ -1,4 +1,5 @@
-"""Argument checks and local-folder checks shared by the conditioning, media and data modules.
+"""Argument checks, local-folder checks and the encoder-wrapper base shared by the conditioning,
+media and data modules.
 
 Every failure names the argument (or path), what was expected and what was received.
 """
@@ -89,3 +90,18 @@ def check_file(path: str | os.PathLike, what: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {str(path)!r}")
     return path
+
+
+class FrozenModelWrapper:
+    """Base of the encoder wrappers: each holds a frozen ``self.model`` (an nn.Module) and reports
+    where and in which dtype it runs."""
+
+    model: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype

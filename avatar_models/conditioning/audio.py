@@ -25,6 +25,7 @@ from transformers import Wav2Vec2Model
 
 from avatar_models import media
 from avatar_models.conditioning._checks import (
+    FrozenModelWrapper,
     as_tensor,
     check_dtype,
     check_positive,
@@ -85,7 +86,7 @@ def resample_to_frames(features: torch.Tensor, feature_times: torch.Tensor,
     return out.to(feats.dtype)
 
 
-class AudioEncoder:
+class AudioEncoder(FrozenModelWrapper):
     """Frozen Wav2Vec2 feature extractor, resampled to video frames."""
 
     def __init__(self, model: Wav2Vec2Model, *, sample_rate: int = 16000,
@@ -114,14 +115,6 @@ class AudioEncoder:
             cfg = json.loads(pre.read_text())
             sr, norm = cfg.get("sampling_rate", sr), cfg.get("do_normalize", norm)
         return cls(model.to(device, dtype), sample_rate=sr, do_normalize=norm)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def _prepare(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
         wave = as_tensor("waveform", waveform)

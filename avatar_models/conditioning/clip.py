@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPModel
 
 from avatar_models.conditioning._checks import (
+    FrozenModelWrapper,
     as_tensor,
     check_dim,
     check_dtype,
@@ -37,7 +38,7 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class CLIPEncoder:
+class CLIPEncoder(FrozenModelWrapper):
     """Frozen CLIP: ``encode_images``, ``image_tokens``, ``encode_text``.
 
     Args:
@@ -76,14 +77,6 @@ class CLIPEncoder:
             cfg = json.loads(pre.read_text())
             mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
         return cls(model.to(device, dtype), tokenizer, image_mean=mean, image_std=std)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Images (see module doc) -> normalised pixel values float ``[N, 3, S, S]``,

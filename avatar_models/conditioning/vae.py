@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from avatar_models.conditioning._checks import (
+    FrozenModelWrapper,
     check_dim,
     check_dtype,
     check_positive,
@@ -27,7 +28,7 @@ EXPECTED = ("a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_m
             " e.g. stabilityai/sd-vae-ft-mse saved with save_pretrained")
 
 
-class FrameVAE:
+class FrameVAE(FrozenModelWrapper):
     """Wraps a frozen ``AutoencoderKL`` (eval mode, no parameter gradients).
 
     Gradients still flow from ``decode``'s output to its input latents when those require grad.
@@ -57,14 +58,6 @@ class FrameVAE:
         model = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                               low_cpu_mem_usage=False, torch_dtype=dtype)
         return cls(model.to(device))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def _check_video(self, name: str, x: torch.Tensor, channels: int, layout: str) -> None:
         if not isinstance(x, torch.Tensor):

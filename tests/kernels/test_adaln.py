@@ -9,7 +9,7 @@ import torch
 
 import kernels
 from kernels.adaln.ref import adaln_modulate_ref, gated_residual_ref
-from kernels.testing import assert_within_tolerance, nan_empty
+from kernels.testing import assert_within_tolerance, nan_empty, run_compiled_mode
 
 
 def _inputs(batch, tokens, frames, channels, dtype, device, per_frame=True):
@@ -188,15 +188,6 @@ print("compiled")
 def test_kernels_compile_for_a100_and_hopper():
     """The compiled path (not the interpreter) lowers every adaLN kernel to sm_80 and sm_90 PTX
     and cubin in bf16 and fp16, with no GPU present."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=600, check=False)
+    done = run_compiled_mode(_AOT_SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["compiled"]

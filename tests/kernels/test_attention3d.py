@@ -11,7 +11,7 @@ import torch
 import kernels
 from kernels import Anchor
 from kernels.attention.ref import attention3d_ref, default_rope_dims, rope3d_ref
-from kernels.testing import assert_within_tolerance, nan_empty
+from kernels.testing import assert_within_tolerance, nan_empty, run_compiled_mode
 
 # Runtime loop bounds (sequence lengths) in the Triton interpreter: harmless with numpy < 2.4
 # (see DESIGN.md, known pitfalls); the deprecation message is noise here.
@@ -488,17 +488,7 @@ def test_kernels_compile_for_a100_and_hopper(arch, which):
     multiples of 8, so the tiles move as 16-byte async copies / vector loads with no scalar 16-bit
     loads left. D = 72 is also compiled on the generic path (ALIGNED_8 False, for unaligned
     views), which must compile; its loads are scalar (not asserted)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch), which],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=600,
-                          check=False)
+    done = run_compiled_mode(_AOT_SCRIPT, str(arch), which)
     assert done.returncode == 0, done.stderr[-3000:]
     *lines, last = done.stdout.split()
     assert last == "compiled", done.stdout

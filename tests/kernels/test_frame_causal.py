@@ -14,7 +14,7 @@ import torch
 
 import kernels
 from kernels.frame_causal.ref import frame_causal_attention_ref, frame_causal_mask, rope_1d_ref
-from kernels.testing import assert_within_tolerance, nan_empty
+from kernels.testing import assert_within_tolerance, nan_empty, run_compiled_mode
 
 THETA = 10000.0
 
@@ -311,16 +311,7 @@ def test_kernels_compile_for_hopper_with_pipelined_loads():
     and both backward passes for sm_90 in bf16, D=64: catches compiled-path errors the
     interpreter cannot see, and checks that the tile loads are software-pipelined (async copies)
     and the products use wgmma, which the performance depends on."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=600, check=False)
+    done = run_compiled_mode(_AOT_SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["wgmma", "pipelined"] * 3, done.stdout
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import kernels
 from kernels.flow_warp.ref import warp_occlusion_ref
 from kernels.registry import cuda_extension
-from kernels.testing import assert_within_tolerance
+from kernels.testing import assert_within_tolerance, run_compiled_mode
 
 NAN, INF = float("nan"), float("inf")
 
@@ -399,14 +399,7 @@ def test_kernels_compile_for_a100_and_hopper():
     gather kernels for sm_80 and sm_90 in bf16, fp16 and fp32 (fp32 flows too), with and without
     occlusion and residual, at the launchers' tile sizes (1 to 512 pixels per program, 1 to 3
     channel blocks): catches compiled-path errors the interpreter cannot see."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=600, check=False)
+    done = run_compiled_mode(_AOT_SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["compiled", "36"], done.stdout
 
