@@ -13,7 +13,7 @@ import torch
 
 import kernels
 from kernels.performer.ref import performer_attention_ref
-from kernels.testing import assert_within_tolerance, nan_empty
+from kernels.testing import assert_within_tolerance, nan_empty, run_compiled_mode
 
 
 def _qkv(batch, seq_len, heads, head_dim, dtype=torch.float32, device="cpu", norm=None):
@@ -346,3 +346,45 @@ def test_gpu_long_large_norm_is_finite_and_causal(dtype):
     a = kernels.performer_attention(q, k, v, w, causal=True, backend="triton")
     b = kernels.performer_attention(q, k2, v, w, causal=True, backend="triton")
     assert torch.equal(a[:, :p], b[:, :p])
+
+
+_AOT_SCRIPT = """
+import math
+from kernels.performer import triton_impl as ti
+from kernels.testing import compile_for_gpu
+
+count = 0
+for arch, dt in ((80, "fp16"), (90, "bf16")):
+    for head_dim in (40, 64):
+        n_features = round(head_dim * math.log(head_dim))     # the op's default M
+        feat_bf16, prec = dt == "bf16", "tf32"
+        for backward in (False, True):
+            cfg = ti.config(7200, head_dim, n_features, backward=backward)
+            out_dt = dt if cfg.n_mblocks == 1 else "fp32"     # partial outputs merge in fp32
+            types = {name: "*" + dt for name in ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "do_ptr")}
+            types.update({"o_ptr": "*" + (dt if backward else out_dt), "lse_ptr": "*fp32",
+                          "cmax_ptr": "*fp32", "scale": "fp32",
+                          **{g: "*" + out_dt for g in ("dq_ptr", "dk_ptr", "dv_ptr")}})
+            consts = {"BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d,
+                      "FEAT_BF16": feat_bf16, "PREC": prec}
+            kernel = ti._performer_bwd_kernel if backward else ti._performer_fwd_kernel
+            for causal in (False, True):
+                passes = ((False, True) if causal else (False,)) if backward else (None,)
+                for key_grads in passes:
+                    extra = {} if key_grads is None else {"KEY_GRADS": key_grads}
+                    compiled = compile_for_gpu(kernel, types, {**consts, **extra, "CAUSAL": causal},
+                                               arch=arch, num_warps=cfg.num_warps)
+                    assert ".entry" in compiled.asm["ptx"]
+                    count += 1
+print("compiled", count)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a100_and_hopper():
+    """The compiled path (not the interpreter): forward and backward (both causal passes), causal
+    and not, at the launcher's GPU tile sizes for the MCDM head dims 40 and 64 with the default
+    feature count (several feature blocks at D=64), fp16 on sm_80 and bf16 on sm_90."""
+    done = run_compiled_mode(_AOT_SCRIPT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["compiled", "20"], done.stdout
