@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels._cuda_types import DTYPE_CODES
-from kernels.flow_warp.plan import gather_plan
+from kernels.flow_warp.plan import gather_plan, pixel_grad_buffers
 from kernels.registry import cuda_extension
 
 
@@ -59,9 +59,7 @@ def warp_occlusion_bwd(dout: torch.Tensor, h: torch.Tensor, flow: torch.Tensor,
     """Same contract as kernels.flow_warp.triton_impl.warp_occlusion_bwd."""
     batch, height, width, channels = h.shape
     n_pix = batch * height * width
-    dflow = torch.empty(batch, height, width, 2, dtype=flow.dtype, device=h.device)
-    docc_dtype = h.dtype if occ is None else occ.dtype
-    docc = torch.empty(batch, height, width, 1, dtype=docc_dtype, device=h.device)
+    dflow, docc = pixel_grad_buffers(h, flow, occ)
     if h.numel() == 0:
         return (dout.clone() if residual else torch.zeros_like(h)), dflow.zero_(), docc.zero_()
     if dout.stride(-1) != 1:

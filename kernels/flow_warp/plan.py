@@ -1,4 +1,5 @@
-"""The deterministic backward's gather plan, shared by the Triton and CUDA backends.
+"""Backward-pass pieces shared by the Triton and CUDA backends: the per-pixel gradient buffers
+and the deterministic backward's gather plan.
 
 The backward kernel writes, for each output pixel p and bilinear tap k, the flat index of the
 source pixel that tap reads (``tgt[4p + k]``, or N when the tap is outside the image or the flow is
@@ -24,3 +25,14 @@ def gather_plan(tgt: torch.Tensor, n_pix: int) -> tuple[torch.Tensor, torch.Tens
     bounds = torch.arange(n_pix + 1, dtype=tgt.dtype, device=tgt.device)
     row_ptr = torch.searchsorted(keys, bounds)
     return order, row_ptr
+
+
+def pixel_grad_buffers(h: torch.Tensor, flow: torch.Tensor, occ: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (dflow [B, H, W, 2] in flow's dtype, docc [B, H, W, 1] in occlusion's dtype,
+    h's when there is no occlusion: the caller then drops it)."""
+    batch, height, width, _ = h.shape
+    dflow = torch.empty(batch, height, width, 2, dtype=flow.dtype, device=h.device)
+    docc_dtype = h.dtype if occ is None else occ.dtype
+    docc = torch.empty(batch, height, width, 1, dtype=docc_dtype, device=h.device)
+    return dflow, docc

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.flow_warp.plan import gather_plan
+from kernels.flow_warp.plan import gather_plan, pixel_grad_buffers
 from kernels.registry import interpreter_enabled
 
 TILE = 2048  # elements per program tile (pixels x channels)
@@ -275,9 +275,7 @@ def warp_occlusion_bwd(dout: torch.Tensor, h: torch.Tensor, flow: torch.Tensor,
     computed even without occlusion, where the caller drops it)."""
     batch, height, width, channels = h.shape
     n_pix = batch * height * width
-    dflow = torch.empty(batch, height, width, 2, dtype=flow.dtype, device=h.device)
-    docc_dtype = h.dtype if occ is None else occ.dtype
-    docc = torch.empty(batch, height, width, 1, dtype=docc_dtype, device=h.device)
+    dflow, docc = pixel_grad_buffers(h, flow, occ)
     if h.numel() == 0:
         return (dout.clone() if residual else torch.zeros_like(h)), dflow.zero_(), docc.zero_()
     if deterministic:
