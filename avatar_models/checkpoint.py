@@ -54,7 +54,14 @@ def save_checkpoint(path: str | os.PathLike, model, *, system: str, config: dict
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates 0600; give what open() would
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, *, system: str | None = None,

@@ -11,6 +11,11 @@ sampling, training and the demo need all three layers.
   ``run_<verb>(args) -> int`` for the verbs it has. A new system is one row of ``SYSTEMS``.
 
 Only the chosen module is imported, so ``avatar-kernels info`` never imports diffusers.
+
+Errors: a user error (a bad option or input file, see
+:func:`samplers.commands.validation.is_user_error`) prints ONE line naming the option or file
+and exits with status 2; ``--debug`` (anywhere on the line) shows its traceback instead. Anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -41,6 +46,28 @@ SYSTEMS: dict[str, tuple[str, str]] = {
 }
 # verb -> the system used when none is named (`avatar-kernels demo` is `demo anchored`)
 DEFAULT_SYSTEM: dict[str, str] = {"demo": "anchored"}
+USER_ERROR_STATUS = 2
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every option's help, except where there is nothing to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        nothing = action.default is None or action.default is False or action.default == []
+        if nothing or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (option, problem, where to look)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(USER_ERROR_STATUS, f"{self.prog}: error: {message} (see `{self.prog} -h`)\n")
 
 
 def _chosen(argv: Sequence[str]) -> tuple[str | None, str | None]:
@@ -57,9 +84,11 @@ def _chosen(argv: Sequence[str]) -> tuple[str | None, str | None]:
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The full parser; only the chosen verb's (and system's) module is imported. The chosen
     leaf parser's defaults hold ``run``, the function that executes it."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="Fused kernels, models and samplers for long-video avatar "
                                "diffusion.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error (allowed anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     verb, system = _chosen(argv)
     for name, (module_name, help_text) in TOOLS.items():
@@ -85,16 +114,27 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     verb, system = _chosen(argv)
     if verb in DEFAULT_SYSTEM and system is None:
         at = argv.index(verb) + 1
         argv[at:at] = [DEFAULT_SYSTEM[verb]]
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if getattr(args, "run", None) is None:
-        parser.print_help()
-        return 2
-    return int(args.run(args) or 0)
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if getattr(args, "run", None) is None:
+            parser.print_help()
+            return USER_ERROR_STATUS
+        return int(args.run(args) or 0)
+    except Exception as exc:
+        from samplers.commands.validation import is_user_error
+
+        if debug or not is_user_error(exc):
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the library wrote
+        print(f"{PROG}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return USER_ERROR_STATUS
 
 
 if __name__ == "__main__":
