@@ -58,6 +58,7 @@ import torch
 
 from samplers.commands.validation import (
     OptionError,
+    add_device_argument,
     check_checkpoint_file,
     check_model_folder,
     check_video_file,
@@ -298,7 +299,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="checkpoint path (.safetensors)")
     o.add_argument("--save-every", type=non_negative_int, default=d.save_every,
                    help="steps between checkpoints (0: only at the end)")
-    o.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_device_argument(o)
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -448,7 +449,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sheet", type=output_file(".png"), default=None,
                         help="also write a contact sheet (driving over generated) PNG")
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_device_argument(parser)
     parser.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
                         help="force one attention backend (default: the registry's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -601,7 +602,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=output_file(".json"), default=None,
                         help="also write the metrics here (strict JSON: null for a metric "
                              "that could not be computed)")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_device_argument(parser)
 
 
 def validate_eval_args(args: argparse.Namespace) -> None:
@@ -721,7 +722,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit-steps", type=positive_int, default=d.fit_steps,
                         help="iterations of the control estimator (generator fit)")
     parser.add_argument("--seed", type=int, default=d.seed, help="noise seed")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_device_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     t = parser.add_argument_group("training the demo model (--train)")
     t.add_argument("--train", action="store_true",

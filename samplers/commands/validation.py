@@ -128,6 +128,11 @@ image_file = input_file("an image file", _IMAGE_SUFFIXES)
 
 # --------------------------------------------------------------------------- devices
 
+def add_device_argument(parser) -> None:
+    """``--device``, resolved by :func:`resolve_device` (the same rule for every verb)."""
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
 def resolve_device(text: str | None, option: str = "--device"):
     """The one device rule of every verb: ``None`` -> cuda when available, else cpu; otherwise
     ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine."""
