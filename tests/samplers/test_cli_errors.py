@@ -292,12 +292,17 @@ def test_item14_corrupt_video_is_skipped_with_a_warning(tmp_path, random_frames)
     from avatar_models.data import VideoFolderDataset
     from avatar_models.media import write_video
 
-    write_video(tmp_path / "good.mp4", random_frames(6, 16, 16), 5)
+    good = write_video(tmp_path / "good.mp4", random_frames(6, 16, 16), 5).read_bytes()
     (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(200))
-    with pytest.warns(UserWarning, match=r"skipping '.*bad\.mp4': not a readable video"):
+    (tmp_path / "cut.mp4").write_bytes(good[: len(good) // 2])  # an interrupted download
+    with pytest.warns(UserWarning) as caught:
         dataset = VideoFolderDataset(tmp_path, 3)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    for message, name in zip(messages, ("bad.mp4", "cut.mp4"), strict=True):
+        assert message.startswith("skipping '") and f"{name}': not a readable video" in message
     assert [Path(v.path).name for v in dataset.videos] == ["good.mp4"]
-    assert [Path(p).name for p in dataset.skipped] == ["bad.mp4"]
+    assert sorted(Path(p).name for p in dataset.skipped) == ["bad.mp4", "cut.mp4"]
 
 
 # ---- item 15: bench from the repository root, and the program name
