@@ -91,6 +91,8 @@ class TrainingSystem:
         blocks: ``fn(module) -> modules``: the units of FSDP2 sharding and activation
             checkpointing; None: ``module.blocks`` when it exists.
         collate: list of samples -> batch (default: stack each key).
+        unused_parameters: True when some parameters may get no gradient in a step (DDP then
+            searches for them every step, which costs a graph traversal).
     """
 
     name: str
@@ -102,6 +104,7 @@ class TrainingSystem:
     metadata: dict = field(default_factory=dict)
     blocks: Callable[[nn.Module], Iterable[nn.Module]] | None = None
     collate: Callable[[list], dict] = stack_collate
+    unused_parameters: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,8 @@ class _Run:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [world.device.index] if world.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(model, device_ids=ids)
+            self.wrapped = DistributedDataParallel(
+                model, device_ids=ids, find_unused_parameters=system.unused_parameters)
         else:
             self.wrapped = model
         self.module = model
