@@ -87,6 +87,7 @@ def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; give what open() would
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return path
@@ -145,6 +146,12 @@ def verify_file(path: str | os.PathLike, expected: dict | None = None) -> str | 
                     f"{expected['sha256'][:16]}... (corrupt)")
     problem = safetensors_problem(path)
     return None if problem is None else f"{path}: {problem}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, *, system: str | None = None,

@@ -35,12 +35,16 @@ from avatar_models.conditioning.face_regions import (  # noqa: F401  (re-exporte
 
 
 class NoFaceFoundError(ValueError):
-    """No face was detected in a frame; ``frame_index`` says which (0 for a single image)."""
+    """No face was detected in a frame; ``frame_index`` says which (0 for a single image),
+    ``path`` (optional) in which file; ``hint`` replaces the default advice."""
 
-    def __init__(self, frame_index: int, num_frames: int):
-        self.frame_index, self.num_frames = frame_index, num_frames
-        super().__init__(f"no face found in frame {frame_index} (of {num_frames} frames); "
-                         f"pass on_missing='nan' to get NaN landmarks for such frames instead")
+    def __init__(self, frame_index: int, num_frames: int, *, path: str | None = None,
+                 hint: str | None = None):
+        self.frame_index, self.num_frames, self.path = frame_index, num_frames, path
+        where = f"{path}: " if path else ""
+        hint = hint or "pass on_missing='nan' to get NaN landmarks for such frames instead"
+        super().__init__(f"{where}no face found in frame {frame_index} (of {num_frames} "
+                         f"frames); {hint}")
 
 
 class FaceLandmarker:

@@ -10,10 +10,12 @@ and read back afterwards, so training with a warm cache needs no mediapipe.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import av
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -101,7 +103,8 @@ class VideoFolderDataset(Dataset):
             global RNG (DataLoader seeds it per worker).
         transform: optional callable applied to each sample dict.
 
-    Videos too short for a sample are skipped (listed in ``self.skipped``).
+    Videos too short for a sample are skipped (listed in ``self.skipped``); so are unreadable
+    (corrupt) files, with a warning naming each.
 
     Sample dict (``T = num_frames``):
         ``frames`` uint8 [T, H, W, 3]; ``indices`` int64 [T]; ``fps`` float; ``path`` str;
@@ -140,7 +143,13 @@ class VideoFolderDataset(Dataset):
         self.videos: list[media.VideoInfo] = []
         self.skipped: list[str] = []
         for p in files:
-            info = media.video_info(p)
+            try:
+                info = media.video_info(p)
+            except (av.error.FFmpegError, ValueError, OSError) as exc:
+                warnings.warn(f"skipping {str(p)!r}: not a readable video ({exc})",
+                              stacklevel=2)
+                self.skipped.append(str(p))
+                continue
             ok = info.num_frames >= needed and (info.has_audio or not with_audio)
             (self.videos if ok else self.skipped).append(info if ok else str(p))
         if not self.videos:

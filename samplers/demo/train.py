@@ -84,7 +84,7 @@ def train_command(recipe: DemoRecipe, out: Path) -> str:
             f"--set hidden={r.hidden} --set depth={r.depth} --set heads={r.heads} --set patch=1 "
             f"--steps {r.steps} --batch-size {r.batch_size} --lr {r.lr:g} "
             f"--warmup-steps {r.warmup_steps} --min-lr-ratio {r.min_lr_ratio:g} "
-            f"--ema-decay {r.ema_decay:g} --seed {r.seed} --out {out}")
+            f"--ema-decay {r.ema_decay:g} --seed {r.seed} --conditioner none --out {out}")
 
 
 def plot_loss(losses: list[float], mse: list[float], path: Path, title: str) -> Path:

@@ -40,42 +40,31 @@ def test_train_sample_eval(tmp_path, capsys):
                  "--driving", str(tmp_path / "drive.mp4"), "--no-landmarks",
                  "--json", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text()) == {"frames": 9}
-    with pytest.raises(SystemExit, match="exactly one of --data, --dataset, --synthetic"):
-        main(["train", "anchored", "--out", str(ckpt)])
+    capsys.readouterr()
+    assert main(["train", "anchored", "--out", str(ckpt)]) == 2
+    assert "exactly one of --data, --dataset, --synthetic" in capsys.readouterr().err
 
 
-def test_real_video_path_with_tiny_vae_and_clip(tmp_path):
+def test_real_video_path_with_tiny_vae_and_clip(tmp_path, tiny_vae_dir, tiny_clip_dir,
+                                                capsys):
     """--data / --vae / --clip: the video-folder dataset, latents, CLIP, landmarks (no face in
-    random frames: NaN landmarks become zero controls and empty masks), VAE decode, eval."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPConfig, CLIPModel
-
+    random frames: with --missing-faces fill/skip, NaN landmarks become zero controls and empty
+    masks, and eval's LMSE is null), VAE decode, eval."""
     from avatar_models.checkpoint import load_checkpoint
     from avatar_models.media import read_video, write_image, write_video
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8, 8, 16, 16), scaling_factor=0.5, sample_size=32)
-    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
-    text = dict(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
-                eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=16, patch_size=8)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)) \
-        .save_pretrained(tmp_path / "clip", safe_serialization=True)
     g = torch.Generator().manual_seed(1)
     for i in range(2):
         frames = (torch.rand(6, 36, 44, 3, generator=g) * 255).to(torch.uint8)
         write_video(tmp_path / "videos" / f"v{i}.mp4", frames, 5)
     write_image(tmp_path / "face.png", frames[0])
     ckpt = tmp_path / "latent.safetensors"
-    common = ["--vae", str(tmp_path / "vae"), "--clip", str(tmp_path / "clip")]
+    common = ["--vae", str(tiny_vae_dir), "--clip", str(tiny_clip_dir)]
     assert main(["train", "anchored", "--data", str(tmp_path / "videos"), *common,
                  "--resolution", "32", "--config", "tiny", "--set", "frames=3", "--steps", "2",
-                 "--batch-size", "2", "--out", str(ckpt), "--no-progress"]) == 0
+                 "--batch-size", "2", "--out", str(ckpt), "--no-progress",
+                 "--missing-faces", "fill"]) == 0
+    assert "12 of 12 frames in --data" in capsys.readouterr().err  # the skip is reported
     meta = load_checkpoint(ckpt)
     assert (meta.config["in_channels"], meta.config["input_size"]) == (4, 4)
     assert (meta.config["global_dim"], meta.config["control_dim"]) == (8, 1434)
@@ -83,11 +72,17 @@ def test_real_video_path_with_tiny_vae_and_clip(tmp_path):
     out = tmp_path / "out.mp4"
     assert main(["sample", "anchored", "--checkpoint", str(ckpt), "--source",
                  str(tmp_path / "face.png"), "--driving", str(tmp_path / "videos" / "v1.mp4"),
-                 "--out", str(out), *common, "--steps", "2", "--no-progress"]) == 0
+                 "--out", str(out), *common, "--steps", "2", "--no-progress",
+                 "--missing-faces", "fill"]) == 0
+    err = capsys.readouterr().err  # (MediaPipe's tracking mode may see a face in one noise frame)
+    assert "of 6 frames of" in err and "have no face" in err
     assert read_video(out, with_audio=False).frames.shape == (6, 32, 32, 3)
     assert main(["eval", "anchored", "--generated", str(out), "--driving",
                  str(tmp_path / "videos" / "v1.mp4"), "--source", str(tmp_path / "face.png"),
-                 "--clip", str(tmp_path / "clip"), "--json", str(tmp_path / "m.json")]) == 0
+                 "--clip", str(tiny_clip_dir), "--json", str(tmp_path / "m.json"),
+                 "--missing-faces", "skip"]) == 0
+    assert "skip 6 of 6 frames without a face" in capsys.readouterr().err
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["frames"] == 6 and m["landmark_frames"] == 0
+    assert m["lmse"] is None and "no frame has a face" in m["skipped"]["lmse"]
     assert -1.0 <= m["csim"] <= 1.0 and 0.0 <= m["self_csim"] <= 2.0

@@ -108,8 +108,10 @@ def test_train_command_is_a_valid_train_anchored_line(tmp_path):
     assert load_checkpoint(out).config == recipe.model_config().to_dict()
 
 
-def test_demo_arguments_are_checked(tmp_path):
-    with pytest.raises(SystemExit, match="demo checkpoint not found"):
-        main(["demo", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "none.st")])
-    with pytest.raises(SystemExit):
+def test_demo_arguments_are_checked(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--checkpoint",
+                 str(tmp_path / "none.st")]) == 2
+    assert "demo checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--lengths", "1,8"])
+    assert exit_info.value.code == 2 and "--lengths" in capsys.readouterr().err

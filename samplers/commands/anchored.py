@@ -1,0 +1,763 @@
+"""Anchored Diffusion's ``avatar-kernels`` verbs: ``train``, ``sample``, ``eval`` and ``demo``.
+
+``samplers/cli.py`` finds this module through its SYSTEMS table and calls
+``add_<verb>_arguments(parser)`` and ``run_<verb>(args) -> int``.
+
+    avatar-kernels train anchored --data videos/ --vae DIR --clip DIR --out ckpt.safetensors
+    avatar-kernels sample anchored --checkpoint ckpt.safetensors --source face.png \\
+        --driving drive.mp4 --out out.mp4 [--strategy anchored|multidiffusion] \\
+        [--sampler ddim|ddpm] [--steps 50] [--guidance 1.0] [--vae DIR] [--clip DIR]
+    avatar-kernels eval anchored --generated out.mp4 --driving drive.mp4 \\
+        [--source face.png] [--clip DIR] [--json metrics.json]
+    avatar-kernels demo [anchored] --out out   # what `make demo` runs
+    avatar-kernels demo --train                # what `make train-demo` runs (rewrites assets/demo/)
+
+train, data sources (one of):
+    --data DIR             a folder of face videos (non-uniform sequences + farthest source frame,
+                           VAE latents, CLIP source embedding, MediaPipe landmarks; needs --vae,
+                           --clip)
+    --dataset MOD:FN       a Python factory returning samples in the training format (see
+                           avatar_models.training.anchored), called with the --dataset-arg
+                           key=value pairs (values parsed as JSON when they parse)
+    --synthetic N          N procedural blob clips (smoke runs, no files)
+Model size comes from --config (a named config) plus --set field=value overrides; the data's
+shape fields (in_channels, input_size, frames, control_dim, global_dim) are read from the first
+sample unless set explicitly.
+
+sample: the checkpoint's metadata says how its conditions were built (``conditioner``; override
+with --conditioner) and whether frames are VAE latents (then --vae is needed) or pixels.
+A conditioner is ``fn(source uint8 [H, W, 3], driving uint8 [N, H, W, 3], *, global_dim,
+control_dim) -> (global [G], control [N, L])``. Built in: ``clip-landmarks`` (CLIP image
+embedding of the source, normalised MediaPipe landmarks of the driving frames); any other is
+named ``MODULE:FUNCTION``.
+
+eval: LMSE and Expressive-LMSE (MediaPipe landmarks of generated vs. driving frames) always; with
+--clip also Self-CSIM (generated vs. driving), and CSIM when --source is given. A metric that
+cannot be computed is null in the JSON, with the reason under ``skipped``.
+
+Driving videos are centre-cropped to a square (:func:`square_crop`) everywhere: conditioning,
+training, the contact sheet and eval's landmarks.
+
+demo: reenacts a held-out procedural face with a 48-frame driving clip, once with Anchored
+Diffusion and once with MultiDiffusion, using the tiny sDiT in ``assets/demo/``, and writes
+``anchored.mp4``, ``multidiffusion.mp4``, ``contact_sheet.png``, ``metrics.json`` and
+``consistency.png`` (consistency vs. video length: the toy-scale Figure 5 of the paper).
+On a GPU machine the same command runs the fused kernels (the registry picks them). See
+docs/demo.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from samplers.commands.validation import (
+    OptionError,
+    add_device_argument,
+    check_checkpoint_file,
+    check_model_folder,
+    check_video_file,
+    dataclass_overrides,
+    float_range,
+    image_file,
+    int_range,
+    non_negative_float,
+    non_negative_int,
+    output_file,
+    parse_assignments,
+    positive_float,
+    positive_int,
+    print_note,
+    probability,
+    resolve_device,
+)
+
+MISSING_FACES_HELP = ("what to do with frames where MediaPipe finds no face: 'error' stops "
+                      "naming the file and frame; '{other}' {effect} and reports how many")
+
+# ---- conditioning and real-file plumbing (square crops, video transform) ----
+
+def square_crop(frames: torch.Tensor, landmarks: torch.Tensor | None = None):
+    """Centre square crop of uint8 [..., H, W, 3] frames; landmarks [..., 478, 3] (normalised to
+    the uncropped frame) are re-normalised to the crop."""
+    h, w = frames.shape[-3:-1]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    out = frames[..., top:top + s, left:left + s, :]
+    if landmarks is None:
+        return out, None
+    lm = landmarks.clone().float()
+    lm[..., 0] = (lm[..., 0] * w - left) / s
+    lm[..., 1] = (lm[..., 1] * h - top) / s
+    lm[..., 2] = lm[..., 2] * w / s
+    return out, lm
+
+
+def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [..., S, S, 3] -> float [..., 3, size, size] in [-1, 1] (antialiased)."""
+    from avatar_models.media import to_model_frames
+
+    x = to_model_frames(frames)
+    lead = x.shape[:-3]
+    x = x.reshape(-1, *x.shape[-3:])
+    if x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic",
+                                            antialias=True, align_corners=False).clamp(-1, 1)
+    return x.reshape(*lead, 3, size, size)
+
+
+def check_faces(landmarks: torch.Tensor, where: str, *, allow: bool, option: str) -> int:
+    """Number of frames of ``landmarks`` [N, 478, 3] without a face (NaN). When ``allow`` is
+    False the first one raises NoFaceFoundError naming ``where`` and the frame."""
+    from avatar_models.conditioning.landmarks import NoFaceFoundError
+
+    missing = (~torch.isfinite(landmarks).flatten(1).all(1)).nonzero().flatten()
+    if len(missing) and not allow:
+        raise NoFaceFoundError(int(missing[0]), landmarks.shape[0], path=where,
+                               hint=f"use a clip where the face is visible, or pass "
+                                    f"{option} to go on without those frames")
+    return len(missing)
+
+
+def fill_missing(landmarks: torch.Tensor) -> torch.Tensor:
+    """NaN frames (no face) take the nearest frame with a face (all NaN: unchanged)."""
+    ok = torch.isfinite(landmarks).flatten(1).all(1)
+    if bool(ok.all()) or not bool(ok.any()):
+        return landmarks
+    good = ok.nonzero().flatten()
+    near = good[(torch.arange(len(ok))[:, None] - good[None]).abs().argmin(1)]
+    return landmarks[near]
+
+
+class VideoTransform:
+    """VideoFolderDataset sample -> training dict (frames, control, global, mask)."""
+
+    def __init__(self, resolution: int, vae=None, clip=None, latent_factor: int = 8):
+        self.resolution, self.vae, self.clip, self.factor = resolution, vae, clip, latent_factor
+
+    @torch.no_grad()
+    def __call__(self, sample: dict) -> dict:
+        from avatar_models.anchored_diffusion import landmark_control
+        from avatar_models.conditioning.face_regions import EXPRESSIVE_REGIONS, region_masks
+
+        frames, lm = square_crop(sample["frames"], sample["landmarks"])
+        source, _ = square_crop(sample["source"])
+        x = resize_frames(frames, self.resolution)                         # [T, 3, R, R]
+        size = self.resolution
+        if self.vae is not None:
+            x = self.vae.encode(x[None].to(self.vae.device, self.vae.dtype))[0].float().cpu()
+            size = x.shape[-1]
+        glob = self.clip.encode_images(source).float().cpu()[0]
+        mask = region_masks(lm, size, EXPRESSIVE_REGIONS).any(dim=-3)      # [T, h, w]
+        return {"frames": x, "control": landmark_control(fill_missing(lm)), "global": glob,
+                "mask": mask[:, None].float()}
+
+
+def video_training_dataset(args: argparse.Namespace):
+    from avatar_models.conditioning import CLIPEncoder, FrameVAE
+    from avatar_models.data import VideoFolderDataset
+    from avatar_models.data.video_folder import load_or_compute_landmarks
+
+    frames = int(parse_assignments(args.set, "--set").get("frames", 4))
+    dataset = VideoFolderDataset(args.data, frames, mode="nonuniform", with_landmarks=True)
+    missing = total = 0
+    for info in dataset.videos:  # landmarks are cached beside each video; training reuses them
+        lms = torch.from_numpy(load_or_compute_landmarks(info.path)[0])
+        missing += check_faces(lms, info.path, allow=args.missing_faces == "fill",
+                               option="--missing-faces fill")
+        total += lms.shape[0]
+    if missing:
+        print_note(f"{missing} of {total} frames in --data {args.data} have no face: they take "
+                   f"the nearest frame's landmarks (zero control where a video has none)")
+    vae = None if args.vae is None else FrameVAE.from_pretrained(args.vae)
+    clip = CLIPEncoder.from_pretrained(args.clip)
+    dataset.transform = VideoTransform(args.resolution, vae=vae, clip=clip)
+    return dataset, {"conditioner": args.conditioner or "clip-landmarks", "vae": vae is not None,
+                     "resolution": args.resolution}
+
+
+def clip_landmarks_conditioner(clip_dir, device="cpu", *, driving_name: str = "driving video",
+                               allow_missing_faces: bool = False):
+    from avatar_models.anchored_diffusion import landmark_control
+    from avatar_models.conditioning import CLIPEncoder, detect_landmarks
+
+    if clip_dir is None:
+        raise OptionError("this checkpoint's conditioner is clip-landmarks: pass --clip DIR")
+    clip = CLIPEncoder.from_pretrained(clip_dir, device=device)
+
+    @torch.no_grad()
+    def conditioner(source, driving, *, global_dim, control_dim):
+        src, _ = square_crop(source)
+        drv, _ = square_crop(driving)
+        g = clip.encode_images(src).float().cpu()[0]
+        lm = detect_landmarks(drv, video_mode=True, on_missing="nan")
+        missing = check_faces(lm, driving_name, allow=allow_missing_faces,
+                              option="--missing-faces fill")
+        if missing:
+            print_note(f"{missing} of {lm.shape[0]} frames of {driving_name} have no face: they "
+                       f"take the nearest frame's landmarks (zero control if none has a face)")
+        return g, landmark_control(fill_missing(lm))
+
+    return conditioner
+
+
+def find_function(spec: str, option: str):
+    """``MODULE:FUNCTION`` -> the function; OptionError naming ``option`` when it is not there."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise OptionError(f"{option} expects MODULE:FUNCTION, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        raise OptionError(f"{option} {spec}: module {exc.name!r} not found") from None
+    except AttributeError:
+        raise OptionError(f"{option} {spec}: module {module!r} has no {name!r}") from None
+    if not callable(fn):
+        raise OptionError(f"{option} {spec}: {name!r} is not callable")
+    return fn
+
+
+def load_conditioner(spec: str, clip_dir=None, device="cpu", **clip_options):
+    if spec == "clip-landmarks":
+        return clip_landmarks_conditioner(clip_dir, device, **clip_options)
+    return find_function(spec, "--conditioner")
+
+
+# ---- train ----
+
+DATA_FIELDS = ("in_channels", "input_size", "frames", "control_dim", "global_dim")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from avatar_models.anchored_diffusion import NAMED_CONFIGS
+    from avatar_models.training.anchored import TrainConfig
+
+    d = TrainConfig()
+    src = parser.add_argument_group("data (one of)")
+    src.add_argument("--data", type=Path, help="folder of training videos")
+    src.add_argument("--dataset", metavar="MODULE:FACTORY",
+                     help="Python factory returning a dataset of sample dicts")
+    src.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="keyword argument for the --dataset factory (repeatable)")
+    src.add_argument("--synthetic", type=positive_int, metavar="N", help="N procedural clips")
+    parser.add_argument("--vae", type=Path, help="diffusers AutoencoderKL folder (--data)")
+    parser.add_argument("--clip", type=Path, help="CLIP vision model folder (--data)")
+    parser.add_argument("--resolution", type=positive_int, default=256,
+                        help="frame size for --data")
+    parser.add_argument("--missing-faces", choices=("error", "fill"), default="error",
+                        help=MISSING_FACES_HELP.format(
+                            other="fill", effect="gives such frames the nearest frame's landmarks"))
+    parser.add_argument("--conditioner", metavar="SPEC",
+                        help="how `sample anchored` builds G and L_t from a source image and a "
+                             "driving video: 'clip-landmarks' (default with --data) or "
+                             "MODULE:FUNCTION (recorded in the checkpoint; required with "
+                             "--dataset, where 'none' says the model is sampled by other code)")
+    m = parser.add_argument_group("model")
+    m.add_argument("--config", default="sdit-xl/2", choices=sorted(NAMED_CONFIGS),
+                   help="named sDiT config")
+    m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override an SDiTConfig field, e.g. --set frames=8 (repeatable)")
+    m.add_argument("--resume", type=Path, help="start from this checkpoint's raw weights")
+    t = parser.add_argument_group("optimisation (paper defaults)")
+    t.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser steps")
+    t.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="batch size")
+    t.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
+    t.add_argument("--mapping-lr-scale", type=non_negative_float, default=d.mapping_lr_scale,
+                   help="mapping-network lr = lr * this (paper: 0.1)")
+    t.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
+                   help="AdamW weight decay")
+    t.add_argument("--warmup-steps", type=non_negative_int, default=d.warmup_steps,
+                   help="linear warm-up steps")
+    t.add_argument("--min-lr-ratio", type=probability, default=d.min_lr_ratio,
+                   help="the cosine schedule decays to lr * this")
+    t.add_argument("--lambda-ex", type=non_negative_float, default=d.lambda_ex,
+                   help="extra loss weight on expressive regions (weight 1 + lambda_ex)")
+    t.add_argument("--cond-drop", type=probability, default=d.cond_drop,
+                   help="probability of dropping the conditions (for classifier-free guidance)")
+    t.add_argument("--ema-decay", type=float_range(0.0, 1.0, high_open=True),
+                   default=d.ema_decay, help="0 disables the EMA")
+    t.add_argument("--grad-clip", type=non_negative_float, default=d.grad_clip,
+                   help="gradient-norm clip (0: off)")
+    t.add_argument("--amp", choices=("auto", "bf16", "off"), default=d.amp,
+                   help="mixed precision (auto: bf16 on CUDA)")
+    t.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    t.add_argument("--num-workers", type=non_negative_int, default=d.num_workers,
+                   help="DataLoader workers")
+    t.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
+                   help="force one attention backend (default: the registry's choice)")
+    t.add_argument("--num-train-timesteps", type=positive_int,
+                   default=d.schedule.num_train_timesteps, help="diffusion timesteps")
+    t.add_argument("--beta-schedule", choices=("linear", "scaled_linear"),
+                   default=d.schedule.beta_schedule, help="diffusion beta schedule")
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", type=output_file(".safetensors"), required=True,
+                   help="checkpoint path (.safetensors)")
+    o.add_argument("--save-every", type=non_negative_int, default=d.save_every,
+                   help="steps between checkpoints (0: only at the end)")
+    add_device_argument(o)
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def validate_train_args(args: argparse.Namespace) -> dict:
+    """Every check that needs no model: returns the --set overrides (checked against the
+    named config's field types). Raises OptionError / FileNotFoundError naming the option."""
+    from avatar_models.anchored_diffusion import NAMED_CONFIGS, SDiTConfig
+
+    args.device = str(resolve_device(args.device))
+    chosen = [x for x in (args.data, args.dataset, args.synthetic) if x is not None]
+    if len(chosen) != 1:
+        raise OptionError("give exactly one of --data, --dataset, --synthetic")
+    overrides = dataclass_overrides(SDiTConfig, args.set, "--set",
+                                    defaults=NAMED_CONFIGS[args.config])
+    if args.dataset is not None:
+        if not args.conditioner:
+            raise OptionError("--dataset needs --conditioner MODULE:FUNCTION (how `sample "
+                              "anchored` turns a source image and a driving video into this "
+                              "dataset's conditions; it is recorded in the checkpoint), or "
+                              "--conditioner none for a model sampled by other code")
+        find_function(args.dataset, "--dataset")
+        parse_assignments(args.dataset_arg, "--dataset-arg")
+    if args.conditioner not in (None, "clip-landmarks", "none"):
+        find_function(args.conditioner, "--conditioner")
+    if args.data is not None:
+        if not args.data.is_dir():
+            raise FileNotFoundError(f"--data {str(args.data)!r}: folder not found")
+        if args.clip is None:
+            raise OptionError("--data needs --clip DIR (CLIP embedding of the source frame)")
+        check_model_folder(args.clip, "--clip", "clip")
+        if args.vae is not None:
+            check_model_folder(args.vae, "--vae", "vae")
+    if args.resume is not None:
+        check_checkpoint_file(args.resume, "--resume", "anchored")
+    return overrides
+
+
+def infer_data_fields(sample: dict) -> dict:
+    """SDiTConfig fields implied by one training sample."""
+    frames = sample["frames"]
+    if frames.dim() != 4 or frames.shape[-1] != frames.shape[-2]:
+        raise OptionError(f"the dataset's sample 'frames' must be [T, C, H, W] with H == W, got "
+                          f"{list(frames.shape)}")
+    return {"frames": frames.shape[0], "in_channels": frames.shape[1],
+            "input_size": frames.shape[-1], "control_dim": sample["control"].shape[-1],
+            "global_dim": sample["global"].shape[-1]}
+
+
+def build_dataset(args: argparse.Namespace):
+    """(dataset, extra metadata describing how conditions were built)."""
+    if args.synthetic is not None:
+        from avatar_models.training.synthetic import BlobSequences
+
+        over = parse_assignments(args.set, "--set")
+        kw = {k: over[k] for k in ("frames", "control_dim", "global_dim") if k in over}
+        if "in_channels" in over:
+            kw["channels"] = over["in_channels"]
+        if "input_size" in over:
+            kw["size"] = over["input_size"]
+        spec = args.conditioner or "avatar_models.training.synthetic:stats_conditioner"
+        return BlobSequences(args.synthetic, seed=args.seed, **kw), {"conditioner": spec}
+    if args.dataset is not None:
+        kwargs = parse_assignments(args.dataset_arg, "--dataset-arg")
+        return find_function(args.dataset, "--dataset")(**kwargs), {
+            "conditioner": None if args.conditioner == "none" else args.conditioner,
+            "dataset": args.dataset, "dataset_args": kwargs}
+    return video_training_dataset(args)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from avatar_models.anchored_diffusion import SDiT, SDiTConfig
+    from avatar_models.checkpoint import load_checkpoint
+    from avatar_models.training.anchored import TrainConfig, train_anchored
+    from avatar_models.training.diffusion import DiffusionSchedule
+
+    overrides = validate_train_args(args)
+    dataset, extra = build_dataset(args)
+    from torch.utils.data import IterableDataset
+
+    indexable = hasattr(dataset, "__getitem__") and not isinstance(dataset, IterableDataset)
+    first = dataset[0] if indexable else next(iter(dataset))
+    inferred = infer_data_fields(first)
+    cfg = SDiTConfig.from_name(args.config, **{**inferred, **overrides})
+    model = None
+    if args.resume is not None:
+        ckpt = load_checkpoint(args.resume, system="anchored")
+        cfg = SDiTConfig.from_dict(ckpt.config)
+        model = SDiT(cfg, attention_backend=args.attention_backend)
+        model.load_state_dict(ckpt.weights("model"))
+    schedule = DiffusionSchedule(num_train_timesteps=args.num_train_timesteps,
+                                 beta_schedule=args.beta_schedule)
+    train = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        mapping_lr_scale=args.mapping_lr_scale, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, lambda_ex=args.lambda_ex,
+        cond_drop=args.cond_drop, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
+        amp=args.amp, seed=args.seed, save_every=args.save_every, num_workers=args.num_workers,
+        attention_backend=args.attention_backend, schedule=schedule)
+    params = sum(p.numel() for p in (model or SDiT(cfg)).parameters())
+    print(f"training anchored {cfg.name} ({params / 1e6:.2f}M parameters): {cfg}")
+    torch.manual_seed(args.seed)
+    train_anchored(cfg, dataset, train, device=args.device, out=args.out, extra=extra,
+                   model=model, progress=not args.no_progress)
+    return 0
+
+
+# ---- sample ----
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="a `train anchored` checkpoint (.safetensors); its metadata names "
+                             "the conditioner and whether it works on VAE latents")
+    parser.add_argument("--source", type=image_file, required=True, help="source image")
+    parser.add_argument("--driving", type=Path, required=True,
+                        help="driving video (at least 2 frames)")
+    parser.add_argument("--out", type=output_file(".mp4"), required=True, help="output .mp4")
+    parser.add_argument("--strategy", choices=("anchored", "multidiffusion"), default="anchored",
+                        help="long-video strategy")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
+                        help="diffusion sampler")
+    parser.add_argument("--steps", type=positive_int, default=50, help="inference steps")
+    parser.add_argument("--eta", type=probability, default=0.0, help="DDIM eta")
+    parser.add_argument("--guidance", type=float_range(0.0), default=1.0,
+                        help="classifier-free guidance scale (1: off)")
+    parser.add_argument("--frames", type=int_range(2), default=None,
+                        help="T per sequence, 2 to the model's T (default: the model's)")
+    parser.add_argument("--mode", choices=("random", "strided"), default="random",
+                        help="non-uniform sequence layout (anchored)")
+    parser.add_argument("--stride", type=positive_int, default=None,
+                        help="window stride, 1 to T (multidiffusion; default T//2)")
+    parser.add_argument("--max-frames", type=int_range(2), default=None,
+                        help="use the first N frames of the driving video (default: all)")
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="AutoencoderKL folder (checkpoints trained on latents)")
+    parser.add_argument("--clip", type=Path, default=None, help="CLIP folder (clip-landmarks)")
+    parser.add_argument("--conditioner", default=None,
+                        help="MODULE:FUNCTION or clip-landmarks (default: the checkpoint's)")
+    parser.add_argument("--missing-faces", choices=("error", "fill"), default="error",
+                        help=MISSING_FACES_HELP.format(
+                            other="fill", effect="gives such frames the nearest frame's landmarks"))
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="EMA or raw weights")
+    parser.add_argument("--fps", type=positive_float, default=None,
+                        help="output frame rate (default: the driving video's)")
+    parser.add_argument("--sheet", type=output_file(".png"), default=None,
+                        help="also write a contact sheet (driving over generated) PNG")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    add_device_argument(parser)
+    parser.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
+                        help="force one attention backend (default: the registry's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def validate_sample_args(args: argparse.Namespace) -> dict:
+    """Every check that needs no model, from the options, the checkpoint's header and the
+    driving video's header; returns the checkpoint metadata. Sets ``args.device``."""
+    args.device = resolve_device(args.device)
+    meta = check_checkpoint_file(args.checkpoint, "--checkpoint", "anchored")
+    model_frames = int(meta["config"]["frames"])
+    t = args.frames or model_frames
+    if t > model_frames:
+        raise OptionError(f"--frames {t}: this checkpoint's model has frames={model_frames} (its "
+                          f"temporal position table); use --frames 2 to {model_frames}")
+    if args.stride is not None:
+        if args.strategy != "multidiffusion":
+            raise OptionError("--stride is the window stride of --strategy multidiffusion; "
+                              "drop it or add --strategy multidiffusion")
+        if args.stride > t:
+            raise OptionError(f"--stride {args.stride}: windows of T={t} frames must overlap or "
+                              f"touch; use --stride 1 to {t}")
+    check_video_file(args.driving, "--driving", min_frames=2)
+    spec = args.conditioner or meta["extra"].get("conditioner")
+    if not spec:
+        raise OptionError(f"--checkpoint {str(args.checkpoint)!r} does not record a conditioner "
+                          f"(trained with --conditioner none): pass --conditioner "
+                          f"MODULE:FUNCTION")
+    if spec == "clip-landmarks":
+        if args.clip is None:
+            raise OptionError("this checkpoint's conditioner is clip-landmarks: pass --clip DIR")
+        check_model_folder(args.clip, "--clip", "clip")
+    else:
+        find_function(spec, "--conditioner")
+    if meta["extra"].get("vae") or meta["config"].get("in_channels") != 3:
+        if args.vae is None:
+            raise OptionError(f"--checkpoint {str(args.checkpoint)!r} works on VAE latents: pass "
+                              f"--vae DIR")
+        check_model_folder(args.vae, "--vae", "vae")
+    return meta
+
+
+def load_model(path: Path, weights: str = "ema", device="cpu", attention_backend=None):
+    """(SDiT in eval mode, checkpoint) from a ``train anchored`` checkpoint."""
+    from avatar_models.anchored_diffusion import SDiT, SDiTConfig
+    from avatar_models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, system="anchored")
+    model = SDiT(SDiTConfig.from_dict(ckpt.config), attention_backend=attention_backend)
+    model.load_state_dict(ckpt.weights(weights))
+    return model.to(device).eval(), ckpt
+
+
+def generate(args: argparse.Namespace, meta: dict):
+    """Returns (video float [N, 3, h, w] in [-1, 1], driving uint8 [N, H, W, 3], fps).
+    ``args`` and ``meta`` come from :func:`validate_sample_args`."""
+    from avatar_models.anchored_diffusion import Conditions
+    from avatar_models.media import read_image, read_video
+    from samplers.anchored import anchored_sample, decode_video, sdit_denoiser
+    from samplers.multidiffusion import multidiffusion_sample, uniform_windows
+    from samplers.nonuniform import gather_frames, nonuniform_plan
+    from samplers.schedules import make_scheduler
+
+    device = args.device
+    spec = args.conditioner or meta["extra"]["conditioner"]
+    conditioner = load_conditioner(spec, args.clip, device, driving_name=str(args.driving),
+                                   allow_missing_faces=args.missing_faces == "fill")
+    source = read_image(args.source)
+    driving, fps = read_video(args.driving, with_audio=False)[:2]
+    if args.max_frames:
+        driving = driving[: args.max_frames]
+    n = driving.shape[0]
+    cfg_dims = meta["config"]
+    g, control = conditioner(source, driving, global_dim=cfg_dims["global_dim"],
+                             control_dim=cfg_dims["control_dim"])
+    model, ckpt = load_model(args.checkpoint, args.weights, device, args.attention_backend)
+    cfg = model.config
+    g, control = g.to(device, torch.float32), control.to(device, torch.float32)
+    t = args.frames or cfg.frames
+    latent = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    decode = None
+    if ckpt.extra.get("vae") or cfg.in_channels != 3:
+        from avatar_models.conditioning import FrameVAE
+
+        vae = FrameVAE.from_pretrained(args.vae, device=device)
+        decode = lambda z: vae.decode(z[None].to(vae.dtype))[0].float()
+    gen = torch.Generator().manual_seed(args.seed)
+    sched = make_scheduler(args.sampler, ckpt.extra.get("diffusion"), args.steps, eta=args.eta)
+    amp = device.type == "cuda"
+    progress = not args.no_progress
+    if args.strategy == "anchored":
+        plan = nonuniform_plan(n, t, mode=args.mode, generator=gen)
+        cond = Conditions(g[None].expand(plan.batch, -1), gather_frames(control, plan))
+        den = sdit_denoiser(model, cond, guidance=args.guidance, amp=amp)
+        lat = anchored_sample(den, sched, plan, latent, generator=gen, device=device,
+                              progress=progress)
+        with torch.no_grad():
+            video = decode_video(lat, plan, decode)
+    else:
+        windows = uniform_windows(n, t, args.stride)
+        cond = Conditions(g[None].expand(windows.shape[0], -1), control[windows.to(device)])
+        den = sdit_denoiser(model, cond, guidance=args.guidance, amp=amp)
+        lat = multidiffusion_sample(den, sched, windows, n, latent, generator=gen, device=device,
+                                    progress=progress)
+        with torch.no_grad():
+            video = lat if decode is None else torch.cat(
+                [decode(lat[i:i + 8]) for i in range(0, n, 8)])
+    return video.clamp(-1, 1).cpu(), driving, args.fps or fps
+
+
+def driving_sheet_row(driving: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [N, H, W, 3] driving frames -> [N, height, width, 3]: the same centre square crop
+    the conditioning sees (:func:`square_crop`), then area-resized."""
+    square, _ = square_crop(driving)
+    x = torch.nn.functional.interpolate(square.permute(0, 3, 1, 2).float(),
+                                        size=(height, width), mode="area")
+    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).contiguous()
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from avatar_models.media import contact_sheet, to_uint8_frames, write_video
+
+    meta = validate_sample_args(args)
+    video, driving, fps = generate(args, meta)
+    frames = to_uint8_frames(video)                                   # [N, h, w, 3]
+    path = write_video(args.out, frames, fps, pad_to_even=True)
+    print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
+          f"{fps:g} fps)")
+    if args.sheet is not None:
+        drv = driving_sheet_row(driving, *frames.shape[1:3])
+        contact_sheet([drv, frames], labels=["driving", args.strategy], path=args.sheet)
+        print(f"wrote {args.sheet}")
+    return 0
+
+
+# ---- eval ----
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generated", type=Path, required=True, help="generated video")
+    parser.add_argument("--driving", type=Path, required=True, help="driving video")
+    parser.add_argument("--source", type=image_file, default=None,
+                        help="source image (CSIM; needs --clip)")
+    parser.add_argument("--clip", type=Path, default=None, help="CLIP folder (CSIM, Self-CSIM)")
+    parser.add_argument("--max-frames", type=positive_int, default=None,
+                        help="use the first N frames (default: all)")
+    parser.add_argument("--no-landmarks", action="store_true", help="skip LMSE metrics")
+    parser.add_argument("--missing-faces", choices=("error", "skip"), default="error",
+                        help=MISSING_FACES_HELP.format(
+                            other="skip", effect="leaves such frames out of the LMSE metrics"))
+    parser.add_argument("--json", type=output_file(".json"), default=None,
+                        help="also write the metrics here (strict JSON: null for a metric "
+                             "that could not be computed)")
+    add_device_argument(parser)
+
+
+def validate_eval_args(args: argparse.Namespace) -> None:
+    args.device = resolve_device(args.device)
+    check_video_file(args.generated, "--generated", min_frames=1)
+    check_video_file(args.driving, "--driving", min_frames=1)
+    if args.source is not None and args.clip is None:
+        raise OptionError("--source is only used for CSIM, which needs --clip DIR: add --clip or "
+                          "drop --source")
+    if args.clip is not None:
+        check_model_folder(args.clip, "--clip", "clip")
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """The metrics dict; metrics that could not be computed are None, with the reason in
+    ``result["skipped"][name]``."""
+    from avatar_models import metrics
+    from avatar_models.media import read_image, read_video
+
+    gen = read_video(args.generated, with_audio=False).frames
+    drv = read_video(args.driving, with_audio=False).frames
+    n = min(gen.shape[0], drv.shape[0], args.max_frames or 1 << 30)
+    # the generated frames are square; the driving ones get the crop the conditioning used
+    gen, drv = square_crop(gen[:n])[0], square_crop(drv[:n])[0]
+    out: dict = {"frames": n}
+    skipped: dict[str, str] = {}
+    if not args.no_landmarks:
+        from avatar_models.conditioning import detect_landmarks
+
+        allow = args.missing_faces == "skip"
+        lg = detect_landmarks(gen, on_missing="nan")
+        ld = detect_landmarks(drv, on_missing="nan")
+        check_faces(lg, str(args.generated), allow=allow, option="--missing-faces skip")
+        check_faces(ld, str(args.driving), allow=allow, option="--missing-faces skip")
+        ok = (lg.isfinite().flatten(1).all(1) & ld.isfinite().flatten(1).all(1))
+        out["landmark_frames"] = int(ok.sum())
+        if int(ok.sum()) < n:
+            print_note(f"LMSE metrics skip {n - int(ok.sum())} of {n} frames without a face in "
+                       f"the generated or the driving video")
+        out["lmse"] = metrics.lmse(lg, ld)
+        out["expressive_lmse"] = metrics.expressive_lmse(lg, ld)
+        if not ok.any():
+            skipped["lmse"] = skipped["expressive_lmse"] = "no frame has a face in both videos"
+    if args.clip is not None:
+        from avatar_models.conditioning import CLIPEncoder
+
+        clip = CLIPEncoder.from_pretrained(args.clip, device=args.device)
+        eg = clip.encode_images(gen).float().cpu()
+        ed = clip.encode_images(drv).float().cpu()
+        if n >= 2:
+            out["self_csim"] = metrics.self_csim(eg, ed)
+        else:
+            out["self_csim"] = None
+            skipped["self_csim"] = f"needs at least 2 frames, the videos have {n}"
+        if args.source is not None:
+            es = clip.encode_images(read_image(args.source)).float().cpu()[0]
+            out["csim"] = metrics.csim(es, eg)
+    else:
+        print_note("CSIM and Self-CSIM need --clip DIR: not computed")
+    for name, value in out.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[name] = None
+            skipped.setdefault(name, "not finite")
+    if skipped:
+        out["skipped"] = skipped
+    return out
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    validate_eval_args(args)
+    result = evaluate(args)
+    for key, value in result.items():
+        if key == "skipped":
+            continue
+        if value is None:
+            value = f"n/a ({result['skipped'][key]})"
+        print(f"{key:>16}: {value:.6g}" if isinstance(value, float) else f"{key:>16}: {value}")
+    for key, why in result.get("skipped", {}).items():
+        if key not in result:
+            print_note(f"{key} not computed: {why}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, allow_nan=False))
+    return 0
+
+
+# ---- demo ----
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"expected lengths >= 2, got {text!r}")
+    return values
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from samplers.demo.pipeline import DemoOptions
+    from samplers.demo.train import CHECKPOINT, DemoRecipe
+
+    d, r = DemoOptions(), DemoRecipe()
+    parser.add_argument("--out", type=Path, default=Path("out"), help="output folder")
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
+                        help="demo model (default: the bundled assets/demo checkpoint); with "
+                             "--train, where the trained model is written")
+    parser.add_argument("--frames", type=int_range(2), default=d.frames,
+                        help="driving clip length")
+    parser.add_argument("--steps", type=positive_int, default=d.steps, help="DDIM steps")
+    parser.add_argument("--guidance", type=float_range(0.0), default=d.guidance,
+                        help="classifier-free guidance scale (1: off)")
+    parser.add_argument("--lengths", type=_lengths, default=d.lengths,
+                        help="video lengths of the consistency curve, e.g. 8,16,24,32,40,48")
+    parser.add_argument("--curve-seeds", type=positive_int, default=d.curve_seeds,
+                        help="noise seeds averaged per consistency-curve point")
+    parser.add_argument("--fit-steps", type=positive_int, default=d.fit_steps,
+                        help="iterations of the control estimator (generator fit)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="noise seed")
+    add_device_argument(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t = parser.add_argument_group("training the demo model (--train)")
+    t.add_argument("--train", action="store_true",
+                   help="train the demo model instead (writes --checkpoint, loss.json, loss.png)")
+    t.add_argument("--train-steps", type=positive_int, default=r.steps, help="optimiser steps")
+    t.add_argument("--batch-size", type=positive_int, default=r.batch_size, help="batch size")
+    t.add_argument("--lr", type=positive_float, default=r.lr, help="peak learning rate")
+    t.add_argument("--train-seed", type=int, default=r.seed, help="training seed")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    device = str(resolve_device(args.device))
+    if args.train:
+        from samplers.demo.train import DemoRecipe, train_demo
+
+        if args.checkpoint.suffix != ".safetensors":
+            raise OptionError(f"--checkpoint {str(args.checkpoint)!r} must end in .safetensors")
+        recipe = DemoRecipe(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
+                            seed=args.train_seed)
+        train_demo(recipe, args.checkpoint, progress=not args.no_progress)
+        return 0
+
+    from samplers.demo.pipeline import DemoOptions
+    from samplers.demo.pipeline import run_demo as run_demo_pipeline
+
+    if not args.checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {str(args.checkpoint)!r}: demo checkpoint not "
+                                f"found (run `make train-demo`, or pass --checkpoint)")
+    check_checkpoint_file(args.checkpoint, "--checkpoint", "anchored")
+    opts = DemoOptions(frames=args.frames, steps=args.steps, guidance=args.guidance,
+                       lengths=args.lengths, curve_seeds=args.curve_seeds,
+                       fit_steps=args.fit_steps, seed=args.seed, checkpoint=args.checkpoint,
+                       device=device, progress=not args.no_progress)
+    paths = run_demo_pipeline(opts, args.out)
+    print(f"\ndemo done in {opts.timings['total_seconds']:.0f} s; wrote:")
+    for name, path in paths.items():
+        print(f"  {name:15s} {path}")
+    return 0
