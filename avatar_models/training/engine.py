@@ -495,7 +495,15 @@ def train(system: TrainingSystem, config: EngineConfig | None = None, *,
     log = None
     if out is not None and world.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
+        root = run_state.checkpoint_root(out)
+        if resume is None and (root.exists() or metrics_path(out).exists()):
+            # a new run replaces the previous run's files at this --out, as it replaces --out
+            print(f"note: new run: replacing the previous run's {root} and "
+                  f"{metrics_path(out).name}", file=sys.stderr)
+            shutil.rmtree(root, ignore_errors=True)
+            metrics_path(out).unlink(missing_ok=True)
         log = open(metrics_path(out), "a")
+    barrier(world)
     losses: list[float] = []
     bar = tqdm(total=config.steps, initial=min(run.step, config.steps),
                desc=f"train {system.name}", disable=not (config.progress and world.is_main))

@@ -84,10 +84,16 @@ def engine_config(**kw) -> EngineConfig:
                            **kw})
 
 
-def _train_and_save(rank: int, out_dir: Path, fsdp: bool) -> None:
+# name -> EngineConfig options of a 2-rank run compared with one process without them
+SCENARIOS = {"ddp": {}, "fsdp2": {"fsdp": True}, "ddp-accum": {"grad_accum": 2},
+             "fsdp2-accum-actckpt": {"fsdp": True, "grad_accum": 2,
+                                     "activation_checkpointing": True}}
+
+
+def _train_and_save(rank: int, out_dir: Path, options: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     losses = []
-    res = train(tiny_system(), engine_config(fsdp=fsdp), out=out_dir / "ck.safetensors",
+    res = train(tiny_system(), engine_config(**options), out=out_dir / "ck.safetensors",
                 callback=lambda step, values: losses.append(values["loss"]))
     probe = {k: v[None] for k, v in FixedNoiseClips(2)[0].items()}
     with torch.no_grad():                      # collective under FSDP2: every rank runs it
@@ -135,8 +141,8 @@ def _sample_parallel(rank: int, out_dir: Path) -> None:
 
 def _all_scenarios(rank: int, root: str) -> None:
     root = Path(root)
-    _train_and_save(rank, root / "ddp", False)
-    _train_and_save(rank, root / "fsdp2", True)
+    for name, options in SCENARIOS.items():
+        _train_and_save(rank, root / name, options)
     _sample_parallel(rank, root)
 
 
@@ -163,7 +169,7 @@ def single_run(tmp_path_factory):
 PARAM_ATOL = 1e-6
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", list(SCENARIOS))
 def test_two_ranks_match_one_process_on_the_combined_batch(two_ranks, single_run, mode):
     single_out, single_losses = single_run
     ranked = load_file(str(two_ranks / mode / "rank0.safetensors"))

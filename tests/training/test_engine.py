@@ -105,6 +105,12 @@ def test_keep_last(tmp_path):
                    out=out, device="cpu", progress=False)
     names = [p.name for p in run_state.step_dirs(run_state.checkpoint_root(out))]
     assert names == ["step-00000005", "step-00000006"]
+    # a new run at the same --out replaces the previous run's checkpoints and metrics
+    train_anchored("tiny", BlobSequences(8), tiny_train(steps=2, save_every=1, keep_last=2),
+                   out=out, device="cpu", progress=False)
+    names = [p.name for p in run_state.step_dirs(run_state.checkpoint_root(out))]
+    assert names == ["step-00000001", "step-00000002"]
+    assert [r["step"] for r in read_metrics(metrics_path(out))] == [1, 2]
 
 
 KILLED_RUN = """
