@@ -80,7 +80,8 @@ class TrainingSystem:
         name: the system's name, recorded in checkpoints (``"anchored"``).
         model: the module to train (built and seeded by the system, on any device).
         loss: ``loss(model, batch, generator) -> {"loss": scalar, ...}``: the mean loss of a
-            micro-batch (``batch`` is this rank's part, collated), computed through ``model``
+            micro-batch (``batch`` is this rank's part, collated, its tensors already on the
+            model's device), computed through ``model``
             (which may be the DDP / FSDP wrapper); draw randomness from ``generator`` (a CPU
             generator per rank, saved in checkpoints). Extra scalar terms are logged.
         dataset: a map-style Dataset or an iterable of sample dicts (see ``sharding``).
@@ -279,7 +280,7 @@ class _Run:
             group["lr"] = base * factor
         totals: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
-            batch = next(self.data)
+            batch = _to_device(next(self.data), self.world.device)
             last = micro == cfg.grad_accum - 1
             with self._sync(last), torch.autocast(self.world.device.type, torch.bfloat16,
                                                   enabled=self.amp):
@@ -409,6 +410,17 @@ class _Run:
         say(f"resumed {self.system.name} from {found.path} at step {self.step}")
 
 
+def _to_device(batch, device: torch.device):
+    """Tensors of a (nested) batch moved to ``device``; everything else as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
 def _jsonable(value):
     return json.loads(json.dumps(value))
 
@@ -436,27 +448,34 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def plot_metrics(records: list[dict], path: Path, title: str = "") -> Path | None:
-    """Every loss term per step (light) and its running mean (dark), log scale when positive."""
+    """:func:`plot_curves` of every loss term of ``metrics.jsonl`` records."""
     if not records:
         return None
+    skip = {"step", "lr", "lrs", "grad_norm", "it_s", "peak_cuda_mb", "peak_rss_mb", "time_s"}
+    curves = {k: [r[k] for r in records] for k in records[0] if k not in skip}
+    return plot_curves(curves, path, title, steps=[r["step"] for r in records])
+
+
+def plot_curves(curves: dict[str, list[float]], path: str | os.PathLike, title: str = "", *,
+                steps: list[int] | None = None) -> Path:
+    """Each curve per step (light) and its running mean over 1/50 of the run (dark); log scale
+    when every value is positive. Written with matplotlib's Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    skip = {"step", "lr", "lrs", "grad_norm", "it_s", "peak_cuda_mb", "peak_rss_mb", "time_s"}
-    terms = [k for k in records[0] if k not in skip]
-    steps = torch.tensor([r["step"] for r in records])
-    k = max(1, len(records) // 50)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     positive = True
-    for i, term in enumerate(terms):
-        v = torch.tensor([r[term] for r in records], dtype=torch.float64)
+    for i, (label, values) in enumerate(curves.items()):
+        v = torch.tensor(values, dtype=torch.float64)
+        x = torch.arange(1, len(v) + 1) if steps is None else torch.tensor(steps)
+        k = max(1, len(v) // 50)
         positive &= bool((v > 0).all())
-        ax.plot(steps, v, color=f"C{i}", alpha=0.25, lw=0.5)
+        ax.plot(x, v, color=f"C{i}", alpha=0.25, lw=0.5)
         if len(v) >= k:
-            ax.plot(steps[k - 1:], v.unfold(0, k, 1).mean(1), color=f"C{i}", lw=1.5,
-                    label=f"{term} ({k}-step mean)")
+            ax.plot(x[k - 1:], v.unfold(0, k, 1).mean(1), color=f"C{i}", lw=1.5,
+                    label=f"{label} ({k}-step mean)")
     if positive:
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -466,7 +485,7 @@ def plot_metrics(records: list[dict], path: Path, title: str = "") -> Path | Non
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def train(system: TrainingSystem, config: EngineConfig | None = None, *,
