@@ -231,6 +231,9 @@ class _Run:
         model = system.model.to(world.device)
         blocks = (system.blocks or default_blocks)(model)
         self.fsdp = config.fsdp and world.distributed
+        if config.fsdp and not world.distributed and world.is_main:
+            print("note: fsdp: one process (not started by torchrun); training unsharded",
+                  file=sys.stderr)
         self.ema = None
         if config.ema_decay > 0 and not self.fsdp:  # copy before wrapping
             self.ema = EMA(model, config.ema_decay, config.ema_warmup)
@@ -300,7 +303,8 @@ class _Run:
             self.ema.update(self.module)
         self.step += 1
         names = sorted(totals)
-        means = all_mean(torch.stack([totals[k] for k in names]).cpu(), self.world)
+        # reduced on the model's device: NCCL cannot reduce CPU tensors
+        means = all_mean(torch.stack([totals[k] for k in names]), self.world).cpu()
         values = {k: float(v) for k, v in zip(names, means)}
         values["grad_norm"] = float(_full(norm))
         return values
