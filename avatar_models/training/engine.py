@@ -362,7 +362,7 @@ class _Run:
             set_optimizer_state_dict,
         )
 
-        found = run_state.find_checkpoint(where)
+        found = _find_on_main(where, self.world)
         say = functools.partial(print, file=sys.stderr) if self.world.is_main else _quiet
         if found.message():
             say(found.message())
@@ -412,6 +412,29 @@ class _Run:
         if self.world.is_main and self.out is not None:
             _truncate_metrics(metrics_path(self.out), self.step)
         say(f"resumed {self.system.name} from {found.path} at step {self.step}")
+
+
+def _find_on_main(where: str | os.PathLike, world: World) -> run_state.FoundCheckpoint:
+    """:func:`run_state.find_checkpoint` on rank 0 only (it hashes every file), its answer (or
+    its error) sent to every rank."""
+    if not world.distributed:
+        return run_state.find_checkpoint(where)
+    import torch.distributed as dist
+
+    box = [None]
+    if world.is_main:
+        try:
+            found = run_state.find_checkpoint(where)
+            box = [("ok", str(found.path), found.state, found.rejected)]
+        except (FileNotFoundError, ValueError) as err:
+            box = [(type(err).__name__, str(err), None, None)]
+    dist.broadcast_object_list(box, src=0)
+    kind, text, state, rejected = box[0]
+    if kind == "FileNotFoundError":
+        raise FileNotFoundError(text)
+    if kind != "ok":
+        raise ValueError(text)
+    return run_state.FoundCheckpoint(Path(text), state, rejected)
 
 
 def _to_device(batch, device: torch.device):

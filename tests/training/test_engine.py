@@ -265,3 +265,25 @@ def test_activation_checkpointing_gives_the_same_training(one_thread):
     assert runs[0].losses == runs[1].losses
     for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_run_resumes_and_loads_on_cpu(tmp_path):
+    """GPU lane (not run on the CPU machines): bf16 autocast on CUDA, CUDA RNG states in the
+    checkpoint, peak CUDA memory in the metrics; the resumed curve matches to bf16 tolerance
+    (CUDA reductions need not be bitwise reproducible)."""
+    args = dict(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, ema_decay=0.9, save_every=2)
+    full = tmp_path / "full" / "ck.safetensors"
+    train_anchored("tiny", BlobSequences(8), TrainConfig(**args), device="cuda", out=full,
+                   progress=False)
+    cut = tmp_path / "cut" / "ck.safetensors"
+    train_anchored("tiny", BlobSequences(8), TrainConfig(**args), device="cuda", out=cut,
+                   progress=False)
+    step2 = run_state.checkpoint_root(cut) / "step-00000002"
+    assert "cuda" in run_state.find_checkpoint(step2).state["rng"][0]
+    train_anchored("tiny", BlobSequences(8), TrainConfig(**args), device="cuda", out=cut,
+                   progress=False, resume=step2)
+    a, b = read_metrics(metrics_path(full)), read_metrics(metrics_path(cut))
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and a[0]["peak_cuda_mb"] > 0
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=2e-2)
+    assert load_checkpoint(cut, device="cpu").extra["step"] == 4
