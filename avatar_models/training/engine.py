@@ -22,16 +22,20 @@ Example (a complete toy system)::
     import torch
     from avatar_models.training.engine import EngineConfig, TrainingSystem, train
 
-    data = [{"x": torch.randn(4), "y": torch.randn(1)} for _ in range(64)]
+    class Pairs(torch.utils.data.Dataset):        # map-style: shuffled and sharded per rank
+        def __len__(self):
+            return 64
+        def __getitem__(self, i):
+            x = torch.randn(4, generator=torch.Generator().manual_seed(i))
+            return {"x": x, "y": x.sum(0, keepdim=True)}
 
-    def loss(model, batch, generator):           # model: the (DDP/FSDP-wrapped) module
-        err = model(batch["x"]) - batch["y"]
+    def loss(model, batch, generator):           # model: the DDP/FSDP-wrapped module; batch:
+        err = model(batch["x"]) - batch["y"]     # this rank's micro-batch, on its device
         return {"loss": err.square().mean()}     # "loss" is minimised; other keys are logged
 
     net = torch.nn.Linear(4, 1)
-    system = TrainingSystem("toy", net, loss, torch.utils.data.TensorDataset(...) or data,
-                            param_groups=lambda m: [{"params": list(m.parameters()),
-                                                     "lr": 1e-2, "name": "all"}])
+    system = TrainingSystem("toy", net, loss, Pairs(), param_groups=lambda m: [
+        {"params": list(m.parameters()), "lr": 1e-2, "name": "all"}])
     result = train(system, EngineConfig(steps=100, batch_size=16), out="runs/toy.safetensors")
 
 and ``torchrun --nproc_per_node=4 script.py`` runs the same script data-parallel. The final
