@@ -115,6 +115,19 @@ def compact_checkpoint(path: Path) -> Path:
     return path
 
 
+def _remove_engine_sidecars(checkpoint: Path) -> None:
+    """The bundled assets keep the compact checkpoint, loss.json and loss.png only: drop the
+    engine's resumable checkpoints, metrics.jsonl and plot written beside ``checkpoint``."""
+    import shutil
+
+    from avatar_models.training.engine import metrics_path, plot_path
+    from avatar_models.training.run_state import checkpoint_root
+
+    shutil.rmtree(checkpoint_root(checkpoint), ignore_errors=True)
+    metrics_path(checkpoint).unlink(missing_ok=True)
+    plot_path(checkpoint).unlink(missing_ok=True)
+
+
 def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, *,
                progress: bool = True) -> dict:
     """Train the demo model; write ``checkpoint``, ``loss.json`` and ``loss.png`` beside it."""
@@ -146,6 +159,7 @@ def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, 
                             callback=lambda step, terms: mse.append(terms["mse"]))
     wall = time.perf_counter() - start
     compact_checkpoint(checkpoint)
+    _remove_engine_sidecars(checkpoint)
     params = sum(p.numel() for p in result.model.parameters())
     record = {
         "recipe": recipe.__dict__, "command": train_command(recipe, checkpoint),
