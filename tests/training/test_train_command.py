@@ -107,3 +107,29 @@ def test_commands_run_unchanged_under_torchrun(tmp_path):
                     "--out", str(video), "--steps", "2", "--parallel", "--no-progress")
     assert run.returncode == 0, run.stderr[-3000:]
     assert read_video(video, with_audio=False).frames.shape == (9, 16, 16, 3)
+
+
+def test_sample_parallel_options(tmp_path, capsys):
+    """--parallel needs --strategy anchored; without torchrun it says so and samples on one
+    process, giving the same video as without it."""
+    from avatar_models.media import read_video, write_image, write_video
+
+    out = tmp_path / "ck.safetensors"
+    assert main(train_args(out, "--set", "in_channels=3", "--set", "input_size=16", "--set",
+                           "patch=4", "--steps", "1")) == 0
+    frames = (torch.rand(7, 16, 16, 3, generator=torch.Generator().manual_seed(0)) * 255)
+    write_video(tmp_path / "drive.mp4", frames.to(torch.uint8), 8)
+    write_image(tmp_path / "face.png", frames[0].to(torch.uint8))
+    common = ["sample", "anchored", "--checkpoint", str(out), "--source",
+              str(tmp_path / "face.png"), "--driving", str(tmp_path / "drive.mp4"), "--steps",
+              "2", "--no-progress"]
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "m.mp4"), "--parallel", "--strategy",
+                          "multidiffusion"]) == 2
+    assert "--parallel splits the anchored sequences" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "p.mp4"), "--parallel"]) == 0
+    assert "--parallel: one process (not started by torchrun)" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "s.mp4")]) == 0
+    a = read_video(tmp_path / "p.mp4", with_audio=False).frames
+    b = read_video(tmp_path / "s.mp4", with_audio=False).frames
+    assert torch.equal(a, b)
