@@ -133,8 +133,9 @@ def write_checkpoint(root: Path, step: int, files: dict[str, tuple[dict, dict | 
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_STEP_PREFIX}{step:08d}"
+    for leftover in root.glob(f".{_STEP_PREFIX}*"):  # of a writer killed mid-checkpoint
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     digests = {}
     for name, (tensors, metadata) in files.items():

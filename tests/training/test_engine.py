@@ -113,6 +113,19 @@ def test_keep_last(tmp_path):
     assert [r["step"] for r in read_metrics(metrics_path(out))] == [1, 2]
 
 
+def test_write_checkpoint_records_digests_and_clears_a_killed_writers_leftovers(tmp_path):
+    leftover = tmp_path / ".step-00000009.tmp123"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    step = run_state.write_checkpoint(tmp_path, 3, {"w.safetensors": ({"w": torch.ones(2)}, None)},
+                                      {"note": "x"}, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
+    state = json.loads((step / run_state.STATE_FILE).read_text())
+    assert state["step"] == 3 and state["note"] == "x"
+    assert state["files"]["w.safetensors"] == run_state.file_digest(step / "w.safetensors")
+    assert run_state.check_step_dir(step) == (state, None)
+
+
 KILLED_RUN = """
 import sys, time
 from avatar_models.training.anchored import TrainConfig, train_anchored
