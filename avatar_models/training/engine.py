@@ -335,8 +335,12 @@ class _Run:
         model_sd = get_model_state_dict(self.module, options=options)
         optim_sd = get_optimizer_state_dict(self.module, self.optimizer, options=options)
         ema_sd = None
-        if self.ema is not None:
-            ema_sd = {n: _full(t).detach().cpu() for n, t in self.ema.shadow.items()}
+        if self.ema is not None:   # gathered one tensor at a time; only rank 0 keeps a copy
+            ema_sd = {}
+            for name, tensor in self.ema.shadow.items():
+                full = _full(tensor).detach()
+                if self.world.is_main:
+                    ema_sd[name] = full.cpu()
         rng = gather_to_main(run_state.capture_rng({"loss": self.generator}), self.world)
         path = None
         if self.world.is_main:

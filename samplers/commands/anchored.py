@@ -273,7 +273,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "good one); this command's optimisation options apply")
     t = parser.add_argument_group("optimisation (paper defaults)")
     t.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser steps")
-    t.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="batch size")
+    t.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="global batch size (over all torchrun processes and --grad-accum "
+                        "micro-steps; must divide evenly)")
     t.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
     t.add_argument("--mapping-lr-scale", type=non_negative_float, default=d.mapping_lr_scale,
                    help="mapping-network lr = lr * this (paper: 0.1)")
