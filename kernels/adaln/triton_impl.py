@@ -55,28 +55,35 @@ def rows_per_program(tokens_per_frame: int) -> int:
 
 def _configs() -> list[triton.Config]:
     if interpreter_enabled():  # no timing under the interpreter; 4-row tiles exercise the masks
-        return [triton.Config({"BLOCK_R": 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_R": r}, num_warps=w, num_stages=s)
-            for r in (1, 2, 4, 8, 16) for w in (2, 4, 8, 16) for s in (1, 2)]
+        return [triton.Config({"BLOCK_R": 4, "LOOP_STAGES": 1}, num_warps=4)]
+    return [triton.Config({"BLOCK_R": r, "LOOP_STAGES": s}, num_warps=w)
+            for r in (1, 2, 4, 8, 16) for w in (2, 4, 8, 16) for s in (1, 2, 3)]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep tiles of 4 to 32 fp32 values per thread and per loaded tensor (16-byte vectors at
-    the low end, no spills at the high end) that fit in one program's rows."""
-    width = kwargs["BLOCK_C"] + kwargs["BLOCK_T"]
-    rows = kwargs["ROWS_PER_PROGRAM"]
-    kept = []
-    for cfg in configs:
-        per_thread = cfg.kwargs["BLOCK_R"] * width / (32 * cfg.num_warps)
-        if cfg.kwargs["BLOCK_R"] <= rows and 4 <= per_thread <= 32:
-            kept.append(cfg)
-    if not kept:  # tiny C or one-row frames: the config with the fewest idle lanes
-        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_R"] > rows, c.num_warps,
-                                            -c.kwargs["BLOCK_R"], c.num_stages))]
-    return kept
+def _pruner(max_per_thread: int):
+    """Keep tiles of 4 to ``max_per_thread`` fp32 values per thread and per loaded tensor
+    (16-byte vectors at the low end; no spills at the high end: the backward holds four such
+    tiles, the forward two) that fit in one program's rows."""
+
+    def prune(configs, named_args, **kwargs):
+        width = kwargs["BLOCK_C"] + kwargs["BLOCK_T"]
+        rows = kwargs["ROWS_PER_PROGRAM"]
+        kept = []
+        for cfg in configs:
+            per_thread = cfg.kwargs["BLOCK_R"] * width / (32 * cfg.num_warps)
+            if cfg.kwargs["BLOCK_R"] <= rows and 4 <= per_thread <= max_per_thread:
+                kept.append(cfg)
+        if not kept:  # tiny C or one-row frames: the config with the fewest idle lanes
+            kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_R"] > rows, c.num_warps,
+                                                -c.kwargs["BLOCK_R"], c.kwargs["LOOP_STAGES"]))]
+        return kept
+
+    return prune
 
 
-_KEY = ["BLOCK_C", "BLOCK_T", "ROWS_PER_PROGRAM"]
+def _tuning(max_per_thread: int) -> dict:
+    return dict(configs=_configs(), key=["BLOCK_C", "BLOCK_T", "ROWS_PER_PROGRAM"],
+                prune_configs_by={"early_config_prune": _pruner(max_per_thread)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,14 +165,14 @@ def _pow2_scale(peak):
 # Kernels
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(**_tuning(max_per_thread=32))
 @triton.jit
 def _adaln_fwd_kernel(
     x_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr,
     tokens_per_frame, channels, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     segment = tl.program_id(0)  # = b * T + t: one frame of one sample
     chunk = tl.program_id(1)
@@ -175,7 +182,9 @@ def _adaln_fwd_kernel(
     if BLOCK_T > 0:
         a_t, c_t = _folded_modulation(shift_ptr, scale_ptr, weight_ptr, bias_ptr, mod_off,
                                       BLOCK_C, channels, BLOCK_T, True, HAS_WEIGHT, HAS_BIAS)
-    for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R):
+    # LOOP_STAGES > 1: the loads of the next tiles are issued as cp.async into shared memory
+    # while this tile computes (software pipelining of the row loop)
+    for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R, num_stages=LOOP_STAGES):
         row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
                                     BLOCK_R, ROWS_PER_PROGRAM)
         x_h = _load_tile(x_ptr, row_off, rmask, 0, channels, BLOCK_C, False)
@@ -209,14 +218,14 @@ def _adaln_fwd_kernel(
         tl.store(rstd_ptr + stat, rstd_u * down, mask=rmask)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(**_tuning(max_per_thread=16))
 @triton.jit
 def _adaln_bwd_kernel(
     dy_ptr, x_ptr, scale_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, sum_dy_ptr, sum_dyx_ptr,
     tokens_per_frame, channels, n_chunks,
     HAS_WEIGHT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     segment = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -233,7 +242,7 @@ def _adaln_bwd_kernel(
             gw_t = gw_t * _load_vec(weight_ptr, 0, BLOCK_C, channels, BLOCK_T, True, 0.0)
         acc_dy_t = tl.zeros([BLOCK_T], dtype=tl.float32)
         acc_dyx_t = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R):
+    for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R, num_stages=LOOP_STAGES):
         row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
                                     BLOCK_R, ROWS_PER_PROGRAM)
         stat = row_off // channels
@@ -276,13 +285,13 @@ def _adaln_bwd_kernel(
         tl.store(sum_dyx_ptr + part + cols_t, acc_dyx_t, mask=cols_t < channels)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(**_tuning(max_per_thread=32))
 @triton.jit
 def _gated_residual_fwd_kernel(
     x_ptr, y_ptr, gate_ptr, out_ptr,
     tokens_per_frame, channels,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     segment = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -290,7 +299,7 @@ def _gated_residual_fwd_kernel(
     gate_h = _load_vec(gate_ptr, mod_off, 0, channels, BLOCK_C, False, 0.0)
     if BLOCK_T > 0:
         gate_t = _load_vec(gate_ptr, mod_off, BLOCK_C, channels, BLOCK_T, True, 0.0)
-    for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R):
+    for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R, num_stages=LOOP_STAGES):
         row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
                                     BLOCK_R, ROWS_PER_PROGRAM)
         x_h = _load_tile(x_ptr, row_off, rmask, 0, channels, BLOCK_C, False)
@@ -304,13 +313,13 @@ def _gated_residual_fwd_kernel(
                         channels, BLOCK_T, True)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(**_tuning(max_per_thread=32))
 @triton.jit
 def _gated_residual_bwd_kernel(
     dout_ptr, y_ptr, gate_ptr, dy_ptr, dgate_part_ptr,
     tokens_per_frame, channels, n_chunks,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     segment = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -320,7 +329,7 @@ def _gated_residual_bwd_kernel(
     if BLOCK_T > 0:
         gate_t = _load_vec(gate_ptr, mod_off, BLOCK_C, channels, BLOCK_T, True, 0.0)
         acc_t = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R):
+    for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R, num_stages=LOOP_STAGES):
         row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
                                     BLOCK_R, ROWS_PER_PROGRAM)
         dout_h = _load_tile(dout_ptr, row_off, rmask, 0, channels, BLOCK_C, False)

@@ -135,7 +135,7 @@ registry.register(OP, "cuda", _warp_cuda, devices=("cuda",), needs_cuda_ext=True
 # Validation and public functions
 
 _LAYOUT = ("h must be channels-last [B, H, W, C] and contiguous (channel stride 1), the layout "
-           "WarpCA gets when it reshapes attention output; a channels-first x [B, C, H, W] "
+           "WarpCA gets when it reshapes its tokens; a channels-first x [B, C, H, W] "
            "becomes one with x.permute(0, 2, 3, 1).contiguous()")
 
 

@@ -107,7 +107,7 @@ def _warp_occlusion_fwd_kernel(
     occ = _load_occlusion(occ_ptr, pix, pmask, height, width, stride_o_b, stride_o_y,
                           stride_o_x, HAS_OCC)
     r00 = t00.to(tl.int64) * channels
-    r10 = r00 + width * channels
+    r10 = (t00.to(tl.int64) + width) * channels
     c2 = cols[None, :]
     v00 = tl.load(h_ptr + r00[:, None] + c2, mask=m00[:, None] & cmask, other=0.0).to(tl.float32)
     v01 = tl.load(h_ptr + (r00 + channels)[:, None] + c2, mask=m01[:, None] & cmask,
@@ -149,7 +149,7 @@ def _warp_occlusion_bwd_kernel(
     ow10 = occ * gx * fy
     ow11 = occ * fx * fy
     r00 = t00.to(tl.int64) * channels
-    r10 = r00 + width * channels
+    r10 = (t00.to(tl.int64) + width) * channels
     pix64 = pix.to(tl.int64)  # 4 * pix overflows int32 beyond 2**29 pixels
     self_row = pix64 * channels
     docc = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -175,12 +175,16 @@ def _warp_occlusion_bwd_kernel(
         dsx += tl.sum(g * (gy[:, None] * (v01 - v00) + fy[:, None] * (v11 - v10)), axis=1)
         dsy += tl.sum(g * (gx[:, None] * (v10 - v00) + fx[:, None] * (v11 - v01)), axis=1)
         if ATOMIC_DH:
-            tl.atomic_add(dh_acc_ptr + r00[:, None] + c2, ow00[:, None] * dout, mask=k00)
+            # relaxed: only the final sums matter (read after the kernel ends), so no ordering
+            # is needed; the default acq_rel adds a fence (MEMBAR.GPU) per atomic
+            tl.atomic_add(dh_acc_ptr + r00[:, None] + c2, ow00[:, None] * dout, mask=k00,
+                          sem="relaxed")
             tl.atomic_add(dh_acc_ptr + (r00 + channels)[:, None] + c2, ow01[:, None] * dout,
-                          mask=k01)
-            tl.atomic_add(dh_acc_ptr + r10[:, None] + c2, ow10[:, None] * dout, mask=k10)
+                          mask=k01, sem="relaxed")
+            tl.atomic_add(dh_acc_ptr + r10[:, None] + c2, ow10[:, None] * dout, mask=k10,
+                          sem="relaxed")
             tl.atomic_add(dh_acc_ptr + (r10 + channels)[:, None] + c2, ow11[:, None] * dout,
-                          mask=k11)
+                          mask=k11, sem="relaxed")
     tl.store(dflow_ptr + 2 * pix64, tl.where(valid, dsx, 0.0).to(dflow_ptr.dtype.element_ty),
              mask=pmask)
     tl.store(dflow_ptr + 2 * pix64 + 1, tl.where(valid, dsy, 0.0).to(dflow_ptr.dtype.element_ty),

@@ -405,6 +405,44 @@ def test_kernels_compile_for_a100_and_hopper():
 
 
 
+_ATOMICS_SCRIPT = r"""
+import os, re, subprocess, tempfile
+import triton
+from kernels.flow_warp import triton_impl as ti
+from kernels.testing import compile_for_gpu
+
+types = {"h_ptr": "*bf16", "flow_ptr": "*fp32", "occ_ptr": "*bf16", "dout_ptr": "*bf16",
+         "dh_acc_ptr": "*fp32", "dflow_ptr": "*fp32", "docc_ptr": "*bf16", "tgt_ptr": "*bf16",
+         "wt_ptr": "*bf16"}
+compiled = compile_for_gpu(ti._warp_occlusion_bwd_kernel, types,
+                           dict(HAS_OCC=True, ATOMIC_DH=True, WRITE_PLAN=False, BLOCK_P=4,
+                                BLOCK_C=128, NUM_C_BLOCKS=3), arch=90, num_warps=4)
+ptx = compiled.asm["ptx"]
+print("ptx", *sorted(set(re.findall(r"\b(?:red|atom|fence|membar)\.[\w.]+", ptx))))
+nvdisasm = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "nvdisasm")
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "k.cubin")
+    with open(path, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    sass = subprocess.run([nvdisasm, path], capture_output=True, text=True, check=True).stdout
+print("sass", *sorted(set(re.findall(r"\b(?:MEMBAR|REDG|ATOMG|CCTL)[\w.]*", sass))))
+"""
+
+
+@pytest.mark.slow
+def test_triton_scatter_atomics_are_relaxed():
+    """The dh scatter needs no memory ordering (its sums are read after the kernel), so its
+    atomics are relaxed: PTX atom/red carry .relaxed, and the sm_90 SASS has plain REDG with no
+    MEMBAR.ALL.GPU or L1 invalidate (CCTL.IVALL), which the default acq_rel emits per atomic."""
+    done = run_compiled_mode(_ATOMICS_SCRIPT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    ptx_ops, sass_ops = lines["ptx"].split(), lines["sass"].split()
+    assert ptx_ops and all(".relaxed." in op for op in ptx_ops), ptx_ops
+    assert not any(op.startswith(("fence", "membar")) for op in ptx_ops), ptx_ops
+    assert any(op.startswith("REDG") for op in sass_ops), sass_ops
+    assert not any(op.startswith(("MEMBAR", "CCTL")) for op in sass_ops), sass_ops
+
 def test_warp_is_warp_occlusion_without_occlusion_or_residual():
     h, flow, _ = _inputs(1, 3, 4, 2, "fractional", torch.float32, "cpu")
     a = kernels.warp(h, flow, backend="ref")
