@@ -377,7 +377,7 @@ for arch in (80, 90):
             types = {"dout_ptr": "*" + dt, "h_ptr": "*" + dt, "flow_ptr": "*" + flow,
                      "occ_ptr": "*" + dt, "dh_acc_ptr": "*" + (dt if flag else "fp32"),
                      "dflow_ptr": "*" + flow, "docc_ptr": "*" + dt,
-                     "tgt_ptr": "*" + ("i32" if flag else dt),
+                     "key_ptr": "*" + ("i32" if flag else dt),
                      "wt_ptr": "*" + ("fp32" if flag else dt)}
             build(ti._warp_occlusion_bwd_kernel, arch, types,
                   {"HAS_OCC": occ, "ATOMIC_DH": not flag, "WRITE_PLAN": flag, "BLOCK_P": bp,
@@ -412,7 +412,7 @@ from kernels.flow_warp import triton_impl as ti
 from kernels.testing import compile_for_gpu
 
 types = {"h_ptr": "*bf16", "flow_ptr": "*fp32", "occ_ptr": "*bf16", "dout_ptr": "*bf16",
-         "dh_acc_ptr": "*fp32", "dflow_ptr": "*fp32", "docc_ptr": "*bf16", "tgt_ptr": "*bf16",
+         "dh_acc_ptr": "*fp32", "dflow_ptr": "*fp32", "docc_ptr": "*bf16", "key_ptr": "*bf16",
          "wt_ptr": "*bf16"}
 compiled = compile_for_gpu(ti._warp_occlusion_bwd_kernel, types,
                            dict(HAS_OCC=True, ATOMIC_DH=True, WRITE_PLAN=False, BLOCK_P=4,
@@ -596,12 +596,12 @@ class _EmulatedExtension:
 
     def warp_occlusion_bwd(self, *, device, stream, shape, dtype, dout, dout_strides, h,
                            h_strides, flow, flow_strides, flow_dtype, occ, occ_strides, dh_accum,
-                           dflow, docc, plan_tgt, plan_wt):
+                           dflow, docc, plan_key, plan_wt):
         a, p = self._arr, self._ptr
         self._record(self.lib.emu_warp_bwd(
             dtype, flow_dtype, a(shape), p(dout), a(dout_strides), p(h), a(h_strides), p(flow),
             a(flow_strides), p(occ), a(occ_strides), p(dh_accum), p(dflow), p(docc),
-            p(plan_tgt), p(plan_wt), self.allow_vec))
+            p(plan_key), p(plan_wt), self.allow_vec))
 
     def warp_occlusion_gather(self, *, device, stream, shape, dtype, dout, dout_strides, order,
                               plan_wt, row_ptr, dh, residual):
@@ -661,6 +661,21 @@ def test_emulated_cuda_variants(emulated_backend, variant):
     dtype = variant.pop("dtype")
     _check_backend(run, (2, 4, 5, 24, "partial"), dtype, "cpu", **variant)
     assert set(ext.vec_used) == {1}
+
+
+@pytest.mark.parametrize("channels, vec, lanes", [
+    (320, 8, 8),    # bf16 C=320: 40 vectors, 5 full passes of 8 lanes (4 pixels per warp)
+    (64, 8, 8),     # bf16 C=64: 8 vectors, 4 pixels per warp instead of 8 busy lanes of 32
+    (1280, 8, 32),  # 160 vectors: a whole warp, no idle lane
+    (320, 4, 16),   # fp32 C=320: 80 vectors
+    (77, 1, 16),    # scalar: 3 idle lanes in the last pass of 16 (19 of 32)
+    (3, 1, 4), (1, 1, 1),
+])
+def test_cuda_lanes_per_pixel_leaves_few_lanes_idle(emulated_cuda, channels, vec, lanes):
+    import ctypes
+
+    emulated_cuda.emu_lanes_per_pixel.argtypes = [ctypes.c_int64, ctypes.c_int]
+    assert emulated_cuda.emu_lanes_per_pixel(channels, vec) == lanes
 
 
 def test_emulated_cuda_strided_inputs_and_determinism(emulated_backend):
