@@ -297,22 +297,26 @@ KERNELS = ((ti._adaln_fwd_kernel, {"HAS_WEIGHT": True, "HAS_BIAS": True}),
            (ti._gated_residual_fwd_kernel, {}), (ti._gated_residual_bwd_kernel, {}))
 
 
-def compile_all(arch, dt, mod_dt, channels, block_r, num_warps, flags):
+def compile_all(arch, dt, mod_dt, channels, block_r, num_warps, flags, stages=2):
     head, tail = ti.channel_pieces(channels)
     types = {**F32, **{n: dt for n in ROWS}, **{n: mod_dt for n in MOD}}
     for kernel, consts in KERNELS:
         consts = {**{k: v and flags for k, v in consts.items()}, "BLOCK_C": head,
-                  "BLOCK_T": tail, "ROWS_PER_PROGRAM": 16, "BLOCK_R": block_r}
+                  "BLOCK_T": tail, "ROWS_PER_PROGRAM": 16, "BLOCK_R": block_r,
+                  "LOOP_STAGES": stages}
         yield kernel, compile_for_gpu(kernel, types, consts, arch=arch, num_warps=num_warps,
                                       aligned=("channels", "tokens_per_frame"))
 """
 
 _AOT_COMPILE = _AOT_SCRIPT + """
 n = 0
-# (arch, x dtype, modulation dtype, C, rows per tile, warps, affine): head + tail pieces
-# (1152 = 1024 + 128, 5120 = 4096 + 1024), one piece (2048), fp32 modulation with bf16 x
-for case in ((80, "*bf16", "*bf16", 1152, 2, 8, True), (80, "*fp16", "*fp16", 2048, 4, 8, False),
-             (90, "*bf16", "*fp32", 5120, 1, 16, True), (90, "*fp16", "*fp32", 40, 8, 2, False)):
+# (arch, x dtype, modulation dtype, C, rows per tile, warps, affine, loop stages): head + tail
+# pieces (1152 = 1024 + 128, 5120 = 4096 + 1024), one piece (2048), fp32 modulation with bf16 x,
+# pipelined and plain row loops
+for case in ((80, "*bf16", "*bf16", 1152, 2, 8, True, 2),
+             (80, "*fp16", "*fp16", 2048, 4, 8, False, 1),
+             (90, "*bf16", "*fp32", 5120, 1, 16, True, 2),
+             (90, "*fp16", "*fp32", 40, 8, 2, False, 1)):
     for kernel, compiled in compile_all(*case):
         assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"]
         n += 1
