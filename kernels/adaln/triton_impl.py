@@ -1,5 +1,7 @@
 """Triton kernels for adaLN modulation and the gated residual.
 
+Kernels: _adaln_fwd_kernel, _adaln_bwd_kernel, and _gated_residual_kernel (flag BACKWARD).
+
 Layout: x is viewed as rows [B*N, C] (contiguous); modulation vectors as rows [B*T, C]. Frame
 segment s = b*T + t owns the N/T consecutive rows [s*N/T, (s+1)*N/T) of x, so every kernel runs on
 a grid (B*T, chunks): program (s, k) owns rows [k*ROWS_PER_PROGRAM, (k+1)*ROWS_PER_PROGRAM) of
@@ -93,13 +95,13 @@ def _tuning(max_per_thread: int) -> dict:
 @triton.jit
 def _tile_rows(segment, chunk, it, tokens_per_frame, channels,
                BLOCK_R: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
-    """int64 element offsets of the rows of tile ``it`` of program (segment, chunk) and their
-    mask (rows past the chunk or the frame are off)."""
+    """int64 row indices and element offsets of the rows of tile ``it`` of program
+    (segment, chunk), and their mask (rows past the chunk or the frame are off)."""
     in_chunk = it * BLOCK_R + tl.arange(0, BLOCK_R)
     local = chunk * ROWS_PER_PROGRAM + in_chunk
     rmask = (in_chunk < ROWS_PER_PROGRAM) & (local < tokens_per_frame)
     row = segment.to(tl.int64) * tokens_per_frame + local
-    return row * channels, rmask
+    return row, row * channels, rmask
 
 
 @triton.jit
@@ -124,12 +126,11 @@ def _store_tile(ptr, value, row_off, rmask, col0, channels, BLOCK: tl.constexpr,
 
 
 @triton.jit
-def _load_vec(ptr, offset, col0, channels, BLOCK: tl.constexpr, TAIL: tl.constexpr,
-              other: tl.constexpr):
+def _load_vec(ptr, offset, col0, channels, BLOCK: tl.constexpr, TAIL: tl.constexpr):
     """fp32 [BLOCK] vector of one modulation row (or the affine parameters, offset 0)."""
     cols = col0 + tl.arange(0, BLOCK)
     if TAIL:
-        return tl.load(ptr + offset + cols, mask=cols < channels, other=other).to(tl.float32)
+        return tl.load(ptr + offset + cols, mask=cols < channels, other=0.0).to(tl.float32)
     return tl.load(ptr + offset + cols).to(tl.float32)
 
 
@@ -139,14 +140,14 @@ def _folded_modulation(shift_ptr, scale_ptr, weight_ptr, bias_ptr, mod_off, col0
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """(a, c) with y = x_hat * a + c: a = w (1 + scale), c = b (1 + scale) + shift. Computed once
     per program, so the per-element work is one FMA."""
-    one_plus_scale = 1.0 + _load_vec(scale_ptr, mod_off, col0, channels, BLOCK, TAIL, 0.0)
-    shift = _load_vec(shift_ptr, mod_off, col0, channels, BLOCK, TAIL, 0.0)
+    one_plus_scale = 1.0 + _load_vec(scale_ptr, mod_off, col0, channels, BLOCK, TAIL)
+    shift = _load_vec(shift_ptr, mod_off, col0, channels, BLOCK, TAIL)
     a = one_plus_scale
     c = shift
     if HAS_WEIGHT:
-        a = a * _load_vec(weight_ptr, 0, col0, channels, BLOCK, TAIL, 0.0)
+        a = a * _load_vec(weight_ptr, 0, col0, channels, BLOCK, TAIL)
     if HAS_BIAS:
-        c = c + one_plus_scale * _load_vec(bias_ptr, 0, col0, channels, BLOCK, TAIL, 0.0)
+        c = c + one_plus_scale * _load_vec(bias_ptr, 0, col0, channels, BLOCK, TAIL)
     return a, c
 
 
@@ -185,7 +186,7 @@ def _adaln_fwd_kernel(
     # LOOP_STAGES > 1: the loads of the next tiles are issued as cp.async into shared memory
     # while this tile computes (software pipelining of the row loop)
     for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R, num_stages=LOOP_STAGES):
-        row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
+        row, row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
                                     BLOCK_R, ROWS_PER_PROGRAM)
         x_h = _load_tile(x_ptr, row_off, rmask, 0, channels, BLOCK_C, False)
         peak = tl.max(tl.abs(x_h), axis=1)
@@ -213,9 +214,8 @@ def _adaln_fwd_kernel(
         if BLOCK_T > 0:
             _store_tile(y_ptr, d_t * rstd_u[:, None] * a_t[None, :] + c_t[None, :], row_off,
                         rmask, BLOCK_C, channels, BLOCK_T, True)
-        stat = row_off // channels
-        tl.store(mean_ptr + stat, mean_u * up, mask=rmask)
-        tl.store(rstd_ptr + stat, rstd_u * down, mask=rmask)
+        tl.store(mean_ptr + row, mean_u * up, mask=rmask)
+        tl.store(rstd_ptr + row, rstd_u * down, mask=rmask)
 
 
 @triton.autotune(**_tuning(max_per_thread=16))
@@ -231,23 +231,22 @@ def _adaln_bwd_kernel(
     chunk = tl.program_id(1)
     mod_off = segment.to(tl.int64) * channels
     # g = dy * (1 + scale) * w: the gradient reaching x_hat; gw_* is its per-column factor
-    gw_h = 1.0 + _load_vec(scale_ptr, mod_off, 0, channels, BLOCK_C, False, 0.0)
+    gw_h = 1.0 + _load_vec(scale_ptr, mod_off, 0, channels, BLOCK_C, False)
     if HAS_WEIGHT:
-        gw_h = gw_h * _load_vec(weight_ptr, 0, 0, channels, BLOCK_C, False, 0.0)
+        gw_h = gw_h * _load_vec(weight_ptr, 0, 0, channels, BLOCK_C, False)
     acc_dy_h = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_dyx_h = tl.zeros([BLOCK_C], dtype=tl.float32)
     if BLOCK_T > 0:
-        gw_t = 1.0 + _load_vec(scale_ptr, mod_off, BLOCK_C, channels, BLOCK_T, True, 0.0)
+        gw_t = 1.0 + _load_vec(scale_ptr, mod_off, BLOCK_C, channels, BLOCK_T, True)
         if HAS_WEIGHT:
-            gw_t = gw_t * _load_vec(weight_ptr, 0, BLOCK_C, channels, BLOCK_T, True, 0.0)
+            gw_t = gw_t * _load_vec(weight_ptr, 0, BLOCK_C, channels, BLOCK_T, True)
         acc_dy_t = tl.zeros([BLOCK_T], dtype=tl.float32)
         acc_dyx_t = tl.zeros([BLOCK_T], dtype=tl.float32)
     for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R, num_stages=LOOP_STAGES):
-        row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
+        row, row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
                                     BLOCK_R, ROWS_PER_PROGRAM)
-        stat = row_off // channels
-        mean = tl.load(mean_ptr + stat, mask=rmask, other=0.0)
-        rstd = tl.load(rstd_ptr + stat, mask=rmask, other=0.0)
+        mean = tl.load(mean_ptr + row, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=rmask, other=0.0)
         x_h = _load_tile(x_ptr, row_off, rmask, 0, channels, BLOCK_C, False)
         dy_h = _load_tile(dy_ptr, row_off, rmask, 0, channels, BLOCK_C, False)
         xhat_h = tl.where(rmask[:, None], (x_h - mean[:, None]) * rstd[:, None], 0.0)
@@ -287,67 +286,49 @@ def _adaln_bwd_kernel(
 
 @triton.autotune(**_tuning(max_per_thread=32))
 @triton.jit
-def _gated_residual_fwd_kernel(
-    x_ptr, y_ptr, gate_ptr, out_ptr,
-    tokens_per_frame, channels,
-    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-    BLOCK_R: tl.constexpr, LOOP_STAGES: tl.constexpr,
-):
-    segment = tl.program_id(0)
-    chunk = tl.program_id(1)
-    mod_off = segment.to(tl.int64) * channels
-    gate_h = _load_vec(gate_ptr, mod_off, 0, channels, BLOCK_C, False, 0.0)
-    if BLOCK_T > 0:
-        gate_t = _load_vec(gate_ptr, mod_off, BLOCK_C, channels, BLOCK_T, True, 0.0)
-    for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R, num_stages=LOOP_STAGES):
-        row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
-                                    BLOCK_R, ROWS_PER_PROGRAM)
-        x_h = _load_tile(x_ptr, row_off, rmask, 0, channels, BLOCK_C, False)
-        y_h = _load_tile(y_ptr, row_off, rmask, 0, channels, BLOCK_C, False)
-        _store_tile(out_ptr, x_h + gate_h[None, :] * y_h, row_off, rmask, 0, channels,
-                    BLOCK_C, False)
-        if BLOCK_T > 0:
-            x_t = _load_tile(x_ptr, row_off, rmask, BLOCK_C, channels, BLOCK_T, True)
-            y_t = _load_tile(y_ptr, row_off, rmask, BLOCK_C, channels, BLOCK_T, True)
-            _store_tile(out_ptr, x_t + gate_t[None, :] * y_t, row_off, rmask, BLOCK_C,
-                        channels, BLOCK_T, True)
-
-
-@triton.autotune(**_tuning(max_per_thread=32))
-@triton.jit
-def _gated_residual_bwd_kernel(
-    dout_ptr, y_ptr, gate_ptr, dy_ptr, dgate_part_ptr,
+def _gated_residual_kernel(
+    a_ptr, y_ptr, gate_ptr, out_ptr, dgate_part_ptr,
     tokens_per_frame, channels, n_chunks,
+    BACKWARD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
     BLOCK_R: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
+    """Forward (a = x): out = x + gate * y. Backward (a = dout): out = d y = gate * dout, and the
+    per-program partial sum of dout * y (d gate) into dgate_part."""
     segment = tl.program_id(0)
     chunk = tl.program_id(1)
     mod_off = segment.to(tl.int64) * channels
-    gate_h = _load_vec(gate_ptr, mod_off, 0, channels, BLOCK_C, False, 0.0)
+    gate_h = _load_vec(gate_ptr, mod_off, 0, channels, BLOCK_C, False)
     acc_h = tl.zeros([BLOCK_C], dtype=tl.float32)
     if BLOCK_T > 0:
-        gate_t = _load_vec(gate_ptr, mod_off, BLOCK_C, channels, BLOCK_T, True, 0.0)
+        gate_t = _load_vec(gate_ptr, mod_off, BLOCK_C, channels, BLOCK_T, True)
         acc_t = tl.zeros([BLOCK_T], dtype=tl.float32)
     for it in tl.range(0, (ROWS_PER_PROGRAM + BLOCK_R - 1) // BLOCK_R, num_stages=LOOP_STAGES):
-        row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
+        row, row_off, rmask = _tile_rows(segment, chunk, it, tokens_per_frame, channels,
                                     BLOCK_R, ROWS_PER_PROGRAM)
-        dout_h = _load_tile(dout_ptr, row_off, rmask, 0, channels, BLOCK_C, False)
+        a_h = _load_tile(a_ptr, row_off, rmask, 0, channels, BLOCK_C, False)
         y_h = _load_tile(y_ptr, row_off, rmask, 0, channels, BLOCK_C, False)
-        _store_tile(dy_ptr, gate_h[None, :] * dout_h, row_off, rmask, 0, channels, BLOCK_C,
-                    False)
-        acc_h += tl.sum(dout_h * y_h, axis=0)
+        if BACKWARD:
+            out_h = gate_h[None, :] * a_h
+            acc_h += tl.sum(a_h * y_h, axis=0)
+        else:
+            out_h = a_h + gate_h[None, :] * y_h
+        _store_tile(out_ptr, out_h, row_off, rmask, 0, channels, BLOCK_C, False)
         if BLOCK_T > 0:
-            dout_t = _load_tile(dout_ptr, row_off, rmask, BLOCK_C, channels, BLOCK_T, True)
+            a_t = _load_tile(a_ptr, row_off, rmask, BLOCK_C, channels, BLOCK_T, True)
             y_t = _load_tile(y_ptr, row_off, rmask, BLOCK_C, channels, BLOCK_T, True)
-            _store_tile(dy_ptr, gate_t[None, :] * dout_t, row_off, rmask, BLOCK_C, channels,
-                        BLOCK_T, True)
-            acc_t += tl.sum(dout_t * y_t, axis=0)
-    part = (segment.to(tl.int64) * n_chunks + chunk) * channels
-    tl.store(dgate_part_ptr + part + tl.arange(0, BLOCK_C), acc_h)
-    if BLOCK_T > 0:
-        cols_t = BLOCK_C + tl.arange(0, BLOCK_T)
-        tl.store(dgate_part_ptr + part + cols_t, acc_t, mask=cols_t < channels)
+            if BACKWARD:
+                out_t = gate_t[None, :] * a_t
+                acc_t += tl.sum(a_t * y_t, axis=0)
+            else:
+                out_t = a_t + gate_t[None, :] * y_t
+            _store_tile(out_ptr, out_t, row_off, rmask, BLOCK_C, channels, BLOCK_T, True)
+    if BACKWARD:
+        part = (segment.to(tl.int64) * n_chunks + chunk) * channels
+        tl.store(dgate_part_ptr + part + tl.arange(0, BLOCK_C), acc_h)
+        if BLOCK_T > 0:
+            cols_t = BLOCK_C + tl.arange(0, BLOCK_T)
+            tl.store(dgate_part_ptr + part + cols_t, acc_t, mask=cols_t < channels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,8 +388,9 @@ def gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> 
     if x.numel() == 0:
         return out
     geo = _geometry(batch, tokens, channels, gate.shape[1])
-    _gated_residual_fwd_kernel[geo["grid"]](
-        x, y, gate, out, geo["tokens_per_frame"], channels, **geo["consts"])
+    _gated_residual_kernel[geo["grid"]](
+        x, y, gate, out, out, geo["tokens_per_frame"], channels, geo["grid"][1],
+        BACKWARD=False, **geo["consts"])
     return out
 
 
@@ -421,8 +403,8 @@ def gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
     geo = _geometry(batch, tokens, channels, frames)
     dgate_part = torch.empty(*geo["grid"], channels, device=y.device, dtype=torch.float32)
     if dgate_part.numel() > 0:
-        _gated_residual_bwd_kernel[geo["grid"]](
+        _gated_residual_kernel[geo["grid"]](
             dout, y, gate, dy, dgate_part, geo["tokens_per_frame"], channels, geo["grid"][1],
-            **geo["consts"])
+            BACKWARD=True, **geo["consts"])
     dgate = dgate_part.sum(dim=1).view(batch, frames, channels).to(gate.dtype)
     return dy, dgate
