@@ -92,12 +92,13 @@ class AdaLNModulateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, weight, bias, eps):
         y, mean, rstd = _modulate_fwd(x, shift, scale, weight, bias, eps)
-        ctx.save_for_backward(x, shift, scale, weight, bias, mean, rstd)
+        ctx.save_for_backward(x, scale, weight, bias, mean, rstd)
+        ctx.shift_dtype = shift.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, shift, scale, weight, bias, mean, rstd = ctx.saved_tensors
+        x, scale, weight, bias, mean, rstd = ctx.saved_tensors
         dx, sum_dy, sum_dy_xhat = _modulate_bwd(dy.contiguous(), x, scale, weight, mean, rstd)
         # Per frame, with h = x_hat * w + b and y = h * (1 + scale) + shift:
         #   d shift = sum dy,  d scale = sum dy * h = w * sum(dy x_hat) + b * sum(dy),
@@ -112,7 +113,7 @@ class AdaLNModulateFunction(torch.autograd.Function):
             dweight = (one_plus_scale * sum_dy_xhat).sum(dim=(0, 1)).to(weight.dtype)
         if bias is not None:
             dbias = (one_plus_scale * sum_dy).sum(dim=(0, 1)).to(bias.dtype)
-        return dx, sum_dy.to(shift.dtype), dscale.to(scale.dtype), dweight, dbias, None
+        return dx, sum_dy.to(ctx.shift_dtype), dscale.to(scale.dtype), dweight, dbias, None
 
 
 class GatedResidualFunction(torch.autograd.Function):
@@ -155,7 +156,7 @@ def _channel_limit(call: CallInfo) -> list[str]:
     from kernels.adaln.triton_impl import MAX_C
 
     c = call.facts.get("C", 0)
-    return [] if c <= MAX_C else [f"C={c} exceeds the single-block limit C <= {MAX_C}"]
+    return [] if c <= MAX_C else [f"C={c} exceeds the register-tile limit C <= {MAX_C}"]
 
 
 for _op, _ref, _tri in ((OP_MODULATE, adaln_modulate_ref, _modulate_triton),
