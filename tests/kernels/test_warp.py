@@ -291,6 +291,22 @@ def test_triton_deterministic_mode(triton_device):
         assert torch.equal(a, b)
 
 
+def test_triton_deterministic_plan_sorts_one_key_per_pixel(triton_device, monkeypatch):
+    """The plan sorts N int32 footprint keys (not 4N per-tap targets), over B(H+1)(W+1) groups."""
+    from kernels.flow_warp import plan, triton_impl
+
+    seen = []
+
+    def recording_plan(key, n_keys):
+        seen.append((key.dtype, key.numel(), n_keys))
+        return plan.gather_plan(key, n_keys)
+
+    monkeypatch.setattr(triton_impl, "gather_plan", recording_plan)
+    _check_backend("triton", (2, 3, 5, 4, "partial"), torch.float32, triton_device,
+                   deterministic=True)
+    assert seen == [(torch.int32, 2 * 3 * 5, 2 * 4 * 6)]
+
+
 class _NanTorch:
     """torch with empty/empty_like returning NaN-filled (or -7-filled integer) tensors."""
 
@@ -442,6 +458,31 @@ def test_triton_scatter_atomics_are_relaxed():
     assert not any(op.startswith(("fence", "membar")) for op in ptx_ops), ptx_ops
     assert any(op.startswith("REDG") for op in sass_ops), sass_ops
     assert not any(op.startswith(("MEMBAR", "CCTL")) for op in sass_ops), sass_ops
+
+@pytest.mark.slow
+def test_cuda_atomic_backward_uses_vector_atomics_on_hopper(tmp_path):
+    """nvcc's sm_90 SASS of the CUDA backward has float4 reductions (REDG.E.ADD.F32x4), the
+    sm_80 SASS only scalar ones."""
+    import shutil
+    import subprocess
+
+    import triton
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("needs nvcc")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    found = {}
+    for arch in (80, 90):
+        cubin = tmp_path / f"warp_sm{arch}.cubin"
+        subprocess.run([nvcc, "-std=c++17", "-cubin", f"-arch=sm_{arch}", f"-I{CSRC}",
+                        str(CSRC / "warp_occlusion.cu"), "-o", str(cubin)], check=True,
+                       capture_output=True)
+        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], check=True,
+                              capture_output=True, text=True).stdout
+        found[arch] = {op for op in sass.split() if op.startswith(("RED", "ATOM"))}
+    assert any(op.endswith("F32x4.FTZ.RN.STRONG.GPU") for op in found[90]), found[90]
+    assert found[80] and not any("x4" in op for op in found[80]), found[80]
 
 def test_warp_is_warp_occlusion_without_occlusion_or_residual():
     h, flow, _ = _inputs(1, 3, 4, 2, "fractional", torch.float32, "cpu")
