@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None,
                    help=f"per-op wall-clock budget; rows after it are recorded as skipped "
                         f"(default: none on a GPU, {CPU_BUDGET_S:.0f} s on a CPU)")
+    p.add_argument("--total-budget-s", type=float, default=None,
+                   help="wall-clock budget of the whole sweep, shared out as it goes: each op "
+                        "gets the time left divided by the ops left (overrides --budget-s)")
     p.add_argument("--cooldown-s", type=float, default=1.0,
                    help="pause between providers on a GPU (default 1 s)")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNGs")
@@ -75,11 +78,17 @@ def main(argv=None) -> int:
         print(f"# measured peaks: {peaks}")
     # A quick sweep times bf16 only (every workload lists it): the dtype the targets are set in.
     dtypes = args.dtype or (["bf16"] if quick else None)
+    # A quick sweep shortens do_bench's windows (10 ms warm-up, 40 ms of repetitions).
+    windows = {"warmup_ms": 10.0, "rep_ms": 40.0} if quick else {}
     options = harness.RunOptions(smoke=device != "cuda", modes=args.mode or harness.MODES,
-                                 dtypes=dtypes, budget_s=budget, cooldown_s=args.cooldown_s)
+                                 dtypes=dtypes, budget_s=budget, cooldown_s=args.cooldown_s,
+                                 **windows)
     written = []
     started = time.monotonic()
-    for name in args.op:
+    for index, name in enumerate(args.op):
+        if args.total_budget_s is not None:
+            left = args.total_budget_s - (time.monotonic() - started)
+            options.budget_s = max(left, 0.0) / (len(args.op) - index)
         module = importlib.import_module(BENCHES[name])
         workloads = [w for w in module.WORKLOADS if re.search(args.workload, w.name)
                      and (not quick or w.name in module.QUICK)]

@@ -182,12 +182,14 @@ def time_cuda_graph(fn: Callable[[], object], replays: int = 100) -> tuple[float
     return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
-def time_ms(fn: Callable[[], object], device: str) -> tuple[float, float, float, str]:
+def time_ms(fn: Callable[[], object], device: str, warmup_ms: float = 25.0,
+            rep_ms: float = 100.0) -> tuple[float, float, float, str]:
     """(p50, p20, p80) in milliseconds and how they were measured."""
     if device == "cuda":
         import triton.testing
 
-        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8],
+                                                warmup=warmup_ms, rep=rep_ms)
         if p50 >= GRAPH_BELOW_MS:
             return float(p50), float(p20), float(p80), "do_bench"
         try:
@@ -311,14 +313,16 @@ def environment(device: str) -> dict:
 @dataclass
 class RunOptions:
     """What to run: ``smoke`` shapes (forced off CUDA), modes, dtypes (None: each workload's own),
-    a wall-clock ``budget_s`` after which the remaining rows are recorded as skipped, and the
-    ``cooldown_s`` pause between providers on CUDA."""
+    a wall-clock ``budget_s`` after which the remaining rows are recorded as skipped, the
+    ``cooldown_s`` pause between providers on CUDA, and do_bench's windows."""
 
     smoke: bool = False
     modes: Sequence[str] = MODES
     dtypes: Sequence[str] | None = None
     budget_s: float | None = None
     cooldown_s: float = 1.0
+    warmup_ms: float = 25.0  # do_bench's warm-up and repetition windows
+    rep_ms: float = 100.0
 
 
 def _throughput_fields(wl: Workload, mode: str, dtype: str, ms: float, smoke: bool,
@@ -371,7 +375,8 @@ def run(op: str, workloads: Iterable[Workload], providers: Iterable[Provider], *
                     previous = prov.name
                     try:
                         fn = make_timed_callable(prov, inputs, mode)
-                        p50, p20, p80, how = time_ms(fn, device)
+                        p50, p20, p80, how = time_ms(fn, device, options.warmup_ms,
+                                                     options.rep_ms)
                         peak = peak_memory_mib(fn, device)
                     except Exception as exc:  # a baseline that cannot run this shape is a row too
                         rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})

@@ -1,6 +1,7 @@
-"""The `make gpu-evidence` dry run (GPU_EVIDENCE_DRY_RUN=1) at its smallest: the test subset,
-one op's reduced sweep and one op's sanitizer launch, with every file landing where a GPU run
-puts it. (The build step is `make build-cuda`, which CI runs on its own where nvcc exists.)"""
+"""The `make gpu-evidence` dry run (GPU_EVIDENCE_DRY_RUN=1) at its smallest: the test subset of
+one file, the model rows' reduced sweep and one op's sanitizer launch (in Triton's interpreter),
+with every file landing where a GPU run puts it. (The build step is `make build-cuda`, which CI
+runs on its own where nvcc exists; `GPU_EVIDENCE_DRY_RUN=1 make gpu-evidence` runs it all.)"""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ MAX_FILES, MAX_BYTES = 8, 16 << 20  # what the device machine sends back
 def test_dry_run_writes_the_evidence_folder(tmp_path):
     start = time.monotonic()
     summary = gpu_evidence.evidence(tmp_path, dry_run=not torch.cuda.is_available(),
-                                    python=sys.executable, ops=["adaln"],
+                                    python=sys.executable, ops=["models"],
                                     sanitize_only="^gated_residual$",
-                                    steps_wanted=("tests", "bench", "sanitizer"))
+                                    steps_wanted=("tests", "bench", "sanitizer"),
+                                    test_paths=("tests/kernels/test_performer.py",))
     elapsed = time.monotonic() - start
     failed = [s for s in summary["steps"] if not s["ok"]]
     logs = {p.name: p.read_text()[-3000:] for p in tmp_path.glob("*.log")}
@@ -35,7 +37,7 @@ def test_dry_run_writes_the_evidence_folder(tmp_path):
     with tarfile.open(tmp_path / "results.tar.gz") as tar:
         names = tar.getnames()
     results = [n for n in names if n.endswith(".json")]
-    assert len(results) == 1 and results[0].endswith("/adaln_modulate.json"), names
+    assert len(results) == 1 and results[0].endswith("/models.json"), names
     if summary["dry_run"]:
         assert results[0].split("/")[1].startswith("cpu-")  # never a GPU slug from a CPU
         assert "1 launches on cpu" in (tmp_path / "sanitizer.log").read_text()
