@@ -86,13 +86,16 @@ def plot_result(path: Path | None) -> Path | None:
         counted = [(r, _size_and_throughput(r)) for r in mode_rows]
         if counted and all(c is not None for _, c in counted):
             unit = counted[0][1][2]
-            by_provider: dict[str, list] = defaultdict(list)
+            several_dtypes = len({r["dtype"] for r, _ in counted}) > 1
+            by_provider: dict[tuple, list] = defaultdict(list)
             for r, (size, thr, _) in counted:
-                by_provider[r["provider"]].append((size, thr, r))
-            for provider, points in sorted(by_provider.items()):
-                points.sort(key=lambda p: p[0])
-                ax.plot([p[0] for p in points], [p[1] for p in points], "o-" if is_ours(provider)
-                        else "s--", label=provider, linewidth=2 if is_ours(provider) else 1)
+                by_provider[(r["provider"], r["dtype"])].append((size, thr))
+            for (provider, dtype), points in sorted(by_provider.items()):
+                points.sort()
+                ours = is_ours(provider)
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-" if ours else "s--",
+                        label=f"{provider} {dtype}" if several_dtypes else provider,
+                        linewidth=2 if ours else 1)
             # roofline: the throughput the measured (and datasheet) ceilings allow at each size
             for ceiling, style, label in ((peaks, "k-", "roofline (measured)"),
                                           (sheet, "k:", "roofline (datasheet)")):
@@ -124,17 +127,18 @@ def plot_result(path: Path | None) -> Path | None:
 
 
 def _roofline_points(counted: list, ceiling: dict, unit: str) -> list[tuple[float, float]]:
-    """(size, attainable throughput) per timed workload under ``ceiling``."""
+    """(size, attainable throughput) per timed workload under ``ceiling``: the roofline time is
+    max(FLOPs / peak FLOP rate, bytes / peak bandwidth), the attainable rate the work over it."""
     peak_tflops = ceiling.get("bf16_matmul_tflops") or ceiling.get("bf16_tflops")
     peak_gbps = ceiling.get("copy_gbps") or ceiling.get("hbm_gbps")
     points = set()
-    for r, (size, thr, _) in counted:
-        pct = r.get("pct_of_peak") if "copy_gbps" in ceiling else r.get(
-            "pct_of_datasheet_peak")
-        if not pct or not (peak_tflops or peak_gbps):
-            continue
-        # pct = 100 * roofline time / measured time, so attainable = achieved * 100 / pct
-        points.add((size, thr * 100.0 / pct))
+    for r, (size, _, _) in counted:
+        flops = (r.get("tflops") or 0.0) * r["ms_p50"] * 1e9
+        nbytes = (r.get("gbps") or 0.0) * r["ms_p50"] * 1e6
+        bound_ms = max(flops / (peak_tflops * 1e9) if flops and peak_tflops else 0.0,
+                       nbytes / (peak_gbps * 1e6) if nbytes and peak_gbps else 0.0)
+        if bound_ms:
+            points.add((size, size / bound_ms / (1e9 if unit == "TFLOP/s" else 1e6)))
     return sorted(points)
 
 
