@@ -23,6 +23,7 @@ from bench import harness
 
 BENCHES = {
     "adaln": "bench.bench_adaln",
+    "gated_residual": "bench.bench_gated_residual",
     "attention3d": "bench.bench_attention3d",
     "warp": "bench.bench_warp",
     "performer": "bench.bench_performer",

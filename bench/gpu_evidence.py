@@ -51,7 +51,7 @@ LOG_LIMIT_BYTES = 4 << 20  # a log is cut to its last 4 MiB: the files that come
 LIMITS = {"build": 90, "tests": 120, "bench": 180, "sanitizer_warm": 30, "memcheck": 60,
           "racecheck": 60}
 # The sweep's own budget, shared among the ops as it goes (an op that finishes early leaves its
-# time to the next); 30 s are left for the last rows that overrun and for the plots.
+# time to the next; 7 ops); 30 s are left for the last rows that overrun and for the plots.
 BENCH_BUDGET_S = 150
 # The dry run runs Triton in its interpreter on a shared CPU: same steps, looser limits.
 DRY_RUN_LIMIT_FACTOR = 4
