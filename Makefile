@@ -9,7 +9,8 @@ TORCH_CPU   ?= torch==2.13.0
 STAMP       := $(VENV)/.installed
 OPS         := adaln attention3d warp performer frame_causal
 
-.PHONY: test demo train-demo bench test-gpu build-cuda lint install clean
+.PHONY: test demo train-demo bench test-gpu build-cuda lint install clean bench-host \
+	gpu-evidence import-evidence gpu-image-rehearsal
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -44,13 +45,47 @@ lint: $(STAMP)
 build-cuda: $(STAMP)
 	AVATAR_KERNELS_REQUIRE_CUDA_BUILD=1 $(PY) setup.py -q build_ext --inplace
 
-# GPU lane, on a machine with CUDA torch: every backend vs the reference at real shapes.
+# GPU lane, on a machine with CUDA torch: every backend vs the reference at real shapes, then the
+# sanitizer launches and the host-overhead benchmarks (they run on CUDA tensors there).
 test-gpu:
 	AVATAR_KERNELS_REQUIRE_CUDA_BUILD=1 $(GPU_PYTHON) setup.py -q build_ext --inplace
-	$(GPU_PYTHON) -m pytest -q -rs tests/kernels
+	$(GPU_PYTHON) -m pytest -q -rs tests/kernels tests/bench
 
-bench:
-	@for op in $(OPS); do $(GPU_PYTHON) -m bench.bench_$$op || exit 1; done
+# bench and bench-host run on the GPU's python where there is a GPU, else in the project venv.
+HAS_GPU      := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+BENCH_PYTHON  = $(if $(HAS_GPU),$(GPU_PYTHON),$(PY))
+BENCH_DEPS    = $(if $(HAS_GPU),,$(STAMP))
+
+# Every op's benchmarks + the end-to-end model rows -> bench/results/<device>/*.json, tables, PNGs.
+# Without a GPU: a reduced sweep (<= 2 min) under bench/results/cpu-<machine>/, wiring only.
+# Options: make bench BENCH_ARGS="--op attention3d --quick".
+bench: $(BENCH_DEPS)
+	$(BENCH_PYTHON) -m bench $(BENCH_ARGS)
+
+# Host-side overhead of every public op (launch swallowed) vs a bare torch call, pytest-benchmark.
+# Saved under bench/results/host-overhead/; compare with a saved run by
+# `make bench-host BENCH_HOST_ARGS=--benchmark-compare` (or =--benchmark-compare=0001).
+bench-host: $(BENCH_DEPS)
+	$(if $(HAS_GPU),,TRITON_INTERPRET=1) BENCH_HOST_ROUNDS=20 BENCH_HOST_ITERATIONS=500 \
+		$(BENCH_PYTHON) -m pytest -q tests/bench/test_host_overhead.py \
+		--benchmark-only --benchmark-autosave --benchmark-storage=bench/results/host-overhead \
+		--benchmark-columns=min,median,iqr,rounds --benchmark-sort=name $(BENCH_HOST_ARGS)
+
+# One command for a GPU window (H200: within 9 min): build, GPU test subset, quick sweep + model
+# rows, compute-sanitizer; everything in $$OUT (default out/gpu-evidence). GPU_EVIDENCE_DRY_RUN=1
+# rehearses every step at smoke size on a CPU. See bench/README.md.
+gpu-evidence: $(BENCH_DEPS)
+	GPU_PYTHON=$(BENCH_PYTHON) $(BENCH_PYTHON) -m bench.gpu_evidence
+
+# Files a gpu-evidence folder under bench/results/<device>/ and regenerates docs/PERFORMANCE.md.
+import-evidence: $(BENCH_DEPS)
+	@test -n "$(DIR)" || { echo "usage: make import-evidence DIR=<gpu-evidence folder>"; exit 2; }
+	$(BENCH_PYTHON) -m bench.report import $(DIR)
+
+# Builds a venv like the GPU image (Python 3.12, torch 2.11, triton 3.6, numpy 2.5, transformers;
+# several GB, kept in ~/.cache) and runs the gpu-evidence dry run in it. Not part of `make test`.
+gpu-image-rehearsal:
+	bash bench/gpu_image_rehearsal.sh
 
 clean:
 	rm -rf build kernels/_cuda*.so out

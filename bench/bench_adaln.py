@@ -48,6 +48,8 @@ WORKLOADS = [
     _workload("sdit_xl2_b32_t4_256px", 32, 1024, 4, 1152),
     _workload("wan_c3072_b2_t4_1560tok", 2, 4 * 1560, 4, 3072),
 ]
+# `python -m bench --quick` (and `make gpu-evidence`) runs these only.
+QUICK = ("sdit_xl2_b8_t4_256px",)
 
 
 def providers(device: str) -> list[Provider]:

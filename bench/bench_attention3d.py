@@ -169,6 +169,8 @@ WORKLOADS = [
     _workload("wan13b_lookahead_norope", 1, 12, 128, 22, (30, 52), rope=False, anchor=False),
     _workload("cogvideox5b_13f", 1, 48, 64, 13, (30, 45), rope=True, anchor=False),
 ]
+# `python -m bench --quick` (and `make gpu-evidence`) runs these only.
+QUICK = ("sdit_xl2_b8_t4", "sdit_xl2_b8_t4_anchor")
 
 
 def _too_big_for_ref(workload: Workload, dtype: str) -> str | None:

@@ -74,6 +74,8 @@ WORKLOADS = [
     _workload("selfforcing_wan_b1_h12_d128_21x1560", [1560] * 21, 12, 128, None),
     _workload("selfforcing_wan_b1_h12_d128_full", [32760], 12, 128, None),
 ]
+# `python -m bench --quick` (and `make gpu-evidence`) runs these only.
+QUICK = ("lavieid_tam_b1_h16_d64_5x1350", "lavieid_tam_b1_h16_d64_full")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,6 +110,8 @@ WORKLOADS = [
     for m in (64, 256, default_features(d))
     for n in (16, 32, 300, 1800, 3600, 7200)
 ]
+# `python -m bench --quick` (and `make gpu-evidence`) runs these only.
+QUICK = ("mcdm_temporal_d64_m266_n1800", "mcdm_temporal_d64_m266_n1800_causal")
 
 
 def _ref_too_big(workload: Workload, dtype: str) -> str | None:

@@ -64,6 +64,8 @@ WORKLOADS = [
     _workload("warpface_64x64x320_b2", 2, 64, 320),     # 512 px up3
     _workload("warpface_64x64x320_b16", 16, 64, 320),   # training batch
 ]
+# `python -m bench --quick` (and `make gpu-evidence`) runs these only.
+QUICK = ("warpface_32x32x640_b2",)
 
 
 def providers(device: str) -> list[Provider]:
