@@ -49,7 +49,7 @@ build-cuda: $(STAMP)
 # sanitizer launches and the host-overhead benchmarks (they run on CUDA tensors there).
 test-gpu:
 	AVATAR_KERNELS_REQUIRE_CUDA_BUILD=1 $(GPU_PYTHON) setup.py -q build_ext --inplace
-	$(GPU_PYTHON) -m pytest -q -rs tests/kernels tests/bench
+	$(GPU_PYTHON) -m pytest -q -rs tests/kernels tests/test_bench_host_overhead.py
 
 # bench and bench-host run on the GPU's python where there is a GPU, else in the project venv.
 HAS_GPU      := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
@@ -67,7 +67,7 @@ bench: $(BENCH_DEPS)
 # `make bench-host BENCH_HOST_ARGS=--benchmark-compare` (or =--benchmark-compare=0001).
 bench-host: $(BENCH_DEPS)
 	$(if $(HAS_GPU),,TRITON_INTERPRET=1) BENCH_HOST_ROUNDS=20 BENCH_HOST_ITERATIONS=500 \
-		$(BENCH_PYTHON) -m pytest -q tests/bench/test_host_overhead.py \
+		$(BENCH_PYTHON) -m pytest -q tests/test_bench_host_overhead.py \
 		--benchmark-only --benchmark-autosave --benchmark-storage=bench/results/host-overhead \
 		--benchmark-columns=min,median,iqr,rounds --benchmark-sort=name $(BENCH_HOST_ARGS)
 

@@ -2,7 +2,7 @@
 autograd wrapping, the torch.library dispatch and the launcher's own Python: output allocation,
 grid) with every Triton launch replaced by a no-op, so no kernel runs and only host time is left.
 
-Measured by ``tests/bench/test_host_overhead.py`` with pytest-benchmark (``make bench-host``).
+Measured by ``tests/test_bench_host_overhead.py`` with pytest-benchmark (``make bench-host``).
 """
 
 from __future__ import annotations

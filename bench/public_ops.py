@@ -1,5 +1,6 @@
 """Every public op of ``kernels`` with small inputs: one table for the sanitizer launches
-(``python -m bench.sanitize_launch``) and the host-overhead benchmarks (``tests/bench``).
+(``python -m bench.sanitize_launch``) and the host-overhead benchmarks
+(``tests/test_bench_host_overhead.py``).
 
 Each :class:`OpCall` builds small inputs (``make(device, dtype)``, tensors that the op
 differentiates already ``requires_grad``) and calls the public function with an explicit backend

@@ -5,7 +5,9 @@ It lives at the top of the dependency chain (``samplers -> avatar_models -> kern
 sampling, training and the demo need all three layers.
 
 - ``TOOLS``: verbs without a system; each is a module with ``add_arguments(parser)`` and
-  ``run(args) -> int``.
+  ``run(args) -> int``. A tool that sets the parser default ``forward_unknown=True`` receives
+  the arguments it does not declare in ``args.forwarded`` (``bench`` hands them to
+  ``python -m bench``).
 - ``SYSTEM_VERBS`` x ``SYSTEMS``: ``avatar-kernels VERB SYSTEM ...``. Each system is ONE module,
   ``samplers/commands/<system>.py``, exposing ``add_<verb>_arguments(parser)`` and
   ``run_<verb>(args) -> int`` for the verbs it has. A new system is one row of ``SYSTEMS``.
@@ -30,7 +32,8 @@ PROG = "avatar-kernels"
 # verb -> (module, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
     "info": ("samplers.commands.info", "which backend runs which op here, and why not"),
-    "bench": ("samplers.commands.bench", "run an op's benchmark (GPU; --smoke on CPU)"),
+    "bench": ("samplers.commands.bench",
+              "benchmarks of every op (`python -m bench`; a reduced, labelled sweep on CPU)"),
 }
 # verb -> one-line help
 SYSTEM_VERBS: dict[str, str] = {
@@ -122,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv[at:at] = [DEFAULT_SYSTEM[verb]]
     try:
         parser = build_parser(argv)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "forward_unknown", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.forwarded = [a for a in extra if a != "--"]
         if getattr(args, "run", None) is None:
             parser.print_help()
             return USER_ERROR_STATUS

@@ -1,7 +1,8 @@
-"""``avatar-kernels bench OP [harness options]``: runs ``bench/bench_<OP>.py``.
+"""``avatar-kernels bench [--op NAME] [--quick] [--out DIR] ...``: forwards to ``python -m bench``.
 
 Benchmarks live in the source checkout (``bench/``), not in the installed wheel: run this from a
-clone. Without a GPU only ``--smoke`` runs (CPU timings are not evidence).
+clone. Without a GPU it runs a reduced sweep under a ``cpu-<machine>`` results folder, which checks
+the wiring and is not evidence (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from pathlib import Path
 
 from samplers.commands.validation import OptionError
 
-BENCHES = ("adaln", "attention3d", "warp", "performer", "frame_causal")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("op", choices=BENCHES, help="which benchmark")
-    parser.add_argument("harness_args", nargs=argparse.REMAINDER,
-                        help="passed to the harness (--dtype, --mode, --workload, --smoke, --out)")
+    # Every option belongs to `python -m bench` (--op NAME, --quick, --out DIR, --dtype, --mode,
+    # --workload, --budget-s ...): the CLI forwards what it does not know.
+    parser.epilog = ("Options are those of `python -m bench`: `avatar-kernels bench -- -h` "
+                     "lists them.")
+    parser.set_defaults(forward_unknown=True)
 
 
 def find_bench_root() -> Path:
@@ -30,12 +31,11 @@ def find_bench_root() -> Path:
         if (root / "bench" / "harness.py").is_file():
             return root
     raise OptionError("bench/ is part of the source checkout: run `avatar-kernels bench` from "
-                      "the repository root (or `python -m bench.bench_<op>` there)")
+                      "the repository root (or `python -m bench` there)")
 
 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("bench") is None:
         sys.path.insert(0, str(find_bench_root()))
-    module = importlib.import_module(f"bench.bench_{args.op}")
-    module.main(module.OP, module.WORKLOADS, module.providers, args.harness_args)
-    return 0
+    entry = importlib.import_module("bench.__main__")
+    return int(entry.main(args.forwarded) or 0)

@@ -317,10 +317,22 @@ def test_item15_bench_found_without_the_checkout_on_sys_path(monkeypatch, tmp_pa
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.chdir(tmp_path)
     assert bench.find_bench_root() == REPO
-    with pytest.raises(SystemExit) as exit_info:  # the harness's own --help
-        main(["bench", "adaln", "--help"])
+    with pytest.raises(SystemExit) as exit_info:  # `python -m bench`'s own help, forwarded
+        main(["bench", "--", "-h"])
     assert exit_info.value.code == 0
     assert Path(sys.modules["bench"].__file__).parent == REPO / "bench"
+
+
+def test_item15_bench_forwards_its_options_and_refuses_unknown_ones_elsewhere(monkeypatch):
+    import bench.__main__ as bench_main
+
+    seen = []
+    monkeypatch.setattr(bench_main, "main", lambda argv: seen.append(list(argv)) or 0)
+    assert main(["bench", "--op", "adaln", "--quick"]) == 0
+    assert seen == [["--op", "adaln", "--quick"]]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "--op", "adaln"])
+    assert exit_info.value.code == 2
 
 
 def test_item15_python_m_samplers_is_avatar_kernels():
