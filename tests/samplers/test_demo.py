@@ -91,6 +91,8 @@ def test_train_demo_writes_checkpoint_and_loss_curve(tmp_path):
     assert (tmp_path / "m.safetensors").is_file() and (tmp_path / "loss.png").is_file()
     saved = json.loads((tmp_path / "loss.json").read_text())
     assert saved["recipe"] == record["recipe"] and len(saved["loss"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "loss.json", "loss.png", "m.safetensors", "patch_pca.safetensors"]
 
 
 def test_train_command_is_a_valid_train_anchored_line(tmp_path):
