@@ -99,24 +99,29 @@ def keyframe_at(schedule: Sequence[tuple[float, object]], time_s: float):
 
 
 class StreamingMp4:
-    """H.264 + AAC mp4 written segment by segment as a fragmented MP4 (``frag_keyframe+
-    empty_moov``: every fragment is playable, so an interrupted run leaves a valid file of the
-    segments written so far). Use as a context manager; it closes (flushes) on any exception.
+    """H.264 + AAC mp4 written segment by segment. Use as a context manager: it closes (flushes
+    and writes the index) on any exception, Ctrl-C included, so an interrupted run leaves a
+    playable file of the segments written so far.
+
+    ``fragmented=True`` writes a fragmented MP4 (``frag_keyframe+empty_moov``, an I-frame at
+    every segment start), playable even after a hard kill; its audio then carries the AAC
+    encoder's priming samples (no edit list in fragments: about 40 ms too long at 16 kHz),
+    which is why the default is the plain MP4 with its exact audio duration.
 
     ``write(frames uint8 [T, H, W, 3], audio float [S] | None)``: frames and, optionally, the
     audio samples that cover them.
     """
 
     def __init__(self, path: str | Path, fps: float, *, sample_rate: int | None = None,
-                 crf: int = 18):
+                 crf: int = 18, fragmented: bool = False):
         import av
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fps, self.sample_rate, self.crf = fps, sample_rate, crf
         self._av = av
-        self._container = av.open(str(self.path), mode="w",
-                                  options={"movflags": "frag_keyframe+empty_moov"})
+        options = {"movflags": "frag_keyframe+empty_moov"} if fragmented else {}
+        self._container = av.open(str(self.path), mode="w", options=options)
         self._video = self._audio = None
         self._frames = self._samples = 0
 
