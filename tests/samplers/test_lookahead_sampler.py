@@ -86,7 +86,7 @@ def test_starting_frames_are_the_previous_segments_last_frames_at_every_step(mod
     _run(rec, total=12, callback=callback, start_mode=mode,
          settings=LookaheadSettings(distance=3, starting_frames=2, steps=3))
     checked = 0
-    for seg, k, x, start in steps:
+    for seg, _, x, start in steps:
         if seg == 0:
             assert start is None
             continue
