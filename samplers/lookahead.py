@@ -105,7 +105,7 @@ class StreamingMp4:
 
     ``fragmented=True`` writes a fragmented MP4 (``frag_keyframe+empty_moov``, an I-frame at
     every segment start), playable even after a hard kill; its audio then carries the AAC
-    encoder's priming samples (no edit list in fragments: about 40 ms too long at 16 kHz),
+    encoder's priming samples (no edit list in fragments: up to about 0.1 s too long),
     which is why the default is the plain MP4 with its exact audio duration.
 
     ``write(frames uint8 [T, H, W, 3], audio float [S] | None)``: frames and, optionally, the
