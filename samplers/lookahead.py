@@ -104,7 +104,8 @@ class StreamingMp4:
     playable file of the segments written so far.
 
     ``fragmented=True`` writes a fragmented MP4 (``frag_keyframe+empty_moov``, an I-frame at
-    every segment start), playable even after a hard kill; its audio then carries the AAC
+    every segment start), playable even after a hard kill (it then holds the segments flushed
+    so far: all but the last one or two, as the muxer interleaves audio); its audio carries the AAC
     encoder's priming samples (no edit list in fragments: up to about 0.1 s too long),
     which is why the default is the plain MP4 with its exact audio duration.
 
@@ -120,7 +121,11 @@ class StreamingMp4:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fps, self.sample_rate, self.crf = fps, sample_rate, crf
         self._av = av
-        options = {"movflags": "frag_keyframe+empty_moov"} if fragmented else {}
+        # fragmented: every I-frame closes a fragment and packets are flushed to the file
+        # at once, so a hard kill leaves all segments up to the previous one on disk
+        options = {"movflags": "frag_keyframe+empty_moov", "flush_packets": "1"} \
+            if fragmented else {}
+        self.fragmented = fragmented
         self._container = av.open(str(self.path), mode="w", options=options)
         self._video = self._audio = None
         self._frames = self._samples = 0
@@ -129,6 +134,8 @@ class StreamingMp4:
         vs = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         vs.options = {"crf": str(self.crf)}
+        if self.fragmented:      # no encoder look-ahead: a segment's packets leave at once
+            vs.options = {**vs.options, "tune": "zerolatency"}
         self._video = vs
         if self.sample_rate:
             self._audio = self._container.add_stream("aac", rate=int(self.sample_rate))
