@@ -293,3 +293,28 @@ def lookahead_sample(model: Callable, schedule: NoiseSchedule, *, total_frames: 
 def frames_for_audio(seconds: float, fps: float, ratio: int = 1) -> int:
     """Latent frames that cover ``seconds`` of audio at ``fps`` (rounded up)."""
     return max(1, math.ceil(seconds * fps / ratio))
+
+
+def distance_pilot(model: Callable, schedule: NoiseSchedule, clean: torch.Tensor,
+                   audio: torch.Tensor, distances: Sequence[int], *, steps: int = 20,
+                   generator_seed: int = 0, device="cpu") -> dict[int, torch.Tensor]:
+    """The Fig. 3 pilot: a two-frame generation, one noisy frame at temporal index 0 and the
+    clean frame ``clean`` [C, H, W] (passed as the keyframe tokens) at index k, for every k in
+    ``distances``; the same noise for every k. ``audio`` [r, A] covers the noisy frame.
+    Returns {k: generated frame [C, H, W]}; the motion size is its distance to ``clean``."""
+    out = {}
+    for k in distances:
+        x = torch.randn((1, 1, *clean.shape),
+                        generator=torch.Generator().manual_seed(generator_seed)).to(device)
+        grid = torch.linspace(1.0, 0.0, steps + 1)
+        kf, aud = clean[None].to(device, torch.float32), audio[None].to(device, torch.float32)
+        for i in range(steps):
+            u = grid[i].expand(1).to(device)
+            with torch.no_grad():
+                pred = model(x, schedule.model_time(u), aud, kf, torch.full((1,), int(k)),
+                             start=None, audio_null=None)
+            x0, eps = schedule.x0_eps(x, pred.float(), u)
+            a, s = schedule.alpha_sigma(grid[i + 1].expand(1).to(device))
+            x = a.view(-1, 1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1, 1) * eps
+        out[int(k)] = x[0, 0].cpu()
+    return out

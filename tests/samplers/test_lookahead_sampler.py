@@ -314,3 +314,17 @@ def test_fragmented_file_survives_a_hard_kill(tmp_path):
     frames = read_video(path, with_audio=False)[0]
     assert 5 <= frames.shape[0] < 20 and frames.shape[0] % 5 == 0
     assert int(frames[0].float().mean().round()) in range(45, 56)
+
+
+def test_distance_pilot_moves_only_the_clean_frames_time():
+    from samplers.lookahead import distance_pilot
+
+    rec = Recorder(_model())
+    clean = torch.linspace(-1, 1, 3 * 64).view(SHAPE)
+    frames = distance_pilot(rec, NoiseSchedule("flow"), clean, torch.ones(1, 4), [1, 8],
+                            steps=2)
+    assert sorted(frames) == [1, 8] and frames[1].shape == SHAPE
+    assert [c["keyframe_time"].item() for c in rec.calls] == [1, 1, 8, 8]
+    assert torch.equal(rec.calls[0]["x"], rec.calls[2]["x"])       # same noise for every k
+    assert all(torch.equal(c["keyframe"][0], clean) for c in rec.calls)
+    assert not torch.equal(frames[1], frames[8])
