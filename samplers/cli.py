@@ -46,6 +46,7 @@ SYSTEM_VERBS: dict[str, str] = {
 SYSTEMS: dict[str, tuple[str, str]] = {
     "anchored": ("samplers.commands.anchored",
                  "Anchored Diffusion (sDiT on non-uniform sequences sharing an anchor frame)"),
+    "lookahead": ("samplers.commands.lookahead", "Lookahead Anchoring (distant keyframe)"),
 }
 # verb -> the system used when none is named (`avatar-kernels demo` is `demo anchored`)
 DEFAULT_SYSTEM: dict[str, str] = {"demo": "anchored"}
