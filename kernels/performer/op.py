@@ -29,27 +29,33 @@ def _triton():
 
 @torch.library.custom_op("avatar_kernels::performer_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: torch.Tensor,
-         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
     return _triton().performer_fwd(q, k, v, features, causal)
 
 
 @_fwd.register_fake
 def _(q, k, v, features, causal):
-    batch, seq_len, heads, _ = q.shape
-    lse = q.new_empty(batch, heads, seq_len, dtype=torch.float32)
-    cmax = q.new_empty(0 if causal else batch * heads, features.shape[0], dtype=torch.float32)
-    return q.new_empty(q.shape), lse, cmax
+    batch, seq_len, heads, head_dim = q.shape
+    n_features, keep = features.shape[0], 0 if causal else batch * heads
+    f32 = torch.float32
+    return (q.new_empty(q.shape), q.new_empty(batch, heads, seq_len, dtype=f32),
+            q.new_empty(keep, n_features, head_dim, dtype=f32),
+            q.new_empty(2, keep, n_features, dtype=f32),
+            q.new_empty(2 if causal else 0, batch * heads, seq_len, dtype=f32))
 
 
 @torch.library.custom_op("avatar_kernels::performer_bwd", mutates_args=())
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         features: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cmax: torch.Tensor,
-         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton().performer_bwd(do, q, k, v, features, out, lse, cmax, causal)
+         features: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, state: torch.Tensor,
+         feature_stats: torch.Tensor, row_max: torch.Tensor, causal: bool
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton().performer_bwd(do, q, k, v, features, out, lse, state, feature_stats,
+                                   row_max, causal)
 
 
 @_bwd.register_fake
-def _(do, q, k, v, features, out, lse, cmax, causal):
+def _(do, q, k, v, features, out, lse, state, feature_stats, row_max, causal):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
@@ -59,20 +65,20 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 class PerformerFunction(torch.autograd.Function):
     """Triton FAVOR+: q, k, v [B, N, H, D] with unit last stride, features [M, D] contiguous.
-    Saves q, k, v, out and the fp32 row log-normaliser lse [B, H, N] (plus the per-feature key
-    maxima [B*H, M] when non-causal); no feature map and no per-chunk state is saved."""
+    Saves q, k, v, out, the fp32 row log-normaliser lse [B, H, N] and O(M D + N) fp32 per head:
+    non-causal the key state S [B*H, M, D] with z, c [2, B*H, M]; causal the per-row logit
+    maxima [2, B*H, N]. No feature map and no per-chunk state is saved."""
 
     @staticmethod
     def forward(ctx, q, k, v, features, causal):
-        out, lse, cmax = _fwd(q, k, v, features, causal)
-        ctx.save_for_backward(q, k, v, features, out, lse, cmax)
+        out, *saved = _fwd(q, k, v, features, causal)
+        ctx.save_for_backward(q, k, v, features, out, *saved)
         ctx.causal = causal
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, features, out, lse, cmax = ctx.saved_tensors
-        dq, dk, dv = _bwd(_unit_last_stride(dout), q, k, v, features, out, lse, cmax, ctx.causal)
+        dq, dk, dv = _bwd(_unit_last_stride(dout), *ctx.saved_tensors, ctx.causal)
         return dq, dk, dv, None, None
 
 
