@@ -148,8 +148,11 @@ def orthogonal_features(num_features: int, head_dim: int, *,
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got "
                         f"{type(generator).__name__}")
+    names = ", ".join(str(d) for d in REF_DTYPES)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, one of ({names}), got "
+                        f"{type(dtype).__name__} {dtype!r}")
     if dtype not in REF_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in REF_DTYPES)
         raise TypeError(f"dtype must be one of ({names}), got {dtype}")
     return orthogonal_features_ref(num_features, head_dim, generator=generator, device=device,
                                    dtype=dtype)

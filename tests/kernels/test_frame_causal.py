@@ -302,14 +302,18 @@ def test_torch_compile_traces_triton_path(triton_device):
 
 
 _AOT_SCRIPT = """
+import subprocess, tempfile
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.frame_causal import triton_impl
 
-def build(kernel, **consts):
+def build(kernel, num_warps=4, num_stages=3, **consts):
     ints = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kv_end_ptr": "*i32",
             "q_begin_ptr": "*i32", "perm_ptr": "*i32", "stats_ptr": "*i32"}
+    if consts.get("DQ_ATOMIC"):
+        ints["dq_ptr"] = "*fp32"
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in consts:
@@ -322,17 +326,41 @@ def build(kernel, **consts):
             attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT specialises at run time
     src = ASTSource(kernel, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4, "num_stages": 3})
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
-common = {"HEAD_DIM": 64, "BLOCK_D": 64, "PERMUTED": False, "COUNT_TILES": False,
+def ptxas_serialisation_warnings(compiled):
+    # ptxas -v reports wgmma serialisation (C7510..C7515) as "info" lines.
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        log = subprocess.run([knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", f.name,
+                              "-o", "/dev/null"], capture_output=True, text=True)
+    return [line for line in (log.stdout + log.stderr).splitlines() if "(C751" in line]
+
+common = {"HEAD_DIM": 64, "BLOCK_D": 64, "PERMUTED": True, "COUNT_TILES": False,
           "INPUT_PRECISION": "tf32", "BLOCK_M": 64, "BLOCK_N": 64}
 kernels = [build(triton_impl._frame_causal_fwd_kernel.fn, **common)]
-kernels += [build(triton_impl._frame_causal_bwd_kernel.fn, DQ_PASS=p, **common)
+kernels += [build(triton_impl._frame_causal_bwd_kernel.fn, DQ_PASS=p, DQ_ATOMIC=not p, **common)
             for p in (False, True)]
 for k in kernels:
     ir = k.asm["ttgir"]
     print("wgmma" if "warp_group_dot" in ir else "no-wgmma",
           "pipelined" if "async_copy_global_to_local" in ir else "not-pipelined")
+# Every dk/dv configuration the autotuner may pick, both modes, D = 64 and 128: no serialised
+# wgmma (the masked-tiles-first order got C7515 in all of them).
+warnings = []
+for head_dim in (64, 128):
+    for cfg in triton_impl._BWD_CONFIGS:
+        if triton_impl._prune([cfg], None, BLOCK_D=head_dim) != [cfg]:
+            continue
+        for atomic in (True, False):
+            consts = {**common, **cfg.kwargs, "HEAD_DIM": head_dim, "BLOCK_D": head_dim,
+                      "DQ_PASS": False, "DQ_ATOMIC": atomic}
+            compiled = build(triton_impl._frame_causal_bwd_kernel.fn, cfg.num_warps,
+                             cfg.num_stages, **consts)
+            warnings += [(head_dim, str(cfg), line) for line in
+                         ptxas_serialisation_warnings(compiled)]
+print("serialised", len(warnings), warnings)
 """
 
 
@@ -341,10 +369,12 @@ def test_kernels_compile_for_hopper_with_pipelined_loads():
     """Ahead-of-time compile (no GPU needed; a subprocess without the interpreter) of the forward
     and both backward passes for sm_90 in bf16, D=64: catches compiled-path errors the
     interpreter cannot see, and checks that the tile loads are software-pipelined (async copies)
-    and the products use wgmma, which the performance depends on."""
+    and the products use wgmma, which the performance depends on; and that ptxas serialises the
+    wgmma of no dk/dv configuration the autotuner can choose (D = 64 and 128)."""
     done = run_compiled_mode(_AOT_SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["wgmma", "pipelined"] * 3, done.stdout
+    assert done.stdout.split()[:6] == ["wgmma", "pipelined"] * 3, done.stdout
+    assert done.stdout.split()[6:8] == ["serialised", "0"], done.stdout
 
 
 def test_default_backend_on_plain_cpu_is_ref(monkeypatch):
@@ -392,6 +422,15 @@ def _call(arg, value):
 def test_bad_input_is_named(arg, value, exc, match):
     with pytest.raises(exc, match=match):
         _call(arg, value)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("shape", [(0, 9, 2, 8), (2, 0, 2, 8), (2, 9, 0, 8)])
+def test_zero_size_inputs_raise_the_same_error_on_every_backend(triton_device, backend, shape):
+    q = torch.randn(*shape, device=triton_device)
+    ids = torch.zeros(shape[1], dtype=torch.long, device=triton_device)
+    with pytest.raises(ValueError, match=rf"q must be non-empty, got shape \{list(shape)}"):
+        kernels.frame_causal_attention(q, q, q, frame_ids=ids, backend=backend)
 
 
 def test_bad_device_mix_is_named():
@@ -448,3 +487,34 @@ def test_gpu_inductor_compile():
     out.float().sum().backward()
     ref = frame_causal_attention_ref(q, k, v, ids, THETA)
     assert (out.float() - ref.float()).abs().max() < 2e-2 and torch.isfinite(q.grad).all()
+
+
+def test_triton_launchers_never_sync_with_the_host(triton_device):
+    """Forward and backward (both modes), RoPE, unsorted per-batch ids: no launcher or op code
+    reads a tensor value on the host or copies Python data to the device (issue 15, item 7)."""
+    from kernels.testing import forbid_host_syncs
+
+    ids = torch.stack([_ids([9, 7]), _shuffled(_ids([7, 9]))]).to(triton_device)
+    q, k, v = _leaves(*_qkv(2, 16, 2, 16, torch.float32, triton_device))
+
+    def run():
+        out = kernels.frame_causal_attention(q, k, v, frame_ids=ids, rope_theta=THETA,
+                                             backend="triton")
+        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    expected = run()  # first call: one-time caches (inverse frequencies) may be filled
+    for deterministic in (False, True):
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            with forbid_host_syncs():
+                grads = run()
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want)
+    # The guard itself catches such a call made from a module of the package.
+    probe = {"torch": torch, "__name__": "kernels.probe"}
+    with pytest.raises(AssertionError, match="host sync: __int__ called from kernels.probe"), \
+            forbid_host_syncs():
+        exec("int(torch.ones(1))", probe)

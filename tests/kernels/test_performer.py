@@ -307,8 +307,11 @@ def test_bad_causal_and_feature_arguments():
         kernels.orthogonal_features(4, 8.0)
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         kernels.orthogonal_features(4, 8, generator=1)
-    with pytest.raises(TypeError, match="dtype must be one of"):
+    with pytest.raises(TypeError, match=r"dtype must be one of \(torch.float32, .*got torch.int32"):
         kernels.orthogonal_features(4, 8, dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"dtype must be a torch.dtype, one of \(torch.float32, "
+                                        r".*\), got str 'float32'"):
+        kernels.orthogonal_features(4, 8, dtype="float32")
 
 
 def test_registry_reasons_and_empty_input():
@@ -323,6 +326,19 @@ def test_registry_reasons_and_empty_input():
     out = kernels.performer_attention(q, q, q, torch.randn(3, 8))
     assert out.shape == q.shape
     out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(0, 5, 2, 8), (2, 0, 2, 8), (2, 5, 0, 8)])
+def test_zero_size_inputs_give_empty_results_on_every_backend(triton_device, backend, causal,
+                                                             shape):
+    q = torch.randn(*shape, device=triton_device, requires_grad=True)
+    w = _features(3, 8, device=triton_device)
+    out = kernels.performer_attention(q, q, q, w, causal=causal, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert grad.shape == q.shape
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,37 +380,52 @@ from kernels.performer import triton_impl as ti
 from kernels.testing import compile_for_gpu
 
 count = 0
-for arch, dt in ((80, "fp16"), (90, "bf16")):
-    for head_dim in (40, 64):
-        n_features = round(head_dim * math.log(head_dim))     # the op's default M
-        feat_bf16, prec = dt == "bf16", "tf32"
-        for backward in (False, True):
-            cfg = ti.config(7200, head_dim, n_features, backward=backward)
-            out_dt = dt if cfg.n_mblocks == 1 else "fp32"     # partial outputs merge in fp32
-            types = {name: "*" + dt for name in ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "do_ptr")}
-            types.update({"o_ptr": "*" + (dt if backward else out_dt), "lse_ptr": "*fp32",
-                          "cmax_ptr": "*fp32", "scale": "fp32",
-                          **{g: "*" + out_dt for g in ("dq_ptr", "dk_ptr", "dv_ptr")}})
-            consts = {"BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d,
-                      "FEAT_BF16": feat_bf16, "PREC": prec}
-            kernel = ti._performer_bwd_kernel if backward else ti._performer_fwd_kernel
-            for causal in (False, True):
-                passes = ((False, True) if causal else (False,)) if backward else (None,)
-                for key_grads in passes:
-                    extra = {} if key_grads is None else {"KEY_GRADS": key_grads}
-                    compiled = compile_for_gpu(kernel, types, {**consts, **extra, "CAUSAL": causal},
-                                               arch=arch, num_warps=cfg.num_warps)
-                    assert ".entry" in compiled.asm["ptx"]
-                    count += 1
+for arch, dt, head_dims in ((80, "fp16", (64,)), (90, "bf16", (40, 64))):
+    for head_dim in head_dims:
+        cfg = ti.config(7200, head_dim, round(head_dim * math.log(head_dim)))  # the default M
+        types = {name: "*" + dt for name in ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "do_ptr",
+                                             "x_ptr", "y_ptr", "o_ptr", "dq_ptr", "dk_ptr",
+                                             "dv_ptr")}
+        types.update({name: "*fp32" for name in ("lse_ptr", "rowmax_ptr", "state_ptr",
+                                                 "norm_ptr", "cmax_ptr")}, scale="fp32")
+        consts = {"BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d,
+                  "FEAT_BF16": dt == "bf16", "PREC": "tf32"}
+        variants = [(ti._performer_state_kernel, {"QUERY_SIDE": side}) for side in (0, 1)]
+        variants += [(ti._performer_fwd_kernel, {"CAUSAL": causal}) for causal in (0, 1)]
+        variants += [(ti._performer_bwd_kernel, {"CAUSAL": causal, "KEY_GRADS": key})
+                     for causal in (0, 1) for key in (0, 1)]
+        for kernel, flags in variants:
+            compiled = compile_for_gpu(kernel, types, {**consts, **flags}, arch=arch,
+                                       num_warps=cfg.num_warps)
+            ptx = compiled.asm["ptx"]
+            assert ".entry" in ptx
+            if arch == 90:  # every product on Hopper's warpgroup tensor cores
+                assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx, (kernel, flags)
+            count += 1
 print("compiled", count)
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_a100_and_hopper():
-    """The compiled path (not the interpreter): forward and backward (both causal passes), causal
-    and not, at the launcher's GPU tile sizes for the MCDM head dims 40 and 64 with the default
-    feature count (several feature blocks at D=64), fp16 on sm_80 and bf16 on sm_90."""
+    """The compiled path (not the interpreter): the state kernel (both sides), forward and
+    backward (both passes), causal and not, at the launcher's GPU tile sizes for the MCDM head
+    dims 40 and 64 with the default feature count (five feature blocks at D=64), fp16 on sm_80
+    and bf16 on sm_90, where every product must be a wgmma (no mma.sync fallback)."""
     done = run_compiled_mode(_AOT_SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["compiled", "20"], done.stdout
+    assert done.stdout.split() == ["compiled", "24"], done.stdout
+
+
+def test_triton_launchers_never_sync_with_the_host(triton_device):
+    """Forward and backward, causal and not, several feature blocks: no launcher or op code
+    reads a tensor value on the host or copies Python data to the device (issue 15, item 7)."""
+    from kernels.testing import forbid_host_syncs
+
+    q, k, v = _leaves(*_qkv(1, 19, 2, 16, device=triton_device))
+    w = _features(40, 16, device=triton_device)
+    for causal in (False, True):
+        with forbid_host_syncs():
+            out = kernels.performer_attention(q, k, v, w, causal=causal, backend="triton")
+            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert all(torch.isfinite(g).all() for g in grads)
