@@ -91,13 +91,15 @@ def _logits(x, w, scale, PREC: tl.constexpr):
 
 @triton.jit
 def _load(base, offs_n, stride_n, offs_d, mask):
-    return tl.load(base + offs_n[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+    # Row offsets in int64: N * stride_n passes 2^31 for long packed sequences.
+    rows = offs_n.to(tl.int64)[:, None] * stride_n
+    return tl.load(base + rows + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def _store(base, offs_n, stride_n, offs_d, value, mask):
-    tl.store(base + offs_n[:, None] * stride_n + offs_d[None, :],
-             value.to(base.dtype.element_ty), mask=mask)
+    rows = offs_n.to(tl.int64)[:, None] * stride_n
+    tl.store(base + rows + offs_d[None, :], value.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -245,17 +245,25 @@ def test_causal_nonfinite_future_token_does_not_leak(triton_device, backend, poi
     assert not torch.isfinite(out2[:, 7]).all()
 
 
-def test_triton_large_norm_fp16_is_finite(triton_device):
-    """Rows of norm 20 in fp16 (logits up to ~60): output and gradients finite and accurate."""
-    q, k, v = _qkv(1, 200, 1, 32, torch.float16, triton_device, norm=20.0)
-    w = _features(44, 32, torch.float16, triton_device)
-    for causal in (False, True):
-        leaves = _leaves(q, k, v)
-        out = kernels.performer_attention(*leaves, w, causal=causal, backend="triton")
-        grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
-        assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
-        ref = performer_attention_ref(q.double(), k.double(), v.double(), w.double(), causal)
-        assert (out.double() - ref).abs().max() < 0.05
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_norm_30_fp16_is_finite_and_accurate(triton_device, causal):
+    """Rows of norm 30 in fp16 at D = 64 (logits up to ~|w| 30 / 64^(1/4) ~ 100, far past
+    exp's fp32 range): output and every gradient finite, and close to the fp64 reference
+    (relative to the gradient's scale). N = 8192 in bf16 runs in the GPU lane; the README gives
+    the argument why nothing grows with N."""
+    q, k, v = _qkv(1, 80, 1, 64, torch.float16, triton_device, norm=30.0)
+    w = _features(70, 64, torch.float16, triton_device)        # five feature blocks
+    leaves = _leaves(q, k, v)
+    out = kernels.performer_attention(*leaves, w, causal=causal, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = _leaves(q.double(), k.double(), v.double())
+    ref = performer_attention_ref(*ref_leaves, w.double(), causal)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert (out.double() - ref).abs().max() < 0.05
+    for g, rg in zip(grads, ref_grads):
+        assert (g.double() - rg).abs().max() < 0.05 * rg.abs().max() + 1e-3
 
 
 def test_torch_compile_traces_triton_path(triton_device):
@@ -357,7 +365,7 @@ def test_gpu_triton_matches_reference(dtype, causal, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_long_large_norm_is_finite_and_causal(dtype):
-    q, k, v = _qkv(2, 8192, 4, 64, dtype, "cuda", norm=20.0)
+    q, k, v = _qkv(2, 8192, 4, 64, dtype, "cuda", norm=30.0)
     w = _features(266, 64, dtype, "cuda")
     for causal in (False, True):
         leaves = _leaves(q, k, v)
