@@ -14,8 +14,9 @@ the prefix [0, kv_end[n]) and the queries that see key j are the suffix [q_begin
     partial tiles        [.., kv_end[e-1]) (masked by  key < kv_end[row])
     skipped              the rest          (never loaded).
 The dk/dv pass does the same over query tiles with q_begin. Softmax statistics are fp32, scores use
-exp2 with log2(e) folded into the scale; the backward is FlashAttention-2 style with no atomics
-(deterministic): one launch for dk/dv (a program owns a key tile), one for dq (owns a query tile).
+exp2 with log2(e) folded into the scale; the backward is FlashAttention-2 style: a program owns
+a key tile and computes dk, dv and its share of dq (fp32 atomics), five products per tile pair;
+in deterministic mode dq gets its own launch (a program owns a query tile) instead.
 """
 
 from __future__ import annotations

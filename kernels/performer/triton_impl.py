@@ -583,8 +583,8 @@ def performer_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
         q, k, v, features, out, lse, row_max if causal else lse, state, stats[0], stats[1],
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         *sizes, cfg.n_mblocks, head_dim ** -0.25, CAUSAL=causal, **consts)
-    if causal:  # scratch only: do not keep it alive for the backward
-        state, stats = state[:0], stats[:, :0]
+    if causal:  # scratch only: fresh empty tensors (a [:0] view would keep it alive)
+        state, stats = state.new_empty(0, n_features, head_dim), stats.new_empty(2, 0, n_features)
     return out, lse, state, stats, row_max
 
 
