@@ -171,7 +171,8 @@ def performer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     in global memory: the sequence is scanned in chunks carrying the state sum_j phi(k_j) v_j^T
     [M, D] and sum_j phi(k_j) [M] in fp32. Internally stabilised by running maxima of the
     exponents (they cancel exactly in the ratio), so fp16/bf16 inputs with large row norms do not
-    overflow; in the causal case output i is bitwise independent of every token after i.
+    overflow; in the causal case output i is bitwise independent of every token after i, also
+    when a later token holds NaN or inf (a non-finite v_j makes outputs i >= j non-finite).
 
     Args:
         q, k, v: [B, N, H, D]; float32, float16 or bfloat16 (float64 on the ref backend); same
