@@ -46,9 +46,10 @@ class Config:
     block_d: int
     n_mblocks: int
     num_warps: int
+    num_stages: int
 
 
-def config(seq_len: int, head_dim: int, n_features: int) -> Config:
+def config(seq_len: int, head_dim: int, n_features: int, causal: bool = False) -> Config:
     """Chunk and feature-block sizes. BLOCK_N = BLOCK_M = 64: every product has an m64 side
     (the logits [64, 64], the state update [BLOCK_M, D]), so all of them are wgmma on sm_90;
     with BLOCK_M = 32 the state updates fall back to mma.sync. M is padded to a multiple of 64
@@ -57,8 +58,11 @@ def config(seq_len: int, head_dim: int, n_features: int) -> Config:
     # Interpreter: small tiles so CPU tests cover several chunks and feature blocks.
     block_n = block_m = 16 if interpreter_enabled() else 64
     block_n = min(block_n, max(16, triton.next_power_of_2(seq_len)))
-    # 8 warps: with 4, every kernel but the forward spills (ptxas, sm_90a, D = 64).
-    return Config(block_n, block_m, block_d, triton.cdiv(n_features, block_m), 8)
+    # 8 warps: with 4, every kernel but the forward spills (ptxas, sm_90a, D = 64). The causal
+    # kernels keep a [64, 64] pair matrix and [64, D] accumulators live across the feature loop:
+    # 2 load stages instead of 3 halve their spills (forward 1012 -> 468 B, dk/dv 2164 -> 1524 B).
+    stages = 2 if causal else 3
+    return Config(block_n, block_m, block_d, triton.cdiv(n_features, block_m), 8, stages)
 
 
 def _dot_modes(dtype: torch.dtype) -> tuple[bool, str]:
@@ -560,7 +564,7 @@ def performer_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
     logit maxima the backward needs."""
     batch, seq_len, heads, head_dim = q.shape
     n_features = features.shape[0]
-    cfg = config(seq_len, head_dim, n_features)
+    cfg = config(seq_len, head_dim, n_features, causal)
     feat_bf16, prec = _dot_modes(q.dtype)
     dev = q.device
     heads_total = batch * heads
@@ -570,7 +574,8 @@ def performer_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
     row_max = torch.empty(2 if causal else 0, heads_total, seq_len, device=dev,
                           dtype=torch.float32)
     consts = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
-                  FEAT_BF16=feat_bf16, PREC=prec, num_warps=cfg.num_warps)
+                  FEAT_BF16=feat_bf16, PREC=prec, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
     sizes = (heads, seq_len, head_dim, n_features)
     if not causal:
         _performer_state_kernel[(cfg.n_mblocks, heads_total)](
@@ -593,12 +598,13 @@ def performer_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, seq_len, heads, head_dim = q.shape
     n_features = features.shape[0]
-    cfg = config(seq_len, head_dim, n_features)
+    cfg = config(seq_len, head_dim, n_features, causal)
     feat_bf16, prec = _dot_modes(q.dtype)
     heads_total = batch * heads
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     consts = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
-                  FEAT_BF16=feat_bf16, PREC=prec, num_warps=cfg.num_warps)
+                  FEAT_BF16=feat_bf16, PREC=prec, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
     sizes = (heads, seq_len, head_dim, n_features)
     scale = head_dim ** -0.25
     if causal:  # one scratch state per head, reset by each pass

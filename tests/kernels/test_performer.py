@@ -390,21 +390,22 @@ from kernels.testing import compile_for_gpu
 count = 0
 for arch, dt, head_dims in ((80, "fp16", (64,)), (90, "bf16", (40, 64))):
     for head_dim in head_dims:
-        cfg = ti.config(7200, head_dim, round(head_dim * math.log(head_dim)))  # the default M
+        n_features = round(head_dim * math.log(head_dim))                    # the default M
         types = {name: "*" + dt for name in ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "do_ptr",
                                              "x_ptr", "y_ptr", "o_ptr", "dq_ptr", "dk_ptr",
                                              "dv_ptr")}
         types.update({name: "*fp32" for name in ("lse_ptr", "rowmax_ptr", "state_ptr",
                                                  "norm_ptr", "cmax_ptr")}, scale="fp32")
-        consts = {"BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d,
-                  "FEAT_BF16": dt == "bf16", "PREC": "tf32"}
         variants = [(ti._performer_state_kernel, {"QUERY_SIDE": side}) for side in (0, 1)]
         variants += [(ti._performer_fwd_kernel, {"CAUSAL": causal}) for causal in (0, 1)]
         variants += [(ti._performer_bwd_kernel, {"CAUSAL": causal, "KEY_GRADS": key})
                      for causal in (0, 1) for key in (0, 1)]
         for kernel, flags in variants:
+            cfg = ti.config(7200, head_dim, n_features, causal=bool(flags.get("CAUSAL")))
+            consts = {"BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d,
+                      "FEAT_BF16": dt == "bf16", "PREC": "tf32"}
             compiled = compile_for_gpu(kernel, types, {**consts, **flags}, arch=arch,
-                                       num_warps=cfg.num_warps)
+                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             ptx = compiled.asm["ptx"]
             assert ".entry" in ptx
             if arch == 90:  # every product on Hopper's warpgroup tensor cores
