@@ -4,8 +4,9 @@ Token i sees token j iff f[j] <= f[i]. The kernels work in *frame order*: tokens
 (stably). The op always sorts on the device (no host check of the order); for the usual sorted
 ids the permutation is the identity and rows still load contiguously. The kernels read and write
 rows through the permutation (flag PERMUTED; off for callers that pass sorted ids directly), so
-the output never needs a separate gather/scatter pass. In frame order the visible keys of query n are
-the prefix [0, kv_end[n]) and the queries that see key j are the suffix [q_begin[j], N), with
+the output never needs a separate gather/scatter pass. In frame order the visible keys of
+query n are the prefix [0, kv_end[n]) and the queries that see key j are the suffix
+[q_begin[j], N), with
 
     kv_end[n]  = #{m : f[m] <= f[n]}      q_begin[j] = #{m : f[m] < f[j]}
 
