@@ -219,12 +219,16 @@ def _run_with_stats(ids, device, heads=1, head_dim=16):
     bwd_stats = torch.zeros(4, dtype=torch.int32, device=device)
     triton_impl.frame_causal_bwd(torch.randn_like(o), q, k, v, o, lse, kv_end, q_begin, perm,
                                  0.25, stats=bwd_stats, deterministic=True)
+    bwd_cfg = triton_impl.tile_config("bwd")
+    # The atomic mode: the same key-tile sweep (its own autotuned tiles), and no dq pass.
     atomic_stats = torch.zeros(4, dtype=torch.int32, device=device)
     triton_impl.frame_causal_bwd(torch.randn_like(o), q, k, v, o, lse, kv_end, q_begin, perm,
                                  0.25, stats=atomic_stats, deterministic=False)
-    assert atomic_stats.tolist() == [*bwd_stats.tolist()[:2], 0, 0]  # no dq pass
-    return (fwd_stats.tolist(), triton_impl.tile_config("fwd"), bwd_stats.tolist(),
-            triton_impl.tile_config("bwd"))
+    atomic_cfg = triton_impl.tile_config("bwd")
+    mask = frame_causal_mask(ids.sort().values[None].cpu())[0]   # tiles are in frame order
+    nonempty = sum(_tile_classes(mask, atomic_cfg["BLOCK_M"], atomic_cfg["BLOCK_N"]))
+    assert sum(atomic_stats.tolist()[:2]) == nonempty and atomic_stats.tolist()[2:] == [0, 0]
+    return fwd_stats.tolist(), triton_impl.tile_config("fwd"), bwd_stats.tolist(), bwd_cfg
 
 
 def test_fully_masked_tiles_are_skipped(triton_device):
