@@ -151,3 +151,21 @@ def forbid_host_syncs(package: str = "kernels"):
                 setattr(owner, attr, original)
 
     return guard()
+
+
+def eager_and_graph_replay(step):
+    """Run ``step()`` (a function returning a tuple of CUDA tensors) once eagerly on a side
+    stream (warm-up: autotuning and one-time caches happen outside the capture), then capture it
+    in a CUDA graph and replay it. Returns (eager outputs, replayed outputs). Capture fails if
+    ``step`` synchronises with the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager, captured

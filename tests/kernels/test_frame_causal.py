@@ -14,7 +14,12 @@ import torch
 
 import kernels
 from kernels.frame_causal.ref import frame_causal_attention_ref, frame_causal_mask, rope_1d_ref
-from kernels.testing import assert_within_tolerance, nan_empty, run_compiled_mode
+from kernels.testing import (
+    assert_within_tolerance,
+    eager_and_graph_replay,
+    nan_empty,
+    run_compiled_mode,
+)
 
 THETA = 10000.0
 
@@ -537,15 +542,6 @@ def test_gpu_forward_and_backward_capture_in_a_cuda_graph():
                                              backend="triton")
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eager = step()  # warm-up: autotuning and one-time caches happen outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    eager, captured = eager_and_graph_replay(step)
     for got, want in zip(captured, eager):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -13,7 +13,12 @@ import torch
 
 import kernels
 from kernels.performer.ref import performer_attention_ref
-from kernels.testing import assert_within_tolerance, nan_empty, run_compiled_mode
+from kernels.testing import (
+    assert_within_tolerance,
+    eager_and_graph_replay,
+    nan_empty,
+    run_compiled_mode,
+)
 
 
 def _qkv(batch, seq_len, heads, head_dim, dtype=torch.float32, device="cpu", norm=None):
@@ -453,14 +458,5 @@ def test_gpu_forward_and_backward_capture_in_a_cuda_graph(causal):
         out = kernels.performer_attention(q, k, v, w, causal=causal, backend="triton")
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eager = step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    eager, captured = eager_and_graph_replay(step)
     assert all(torch.equal(got, want) for got, want in zip(captured, eager))
