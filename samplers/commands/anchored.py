@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from samplers.commands.engine_options import add_engine_arguments
 from samplers.commands.validation import (
     OptionError,
     add_device_argument,
@@ -266,44 +267,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="override an SDiTConfig field, e.g. --set frames=8 (repeatable); with "
                         "--resume it applies on top of the checkpoint's config when the weights "
                         "still fit, else it is an error")
-    m.add_argument("--resume", type=Path, metavar="DIR_OR_FILE",
-                   help="continue a run: its --out file, its <out>.checkpoints directory or one "
-                        "step directory; restores model, EMA, optimiser, LR schedule, RNG and "
-                        "data position (a damaged newest checkpoint falls back to the previous "
-                        "good one); this command's optimisation options apply")
     t = parser.add_argument_group("optimisation (paper defaults)")
-    t.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser steps")
-    t.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                   help="global batch size (over all torchrun processes and --grad-accum "
-                        "micro-steps; must divide evenly)")
-    t.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
     t.add_argument("--mapping-lr-scale", type=non_negative_float, default=d.mapping_lr_scale,
                    help="mapping-network lr = lr * this (paper: 0.1)")
     t.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
                    help="AdamW weight decay")
-    t.add_argument("--warmup-steps", type=non_negative_int, default=d.warmup_steps,
-                   help="linear warm-up steps")
     t.add_argument("--min-lr-ratio", type=probability, default=d.min_lr_ratio,
                    help="the cosine schedule decays to lr * this")
     t.add_argument("--lambda-ex", type=non_negative_float, default=d.lambda_ex,
                    help="extra loss weight on expressive regions (weight 1 + lambda_ex)")
     t.add_argument("--cond-drop", type=probability, default=d.cond_drop,
                    help="probability of dropping the conditions (for classifier-free guidance)")
-    t.add_argument("--ema-decay", type=float_range(0.0, 1.0, high_open=True),
-                   default=d.ema_decay, help="0 disables the EMA")
-    t.add_argument("--grad-clip", type=non_negative_float, default=d.grad_clip,
-                   help="gradient-norm clip (0: off)")
-    t.add_argument("--amp", choices=("auto", "bf16", "off"), default=d.amp,
-                   help="mixed precision (auto: bf16 on CUDA)")
-    t.add_argument("--grad-accum", type=positive_int, default=d.grad_accum,
-                   help="micro-steps per optimiser step (--batch-size is the global batch: "
-                        "all processes and micro-steps)")
-    t.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each DiT block's activations in the backward pass")
-    t.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard parameters, gradients and optimiser state with "
-                        "FSDP2 (default: DDP)")
-    t.add_argument("--seed", type=int, default=d.seed, help="random seed")
     t.add_argument("--num-workers", type=non_negative_int, default=d.num_workers,
                    help="DataLoader workers")
     t.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
@@ -315,11 +289,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("output")
     o.add_argument("--out", type=output_file(".safetensors"), required=True,
                    help="checkpoint path (.safetensors)")
-    o.add_argument("--checkpoint-every", "--save-every", dest="save_every",
-                   type=non_negative_int, default=d.save_every, metavar="K",
-                   help="steps between resumable checkpoints (0: only at the end)")
-    o.add_argument("--keep-last", type=positive_int, default=d.keep_last, metavar="N",
-                   help="resumable checkpoints kept")
+    add_engine_arguments(t, o, d.engine_config())
     add_device_argument(o)
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -461,7 +431,8 @@ def run_train(args: argparse.Namespace) -> int:
         mapping_lr_scale=args.mapping_lr_scale, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, lambda_ex=args.lambda_ex,
         cond_drop=args.cond_drop, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
-        amp=args.amp, seed=args.seed, save_every=args.save_every, keep_last=args.keep_last,
+        amp=args.amp, seed=args.seed, save_every=args.checkpoint_every,
+        keep_last=args.keep_last,
         grad_accum=args.grad_accum, activation_checkpointing=args.activation_checkpointing,
         fsdp=args.fsdp, num_workers=args.num_workers,
         attention_backend=args.attention_backend, schedule=schedule)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from samplers.commands.engine_options import add_engine_arguments, engine_config_from_args
 from samplers.commands.validation import (
     OptionError,
     add_device_argument,
@@ -61,6 +62,7 @@ TOY_SAMPLE_RATE = 16000
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from avatar_models.lookahead import NAMED_CONFIGS, LookaheadTrainConfig
+    from avatar_models.training.engine import EngineConfig
 
     d = LookaheadTrainConfig()
     parser.add_argument("--stage", choices=("base", "lookahead"), required=True,
@@ -103,24 +105,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a LookaheadConfig field, e.g. --set objective=v")
     t = parser.add_argument_group("optimisation")
-    t.add_argument("--steps", type=positive_int, default=1000, help="optimiser steps")
-    t.add_argument("--batch-size", type=positive_int, default=8, help="global batch (paper: 8)")
-    t.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate")
-    t.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up")
-    t.add_argument("--ema-decay", type=float_range(0.0, 1.0, high_open=True), default=0.999,
-                   help="0 disables the EMA")
-    t.add_argument("--grad-clip", type=float_range(0.0), default=1.0, help="0: off")
-    t.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
-                   help="mixed precision (auto: bf16 on CUDA)")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
                    help="force one attention backend")
     o = parser.add_argument_group("output")
     o.add_argument("--out", type=output_file(".safetensors"), required=True,
                    help="checkpoint path (.safetensors)")
-    o.add_argument("--checkpoint-every", type=non_negative_int, default=0, metavar="K",
-                   help="steps between resumable checkpoints (0: only at the end)")
-    o.add_argument("--resume", type=Path, metavar="DIR_OR_FILE", help="continue a run")
+    # Defaults chosen for the toy (the paper gives batch 8 and no other recipe): docs/lookahead.md
+    add_engine_arguments(t, o, EngineConfig(steps=1000, batch_size=8, lr=1e-4, ema_decay=0.999,
+                                            grad_clip=1.0))
     add_device_argument(o)
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -201,7 +193,7 @@ def build_dataset(args: argparse.Namespace, cfg, train):
 def run_train(args: argparse.Namespace) -> int:
     from avatar_models.lookahead import LookaheadDiT, lookahead_system
     from avatar_models.training.distributed import teardown_world
-    from avatar_models.training.engine import EngineConfig, train
+    from avatar_models.training.engine import train
 
     cfg, tcfg, init_meta = validate_train_args(args)
     dataset, data = build_dataset(args, cfg, tcfg)
@@ -216,11 +208,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"training lookahead --stage {tcfg.stage} ({tcfg.anchor}) {cfg.name} "
               f"({params / 1e6:.2f}M parameters): {cfg}")
     extra = {"data": data, "init": None if args.init is None else str(args.init)}
-    engine_cfg = EngineConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay, grad_clip=args.grad_clip, amp=args.amp, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-        device=args.device)
+    engine_cfg = engine_config_from_args(args)
     try:
         train(lookahead_system(model, dataset, tcfg, extra), engine_cfg, out=args.out,
               resume=args.resume)
