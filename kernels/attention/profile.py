@@ -82,8 +82,8 @@ def variants(ti, dtype: str = "fp16"):
                 consts["BLOCK_N"] = bn
             yield f"fwd D={dim} rope={int(rope)} anchor={int(anchor)}", \
                 ti._attention3d_fwd_kernel, consts, 8, 3
-            names = [n for n in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
-                     if n in bwd_params]
+            names = (("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if "BLOCK_M1" in bwd_params
+                     else ("BLOCK_M", "BLOCK_N"))
             blocks = dict(zip(names, ti.bwd_blocks(dim, torch_dtype)))
             extra = {"INTERLEAVED": False} if "INTERLEAVED" in bwd_params else {}
             yield f"bwd D={dim} rope={int(rope)} anchor={int(anchor)}", \

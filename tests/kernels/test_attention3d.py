@@ -309,7 +309,8 @@ def _misaligned(t):
 def test_triton_alignment_flag_and_generic_path(triton_device):
     """ALIGNED_8 (16-byte tile rows: vector loads, async copies) is chosen per launch: packed
     views of a contiguous projection take it; a head-padded view (head stride 44) or a data
-    pointer off 16 bytes takes the generic path, which must give the same results."""
+    pointer off 16 bytes takes the generic path, which must give the same results. (With RoPE the
+    backward reads the rotated copies of q and k, which are contiguous: v decides there.)"""
     from kernels.attention import triton_impl
 
     assert triton_impl.aligned_8(40, *torch.randn(3, 2, 30, 2, 40).unbind(0))
@@ -320,33 +321,50 @@ def test_triton_alignment_flag_and_generic_path(triton_device):
     _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor)  # packed views: aligned
     assert triton_impl.LAUNCH_STATS["fwd_aligned_8"] and triton_impl.LAUNCH_STATS["bwd_aligned_8"]
     _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor,
-                  layouts=(_head_padded, _misaligned, lambda t: t))
+                  layouts=(_head_padded, lambda t: t, _misaligned))
     assert not triton_impl.LAUNCH_STATS["fwd_aligned_8"]
     assert not triton_impl.LAUNCH_STATS["bwd_aligned_8"]
 
 
-def test_anchor_skip_launches_no_query_work(triton_device):
-    """Structural check: no program for the anchor rows of b != source, in forward and dq."""
+@pytest.mark.parametrize("starts_on_device", [False, True])
+def test_anchor_skip_launches_no_query_work(triton_device, monkeypatch, starts_on_device):
+    """Structural check: no query work for the anchor rows of b != source. The forward launches
+    source's tiles plus cdiv(N - length, BLOCK_M) + 1 slots per other sequence (mapped to row
+    ranges on the device from starts, so a device tensor of starts works without a sync), and
+    the rows it skips are never computed: their log-sum-exp stays unwritten (NaN here). The
+    backward's key-tile programs visit B*N - (B-1)*length query rows."""
     from kernels.attention import triton_impl
 
     batch, frames, per_frame = 4, 4, 32
     n = frames * per_frame
-    starts = [0, 2 * per_frame, 3 * per_frame, per_frame]
+    starts = [0, 2 * per_frame, 3 * per_frame - 5, per_frame - 3]  # two not tile aligned
     q, k, v = _leaves(*_qkv(batch, n, n, 1, 16, torch.float32, triton_device))
-    out = kernels.attention3d(q, k, v, anchor=Anchor(starts, per_frame, source=2),
-                              backend="triton")
+    anchor_starts = torch.tensor(starts, device=triton_device) if starts_on_device else starts
+    real_empty = torch.empty
+    monkeypatch.setattr(triton_impl.torch, "empty", lambda *shape, dtype=None, device=None, **kw:
+                        nan_empty(*shape, dtype=dtype or torch.float32, device=device or "cpu"))
+    out, lse = triton_impl.attention3d_fwd(q.detach(), k.detach(), v.detach(), None, None,
+                                           (8, 4, 4), 1e4, (anchor_starts, per_frame, 2), 0.25)
+    monkeypatch.setattr(triton_impl.torch, "empty", real_empty)
     stats = dict(triton_impl.LAUNCH_STATS)
     block_m = stats["fwd_block_m"]
     assert per_frame % block_m == 0
-    # cost scales with B*(T-1)+1 frames, not B*T
-    assert stats["fwd_query_tiles"] == (batch * (frames - 1) + 1) * per_frame // block_m
+    # cost scales with B*(T-1)+1 frames (+ one slot per other sequence), not B*T
+    frames_done = batch * (frames - 1) + 1
+    assert stats["fwd_query_tiles"] == frames_done * per_frame // block_m + batch - 1
     assert stats["fwd_dense_query_tiles"] == batch * frames * per_frame // block_m
-    tiles = triton_impl.query_tiles(batch, n, block_m, (starts, per_frame, 2), q.device).cpu()
-    for b, lo, hi in tiles.tolist():
+    for b in range(batch):
+        skipped = torch.zeros(n, dtype=torch.bool)
         if b != 2:
-            assert hi <= starts[b] or lo >= starts[b] + per_frame, (b, lo, hi)
-    out.sum().backward()
-    assert triton_impl.LAUNCH_STATS["bwd_query_tiles"] < batch * n // block_m
+            skipped[starts[b]:starts[b] + per_frame] = True
+        assert torch.isnan(lse[b, :, skipped]).all() and torch.isfinite(lse[b, :, ~skipped]).all()
+    assert torch.isfinite(out).all()
+    expected = attention3d_ref(q, k, v, anchor=(starts, per_frame, 2), scale=0.25)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    kernels.attention3d(q, k, v, anchor=Anchor(anchor_starts, per_frame, source=2),
+                        backend="triton").sum().backward()
+    assert triton_impl.LAUNCH_STATS["bwd_query_rows"] == batch * n - (batch - 1) * per_frame
+    assert triton_impl.LAUNCH_STATS["bwd_dense_query_rows"] == batch * n
 
 
 def test_triton_writes_every_element(triton_device, monkeypatch):
@@ -460,6 +478,124 @@ def test_interleaved_must_be_bool():
         kernels.attention3d(x, x, x, interleaved="yes")
 
 
+# ----------------------------------------------------------------------------------------------
+# Edge cases of issue 13: huge positions, non-finite positions, zero sizes, named errors
+
+
+def test_triton_rope_keeps_accuracy_at_huge_positions(triton_device):
+    """t up to 3e7: the angle p * f is rounded to fp32 by both backends (the spec); the Triton
+    tables then evaluate cos / sin of exactly that fp32 angle, so the backends agree to fp32
+    rounding, where a two-constant in-kernel reduction was off by 0.07 at 1e6 and 1.3 at 1e7."""
+    t = torch.tensor([0.0, 1e6, 1e6 + 0.5, 1e7, 1e7 + 3.0, 3e7, -2e7, 12345.678])
+    pos = torch.stack([t, t * 0.5, -t], dim=-1).to(triton_device)                   # [8, 3]
+    x = torch.randn(2, 8, 3, 40, device=triton_device)
+    for interleaved in (False, True):
+        tri = kernels.rope3d(x, pos, interleaved=interleaved, backend="triton")
+        ref = kernels.rope3d(x, pos, interleaved=interleaved, backend="ref")
+        torch.testing.assert_close(tri, ref, rtol=0, atol=1e-5)
+    q, k, v = _qkv(1, 8, 8, 2, 40, torch.float32, triton_device)
+    tri = kernels.attention3d(q, k, v, positions=pos, backend="triton")
+    ref = kernels.attention3d(q, k, v, positions=pos, backend="ref")
+    torch.testing.assert_close(tri, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_positions_are_named(bad):
+    x = torch.randn(1, 4, 1, 16)
+    pos = torch.zeros(4, 3)
+    pos[2, 1] = bad
+    with pytest.raises(ValueError, match=f"positions must be finite, got a {bad} entry"):
+        kernels.attention3d(x, x, x, positions=pos)
+    with pytest.raises(ValueError, match="k_positions must be finite"):
+        kernels.attention3d(x, x, x, positions=(torch.zeros(4, 3), pos))
+    with pytest.raises(ValueError, match="positions must be finite"):
+        kernels.rope3d(x, pos[None])
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2, 16), (2, 0, 2, 16), (2, 5, 0, 16)])
+def test_rope3d_zero_size_same_on_both_backends(triton_device, shape):
+    x = torch.randn(*shape, device=triton_device, requires_grad=True)
+    pos = torch.zeros(shape[1], 3, device=triton_device)
+    outs = []
+    for backend in ("ref", "triton"):
+        y = kernels.rope3d(x, pos, backend=backend)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        assert y.shape == x.shape and grad.shape == x.shape
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2, 16), (2, 5, 0, 16)])
+def test_attention3d_zero_batch_or_heads_same_on_both_backends(triton_device, shape):
+    q = torch.randn(*shape, device=triton_device, requires_grad=True)
+    pos = torch.zeros(shape[1], 3, device=triton_device)
+    for backend in ("ref", "triton"):
+        out = kernels.attention3d(q, q, q, positions=pos, backend=backend)
+        (grad,) = torch.autograd.grad(out.sum(), q)
+        assert out.shape == q.shape and grad.shape == q.shape
+
+
+def test_device_errors_name_the_right_argument():
+    x = torch.randn(1, 4, 1, 16)
+    with pytest.raises(ValueError, match=r"positions must be on the same device as x \(cpu\), "
+                                         r"got meta"):
+        kernels.rope3d(x, torch.zeros(4, 3, device="meta"))
+    meta_starts = torch.zeros(2, dtype=torch.int64, device="meta")
+    q = torch.randn(2, 4, 1, 16)
+    with pytest.raises(ValueError, match=r"anchor.starts must be a tensor on the CPU or on q's "
+                                         r"device \(cpu\), got one on meta"):
+        kernels.attention3d(q, q, q, anchor=Anchor(meta_starts, 2))
+
+
+def test_cpu_tensor_starts_are_validated():
+    q = torch.randn(2, 6, 1, 16)
+    with pytest.raises(ValueError, match=r"anchor.starts\[1\].*got 5"):
+        kernels.attention3d(q, q, q, anchor=Anchor(torch.tensor([0, 5]), 2))
+    with pytest.raises(ValueError, match="anchor.starts must have B=2 entries, got 3"):
+        kernels.attention3d(q, q, q, anchor=Anchor(torch.tensor([0, 1, 2]), 2))
+
+
+def test_launchers_do_not_sync_or_copy_host_lists(triton_device, monkeypatch):
+    """Issue 15 item 7: once the per-configuration caches are warm, the Triton launchers (forward,
+    backward, rope3d) call no .item() / .tolist() / .cpu() / .numpy() and build no tensor from a
+    Python list, so they can be captured in a CUDA graph and never stall the stream. Starts are a
+    tensor on the device (never read on the host) or a list (copied once, then cached)."""
+    import sys
+
+    from kernels.attention import triton_impl as ti
+
+    batch, n, dims = 3, 40, (8, 4, 4)
+    q, k, v = _qkv(batch, n, n, 2, 16, torch.float32, triton_device)
+    pos = _grid_positions(4, 10, 1).to(triton_device)[None].expand(batch, -1, -1)
+    dev_starts = torch.tensor([0, 30, 10], device=triton_device)
+
+    def run(starts):
+        out, lse = ti.attention3d_fwd(q, k, v, pos, pos, dims, 1e4, (starts, 10, 1), 0.25, True)
+        ti.attention3d_bwd(torch.ones_like(out), q, k, v, out, lse, pos, pos, dims, 1e4,
+                           (starts, 10, 1), 0.25, True)
+        ti.rope3d_bwd(ti.rope3d_fwd(q, pos, dims, 1e4), pos, dims, 1e4)
+
+    run([0, 30, 10])  # warm the caches (column tables, list starts)
+    calls = []
+
+    def guard(name, real):
+        def wrapper(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == ti.__file__:
+                calls.append(name)
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "tensor", guard("torch.tensor", torch.tensor))
+    run(dev_starts)
+    run([0, 30, 10])
+    assert calls == []
+    ti._STARTS_CACHE.clear()
+    run([0, 30, 10])  # (the guard does see a launcher's host-list copy)
+    assert calls == ["torch.tensor"]
+
+
 def test_torch_compile_traces_triton_path(triton_device):
     q, k, v = _leaves(*_qkv(2, 20, 20, 1, 16, torch.float32, triton_device))
     pos = _grid_positions(2, 2, 5).to(triton_device)
@@ -491,9 +627,10 @@ from kernels.testing import compile_for_gpu
 
 arch, which = int(sys.argv[1]), sys.argv[2]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FIXED = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "q_pos_ptr": "*fp32", "k_pos_ptr": "*fp32",
-         "pos_ptr": "*fp32", "freq_ptr": "*fp32", "meta_ptr": "*i32", "tiles_ptr": "*i32",
-         "starts_ptr": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+FIXED = {**{n: "*fp32" for n in ("lse_ptr", "delta_ptr", "dq_acc_ptr", "cos_ptr", "sin_ptr",
+                                  "q_cos_ptr", "q_sin_ptr", "k_cos_ptr", "k_sin_ptr")},
+         "meta_ptr": "*i32", "starts_ptr": "*i32", "qk_scale": "fp32", "sm_scale": "fp32",
+         "scale": "fp32"}
 
 def count(ptx, pattern):
     return len(re.findall(pattern, ptx))
@@ -504,7 +641,7 @@ def build(kernel, dt, dim, consts, aligned_8=True, **options):
     # what the JIT specialises for contiguous [B, N, H, D] with D % 16 == 0 (D = 72: nothing);
     # ALIGNED_8 is what the launchers pass for such tensors (D % 8 == 0, 16-byte pointers)
     aligned = tuple(n for n in names if dim % 16 == 0 and (
-        n == "head_dim" or re.fullmatch(r"stride_(q|k|v|o|dk)_[bnh]", n)))
+        n == "head_dim" or re.fullmatch(r"stride_(q|k|v|o|dk|x|y)_[bnh]|stride_t_[bn]", n)))
     consts = {"BLOCK_D": ti.block_d(dim), "ALIGNED_8": aligned_8, **consts}
     c = compile_for_gpu(kernel, types, consts, arch=arch, aligned=aligned, **options)
     assert ".entry" in c.asm["ptx"] and c.asm["cubin"]
@@ -523,14 +660,14 @@ def build(kernel, dt, dim, consts, aligned_8=True, **options):
 COMBOS = {80: [(1, 1, "bf16", 128), (0, 0, "fp16", 72), (1, 0, "fp16", 64)],
           90: [(1, 1, "fp16", 128), (0, 0, "bf16", 64), (0, 1, "bf16", 72)]}
 for rope, anchor, dt, dim in COMBOS[arch]:
-    flags = {"HAS_ROPE": bool(rope), "HAS_ANCHOR": bool(anchor), "DOT_PRECISION": "tf32"}
+    flags = {"HAS_ROPE": bool(rope), "HAS_ANCHOR": bool(anchor), "DOT_PRECISION": "tf32",
+             "INTERLEAVED": dim == 64}
     if which == "fwd":  # autotune configs: 4 or 8 warps, 2..4 stages (the most shared memory)
         bm, bn = ti.fwd_blocks(dim, DTYPES[dt])
         args = (ti._attention3d_fwd_kernel, dt, dim, {"BLOCK_M": bm, "BLOCK_N": bn, **flags})
         opts = {"num_warps": 8, "num_stages": 4}
     else:
-        blocks = dict(zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"),
-                          ti.bwd_blocks(dim, DTYPES[dt])))
+        blocks = dict(zip(("BLOCK_M", "BLOCK_N"), ti.bwd_blocks(dim, DTYPES[dt])))
         args = (ti._attention3d_bwd_kernel, dt, dim, {**blocks, **flags})
         opts = {"num_warps": 8, "num_stages": 3}
     print(f"{dim}:" + ",".join(build(*args, **opts)))
@@ -538,8 +675,11 @@ for rope, anchor, dt, dim in COMBOS[arch]:
         print("72u:" + ",".join(build(*args, aligned_8=False, **opts)))
 for i, dt in enumerate(DTYPES):  # every dtype on each target, BLOCK_D = 64 and 128 (and D = 72)
     for dim in ((64, 128)[(i + arch // 10) % 2],) + ((72,) if dt == "bf16" else ()):
-        if which == "fwd":  # rope3d_fwd: BLOCK_R = min(128, 8192 // BLOCK_D), 4 warps
-            res = build(ti._rope3d_kernel, dt, dim, {"BLOCK_R": min(128, 8192 // ti.block_d(dim))})
+        if which == "fwd":  # rope3d_fwd: BLOCK_R = min(128, 8192 // BLOCK_D), 4 warps; the
+            # anchor-redirecting rotation of K (rotate-half) or the inverse one of dq (interleaved)
+            res = build(ti._rope3d_kernel, dt, dim, {
+                "BLOCK_R": min(128, 8192 // ti.block_d(dim)), "INVERSE": i == 1,
+                "INTERLEAVED": i == 1, "HAS_ANCHOR": i != 1})
         else:
             res = build(ti._attention3d_bwd_preprocess_kernel, dt, dim, {"BLOCK_R": 64})
         if dim == 72:
@@ -613,3 +753,32 @@ def test_gpu_torch_compile_inductor():
     out = f(q, k, v)
     ref = kernels.attention3d(q, k, v, positions=pos, anchor=Anchor([0, 256], 256))
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_with_device_starts():
+    """No host sync anywhere in forward + backward (device starts, RoPE, anchor): the whole step
+    captures into a CUDA graph and replays to the eager result."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 512, 512, 4, 64, torch.bfloat16, "cuda"))
+    pos = _frames_positions(2, 16, 16).cuda()
+    starts = torch.tensor([0, 256], device="cuda")
+
+    def step():
+        out = kernels.attention3d(q, k, v, positions=pos, anchor=Anchor(starts, 256),
+                                  interleaved=True)
+        out.float().square().sum().backward()
+        return out
+
+    for _ in range(2):  # warm up (autotuning, caches) outside the capture
+        expected = step().detach().clone()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, expected)
+    for t, g in zip((q, k, v), grads):
+        torch.testing.assert_close(t.grad, g, rtol=2e-2, atol=2e-2)
