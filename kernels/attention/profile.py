@@ -33,11 +33,11 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def trig_in_loops(ttgir: str) -> tuple[int, int]:
-    """(sin/cos ops nested in an scf.for, all sin/cos ops) of a TTGIR module."""
+def ops_in_loops(ttgir: str, pattern: str) -> tuple[int, int]:
+    """(ops matching ``pattern`` nested in an scf.for, all of them) of a TTGIR module."""
     depth_stack, in_loop, total = [], 0, 0
     for line in ttgir.splitlines():
-        is_trig = bool(re.search(r"math\.(sin|cos)\b", line))
+        is_trig = bool(re.search(pattern, line))
         total += is_trig
         if is_trig and any(depth_stack):
             in_loop += 1
@@ -47,6 +47,27 @@ def trig_in_loops(ttgir: str) -> tuple[int, int]:
             elif ch == "}" and depth_stack:
                 depth_stack.pop()
     return in_loop, total
+
+
+def products_per_loop(ttgir: str) -> list[int]:
+    """Matrix products (tt.dot / warp_group_dot) in each innermost-enclosing scf.for of a TTGIR
+    module, in order of appearance: the products per tile pair of an attention loop."""
+    stack, counts = [], []
+    for line in ttgir.splitlines():
+        if re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line):
+            loops = [i for i in stack if i is not None]
+            if loops:
+                counts[loops[-1]] += 1
+        for ch in line:
+            if ch == "{":
+                if "scf.for" in line:
+                    counts.append(0)
+                    stack.append(len(counts) - 1)
+                else:
+                    stack.append(None)
+            elif ch == "}" and stack:
+                stack.pop()
+    return counts
 
 
 def profile(compiled) -> dict:
@@ -59,11 +80,13 @@ def profile(compiled) -> dict:
                               text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     stack = int(re.search(r"STACK:(\d+)", res).group(1))
-    loop_trig, all_trig = trig_in_loops(compiled.asm["ttgir"])
+    loop_trig, all_trig = ops_in_loops(compiled.asm["ttgir"], r"math\.(sin|cos)\b")
+    loop_dots = ops_in_loops(compiled.asm["ttgir"], r"= (tt\.dot|ttng\.warp_group_dot) ")[0]
     return {"regs": regs, "stack": stack, "stl": len(re.findall(r"\bSTL(\.\w+)*\b", sass)),
             "hgmma": len(re.findall(r"\bHGMMA\.", sass)), "hmma": len(re.findall(r"\bHMMA\.",
                                                                                sass)),
-            "smem": compiled.metadata.shared, "trig_in_loop": loop_trig, "trig": all_trig}
+            "smem": compiled.metadata.shared, "trig_in_loop": loop_trig, "trig": all_trig,
+            "dots_in_loop": loop_dots}
 
 
 def variants(ti, dtype: str = "fp16"):
@@ -71,6 +94,15 @@ def variants(ti, dtype: str = "fp16"):
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     fwd_params = ti._attention3d_fwd_kernel.fn.arg_names
     bwd_params = ti._attention3d_bwd_kernel.fn.arg_names
+    rope_params = ti._rope3d_kernel.arg_names
+    if "INVERSE" in rope_params:  # the once-per-call rotation pass (after issue 15)
+        for dim in (128, 72):
+            for interleaved in (False, True):
+                yield f"rope3d D={dim} interleaved={int(interleaved)} anchor=1", \
+                    ti._rope3d_kernel, {"BLOCK_R": ti.rope_block_rows(dim),
+                                        "BLOCK_D": ti.block_d(dim), "INVERSE": False,
+                                        "INTERLEAVED": interleaved, "HAS_ANCHOR": True,
+                                        "ALIGNED_8": True}, 4, 3
     for dim in (128, 72):
         for rope, anchor in ((True, True), (False, False)):
             flags = {"HAS_ROPE": rope, "HAS_ANCHOR": anchor, "DOT_PRECISION": "tf32",
@@ -99,17 +131,19 @@ def main(argv: list[str]) -> None:
     ti = importlib.import_module(module)
     print(f"compile-only static profile, sm_{arch}, fp16, {module}")
     print("| variant | regs | spill stack B | STL | HGMMA | HMMA | smem B | sin/cos in loop | "
-          "sin/cos total |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "sin/cos total | products in loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, kernel, consts, warps, stages in variants(ti):
         dim = 72 if "D=72" in label else 128
-        aligned = tuple(n for n in kernel.fn.arg_names if dim % 16 == 0 and (
-            n == "head_dim" or re.fullmatch(r"stride_(q|k|v|o|dk|x|y)_[bnh]", n)))
+        names = kernel.arg_names
+        aligned = tuple(n for n in names if dim % 16 == 0 and (
+            n == "head_dim" or re.fullmatch(r"stride_(q|k|v|o|dk|x|y)_[bnh]|stride_t_[bn]", n)))
         c = compile_for_gpu(kernel, FIXED, consts, arch=arch, num_warps=warps,
                             num_stages=stages, aligned=aligned)
         p = profile(c)
         print(f"| {label} | {p['regs']} | {p['stack']} | {p['stl']} | {p['hgmma']} | "
-              f"{p['hmma']} | {p['smem']} | {p['trig_in_loop']} | {p['trig']} |", flush=True)
+              f"{p['hmma']} | {p['smem']} | {p['trig_in_loop']} | {p['trig']} | "
+              f"{p['dots_in_loop']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def rope_block_rows(head_dim: int) -> int:
+    """Rows per program of the rotation pass (4 warps): 2048 elements, 16 per thread. The
+    rotate-half partner gather holds the whole tile in registers several times over; at 8192
+    elements per program it spilled (compile-only profile, sm_90)."""
+    return max(1, 2048 // block_d(head_dim))
+
+
 def fwd_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): the query tile held in registers (launcher-fixed: the grid depends on
     it) and the key step used by the AOT checks (on GPU BLOCK_N is autotuned, see
@@ -77,17 +84,20 @@ def bwd_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     bd = block_d(head_dim)
     if dtype == torch.float32 or bd > 128:
         return 32, 64
-    return 32, 128
+    return 64, 64
 
 
-def _pruner(name: str, small_sizes: tuple[int, ...], large_sizes: tuple[int, ...]):
+def _pruner(name: str, small_sizes: tuple[int, ...], large_sizes: tuple[int, ...],
+            large_warps: tuple[int, ...] = (4, 8)):
     """Autotune pruning by operand size: fp32 (IEEE dots) and BLOCK_D = 256 tiles hold twice the
-    registers, so they keep the narrow sizes of ``name``."""
+    registers, so they keep the narrow sizes of ``name``; 16-bit tiles keep ``large_sizes`` with
+    ``large_warps``."""
     def prune(configs, nargs, **kwargs):
         small = nargs["q_ptr"].dtype == torch.float32 or kwargs.get(
             "BLOCK_D", nargs.get("BLOCK_D", 0)) > 128
-        keep = small_sizes if small else large_sizes
-        return [c for c in configs if c.kwargs[name] in keep] or configs[:1]
+        keep = [c for c in configs if c.kwargs[name] in small_sizes] if small else [
+            c for c in configs if c.kwargs[name] in large_sizes and c.num_warps in large_warps]
+        return keep or configs[:1]
     return prune
 
 
@@ -387,7 +397,11 @@ def _bwd_query_segment(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_acc_p
 
 @triton.autotune(configs=_configs("BLOCK_M", (16, 32, 64), (2, 3)),
                  key=["head_dim", "n_k", "ALIGNED_8", "HAS_ROPE", "HAS_ANCHOR", "INTERLEAVED"],
-                 prune_configs_by={"early_config_prune": _pruner("BLOCK_M", (16, 32), (32, 64))},
+                 # 16-bit, D <= 128: a 64 x 64 tile pair on 8 warps is the largest that compiles
+                 # for sm_90 with no spills and every product on wgmma (compile-only profile;
+                 # 128-row key tiles or query steps spill, 32-row steps fall back to mma.sync)
+                 prune_configs_by={"early_config_prune": _pruner("BLOCK_M", (16, 32), (64,),
+                                                                 large_warps=(8,))},
                  reset_to_zero=["dq_acc_ptr"])
 @triton.jit
 def _attention3d_bwd_kernel(
@@ -573,7 +587,7 @@ def _rope_launch(x, y, cos, sin, partner, starts, anchor_len: int, anchor_src: i
     if n_rows == 0:
         return y
     bd = block_d(head_dim)
-    block_r = 32 if interpreter_enabled() else max(1, min(128, 8192 // bd))
+    block_r = 32 if interpreter_enabled() else rope_block_rows(head_dim)
     has_anchor = starts is not None
     _rope3d_kernel[(triton.cdiv(n_rows, block_r),)](
         x, y, cos, sin, partner, starts if has_anchor else partner,

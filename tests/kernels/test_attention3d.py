@@ -623,6 +623,7 @@ _AOT_SCRIPT = r"""
 import re, sys
 import torch
 from kernels.attention import triton_impl as ti
+from kernels.attention.profile import ops_in_loops, products_per_loop, profile
 from kernels.testing import compile_for_gpu
 
 arch, which = int(sys.argv[1]), sys.argv[2]
@@ -652,6 +653,11 @@ def build(kernel, dt, dim, consts, aligned_8=True, **options):
     loads = (count(ptx, r"ld\.global[^\n]*\.v4\."),
              count(ptx, r"cp\.async\.c[ga]\.shared\.global[^\n]*, 0x10[,;]"),
              count(ptx, r"ld\.global(\.[a-z0-9:]+)*\.b16 "))
+    # no trigonometry anywhere (tables), at most 5 products per tile pair in any loop
+    assert ops_in_loops(ir, r"math\.(sin|cos)\b") == (0, 0), ops_in_loops(ir, r"math\.(sin|cos)")
+    assert max(products_per_loop(ir), default=0) <= 5, products_per_loop(ir)
+    if arch == 90 and aligned_8:  # the Hopper target of issue 15: no spills (not the generic
+        assert profile(c)["stack"] == 0, (dim, consts, profile(c))  # path, not sm_80's mma)
     return ("wgmma" if "warp_group_dot" in ir else "mma", "async" if tiles else "sync",
             *map(str, loads))
 
@@ -675,10 +681,10 @@ for rope, anchor, dt, dim in COMBOS[arch]:
         print("72u:" + ",".join(build(*args, aligned_8=False, **opts)))
 for i, dt in enumerate(DTYPES):  # every dtype on each target, BLOCK_D = 64 and 128 (and D = 72)
     for dim in ((64, 128)[(i + arch // 10) % 2],) + ((72,) if dt == "bf16" else ()):
-        if which == "fwd":  # rope3d_fwd: BLOCK_R = min(128, 8192 // BLOCK_D), 4 warps; the
-            # anchor-redirecting rotation of K (rotate-half) or the inverse one of dq (interleaved)
+        if which == "fwd":  # rope3d_fwd (4 warps): the anchor-redirecting rotation of K
+            # (rotate-half) or the inverse one of dq (interleaved)
             res = build(ti._rope3d_kernel, dt, dim, {
-                "BLOCK_R": min(128, 8192 // ti.block_d(dim)), "INVERSE": i == 1,
+                "BLOCK_R": ti.rope_block_rows(dim), "INVERSE": i == 1,
                 "INTERLEAVED": i == 1, "HAS_ANCHOR": i != 1})
         else:
             res = build(ti._attention3d_bwd_preprocess_kernel, dt, dim, {"BLOCK_R": 64})
