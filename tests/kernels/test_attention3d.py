@@ -751,6 +751,20 @@ def test_gpu_lookahead_cross_and_odd(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_wan_like_interleaved_with_device_starts(dtype):
+    """Wan-like head dim 128, interleaved pairs, anchor starts as a device tensor, t = 1e4."""
+    q, k, v = _qkv(3, 3 * 390, 3 * 390, 2, 128, dtype, "cuda")
+    pos = _frames_positions(3, 15, 26, t0=1e4).cuda()
+    _check_triton(q, k, v, positions=pos, anchor=([0, 390, 780], 390, 1), interleaved=True)
+    out = kernels.attention3d(q, k, v, positions=pos, interleaved=True,
+                              anchor=Anchor(torch.tensor([0, 390, 780], device="cuda"), 390, 1))
+    ref = kernels.attention3d(q, k, v, positions=pos, interleaved=True,
+                              anchor=Anchor([0, 390, 780], 390, 1))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 def test_gpu_torch_compile_inductor():
     q, k, v = _qkv(2, 512, 512, 4, 64, torch.bfloat16, "cuda")
     pos = _frames_positions(2, 16, 16).cuda()
