@@ -110,6 +110,8 @@ def variants(ti, dtype: str = "fp16"):
             extra = {"INTERLEAVED": False} if "INTERLEAVED" in fwd_params else {}
             bm, bn = ti.fwd_blocks(dim, torch_dtype)
             consts = {"BLOCK_M": bm, "BLOCK_D": ti.block_d(dim), **flags, **extra}
+            if hasattr(ti, "fwd_head_blocks"):  # (after issue 15: D = 72 as 64 + 16)
+                consts["BLOCK_D"], consts["BLOCK_D1"] = ti.fwd_head_blocks(dim)
             if "BLOCK_N" in fwd_params:
                 consts["BLOCK_N"] = bn
             yield f"fwd D={dim} rope={int(rope)} anchor={int(anchor)}", \

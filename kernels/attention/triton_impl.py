@@ -3,7 +3,8 @@
 Layouts: q [B, Nq, H, D], k/v [B, Nk, H, D] with any batch/token/head strides and a contiguous head
 dim; outputs and gradients contiguous [B, N, H, D]; the softmax log-sum-exp (base 2, in units of
 ``score * scale * log2(e)``) and ``delta = rowsum(dO * O)`` are fp32 [B, H, Nq]. The head dim is
-padded to BLOCK_D = next_pow2(D) (>= 16) and masked.
+masked: the forward covers it with one or two power-of-two column blocks (72 = 64 + 16, see
+:func:`fwd_head_blocks`), the other kernels with BLOCK_D = next_pow2(D) (>= 16).
 
 RoPE without trigonometry in any kernel. Per call, torch builds fp32 tables cos[., N, D] and
 sin[., N, D] (one row per token, per sequence only when positions differ per sequence) from the fp32
@@ -55,6 +56,19 @@ INTERPRET_BLOCKS = {"fwd": (32, 32), "bwd": (32, 32)}
 
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def fwd_head_blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D1): the forward's head-dim column blocks. Tile shapes must be powers of
+    two, so instead of padding D to next_pow2(D) the forward splits D = 72 into 64 + 16 (8 of the
+    16 masked: 80 columns of tensor-core work instead of 128), D = 40 into 32 + 16 and D = 96 into
+    64 + 32: a second block whenever the remainder past the largest power of two is at most half
+    of it. BLOCK_D1 = 0: one block."""
+    first = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - first
+    if rest <= 0 or rest > first // 2:
+        return block_d(head_dim), 0
+    return first, max(16, triton.next_power_of_2(rest))
 
 
 def rope_block_rows(head_dim: int) -> int:
@@ -239,11 +253,12 @@ def _attention3d_fwd_kernel(
     stride_t_b, stride_t_n,
     n_batch, heads, n_q, n_k, head_dim, qk_scale, anchor_len, anchor_src,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_ANCHOR: tl.constexpr, INTERLEAVED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ALIGNED_8: tl.constexpr,
+    BLOCK_D1: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_ANCHOR: tl.constexpr,
+    INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED_8: tl.constexpr,
 ):
     """k_ptr is k (HAS_ROPE False: anchor rows redirected here) or the rotated, already
-    redirected k_rot (HAS_ROPE True)."""
+    redirected k_rot (HAS_ROPE True). The head dim is one column block of BLOCK_D, or with
+    BLOCK_D1 > 0 two (see :func:`fwd_head_blocks`); then q_ptr is also already rotated."""
     if ALIGNED_8:  # (launcher-checked) so the tile loads/stores are 16-byte vectors
         head_dim = _mult8(head_dim)
         stride_q_b, stride_q_n, stride_q_h = _mult8(stride_q_b), _mult8(stride_q_n), \
@@ -291,7 +306,14 @@ def _attention3d_fwd_kernel(
                   + h * stride_q_h)
         q = tl.load(q_ptr + q_rows[:, None] + cols[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        if HAS_ROPE:  # once per program, outside the key loop
+        if BLOCK_D1 > 0:  # the head dim's second column block [BLOCK_D, BLOCK_D + BLOCK_D1)
+            cols1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+            d_mask1 = cols1 < head_dim
+            q1 = tl.load(q_ptr + q_rows[:, None] + cols1[None, :],
+                         mask=m_mask[:, None] & d_mask1[None, :], other=0.0)
+            acc1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
+        if HAS_ROPE and BLOCK_D1 == 0:  # once per program, outside the key loop (a split head
+            # dim gets q already rotated: the partner of a column may lie in the other block)
             partner = tl.load(meta_ptr + cols)
             tab = b.to(tl.int64) * stride_t_b + offs_m.to(tl.int64) * stride_t_n
             q = _rotate(q, partner, q_cos_ptr, q_sin_ptr, tab, m_mask, cols, d_mask,
@@ -307,8 +329,12 @@ def _attention3d_fwd_kernel(
             k_rows = _kv_rows(b, offs_n, s_b, s_src, anchor_len, anchor_src, stride_k_b,
                               stride_k_n, HAS_ANCHOR and not HAS_ROPE) + h * stride_k_h
             k = tl.load(k_ptr + k_rows[:, None] + cols[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where(n_mask[None, :], s, float("-inf"))
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if BLOCK_D1 > 0:
+                kv_mask1 = n_mask[:, None] & d_mask1[None, :]
+                k1 = tl.load(k_ptr + k_rows[:, None] + cols1[None, :], mask=kv_mask1, other=0.0)
+                s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
+            s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
@@ -317,13 +343,21 @@ def _attention3d_fwd_kernel(
                               stride_v_n, HAS_ANCHOR) + h * stride_v_h
             v = tl.load(v_ptr + v_rows[:, None] + cols[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            if BLOCK_D1 > 0:
+                v1 = tl.load(v_ptr + v_rows[:, None] + cols1[None, :], mask=kv_mask1, other=0.0)
+                acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v.dtype), v1,
+                                                      input_precision=DOT_PRECISION)
             m_i = m_new
 
         out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
         o_mask = m_mask[:, None] & d_mask[None, :]
         o_cols = h * stride_o_h + cols[None, :]
-        tl.store(o_ptr + b.to(tl.int64) * stride_o_b + offs_m[:, None].to(tl.int64) * stride_o_n
-                 + o_cols, out, mask=o_mask)
+        o_rows = b.to(tl.int64) * stride_o_b + offs_m[:, None].to(tl.int64) * stride_o_n
+        tl.store(o_ptr + o_rows + o_cols, out, mask=o_mask)
+        if BLOCK_D1 > 0:
+            out1 = (acc1 / l_i[:, None]).to(o_ptr.dtype.element_ty)
+            o_cols1 = h * stride_o_h + cols1[None, :]
+            tl.store(o_ptr + o_rows + o_cols1, out1, mask=m_mask[:, None] & d_mask1[None, :])
         tl.store(lse_ptr + (b * heads + h).to(tl.int64) * n_q + offs_m, m_i + tl.log2(l_i),
                  mask=m_mask)
         if HAS_ANCHOR:
@@ -336,6 +370,9 @@ def _attention3d_fwd_kernel(
                                + offs_m - s_src)
                         tl.store(o_ptr + dst[:, None].to(tl.int64) * stride_o_n + o_cols, out,
                                  mask=in_anchor[:, None] & d_mask[None, :])
+                        if BLOCK_D1 > 0:
+                            tl.store(o_ptr + dst[:, None].to(tl.int64) * stride_o_n + o_cols1,
+                                     out1, mask=in_anchor[:, None] & d_mask1[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,7 +665,6 @@ def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
     batch, n_q, heads, head_dim = q.shape
     n_k = k.shape[1]
     bm, _ = fwd_blocks(head_dim, q.dtype)
-    bd = block_d(head_dim)
     has_anchor, starts, length, source = _anchor_args(anchor, batch, q.device)
     out = torch.empty(batch, n_q, heads, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, n_q, dtype=torch.float32, device=q.device)
@@ -642,7 +678,8 @@ def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
     has_rope = q_pos is not None
     cos = sin = partner = _dummy(q.device)
     t_strides = (0, 0)
-    k_in = k
+    q_in, k_in = q, k
+    bd, bd1 = fwd_head_blocks(head_dim)
     if has_rope:
         tables = _RopeTables(q_pos, k_pos, rope_dims, rope_theta, head_dim, interleaved,
                              q.device)
@@ -650,13 +687,16 @@ def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
         k_in = torch.empty(*k.shape, dtype=k.dtype, device=k.device)
         _rope_launch(k, k_in, *tables.k, partner, starts, length, source, False, interleaved)
         (cos, sin), t_strides = tables.q, tables.q[0].stride()[:2]
-    aligned = aligned_8(head_dim, q, k_in, v, out)
+        if bd1:  # split head dim: q rotated by the same pass (see _attention3d_fwd_kernel)
+            q_in = torch.empty(*q.shape, dtype=q.dtype, device=q.device)
+            _rope_launch(q, q_in, *tables.q, partner, None, 0, 0, False, interleaved)
+    aligned = aligned_8(head_dim, q_in, k_in, v, out)
     LAUNCH_STATS.update(fwd_aligned_8=aligned)
     _attention3d_fwd_kernel[(slots, heads)](
-        q, k_in, v, out, lse, cos, sin, partner, starts if has_anchor else partner,
-        *q.stride()[:3], *k_in.stride()[:3], *v.stride()[:3], *out.stride()[:3], *t_strides,
+        q_in, k_in, v, out, lse, cos, sin, partner, starts if has_anchor else partner,
+        *q_in.stride()[:3], *k_in.stride()[:3], *v.stride()[:3], *out.stride()[:3], *t_strides,
         batch, heads, n_q, n_k, head_dim, scale * LOG2E, length, source,
-        BLOCK_M=bm, BLOCK_D=bd, HAS_ROPE=has_rope, HAS_ANCHOR=has_anchor,
+        BLOCK_M=bm, BLOCK_D=bd, BLOCK_D1=bd1, HAS_ROPE=has_rope, HAS_ANCHOR=has_anchor,
         INTERLEAVED=interleaved, DOT_PRECISION=_dot_precision(q.dtype), ALIGNED_8=aligned,
     )
     return out, lse

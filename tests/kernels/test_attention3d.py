@@ -255,7 +255,8 @@ def _frames_positions(frames, h, w, t0=0.0, batch=None):
 
 
 TRITON_CASES = {
-    # odd length, D=40 (padded to 64), integer positions shared by the batch
+    # odd length, D=40 (forward: 32 + 16 columns, backward padded to 64), integer positions
+    # shared by the batch
     "n113_d40_intpos": lambda dt, dev: (_qkv(2, 113, 113, 1, 40, dt, dev),
                                         {"positions": _grid_positions(1, 113, 1).to(dev)}),
     # cross-attention 113 x 203, D=64, fractional positions with t = 1e4 on the keys (lookahead)
@@ -662,7 +663,8 @@ def build(kernel, dt, dim, consts, aligned_8=True, **options):
             *map(str, loads))
 
 # (HAS_ROPE, HAS_ANCHOR, dtype, D): the heaviest variant (both flags, BLOCK_D = 128) and no flags
-# on each target, the other two combinations once; D = 72 is padded to BLOCK_D = 128
+# on each target, the other two combinations once; D = 72 is 64 + 16 columns in the forward,
+# padded to 128 in the backward
 COMBOS = {80: [(1, 1, "bf16", 128), (0, 0, "fp16", 72), (1, 0, "fp16", 64)],
           90: [(1, 1, "fp16", 128), (0, 0, "bf16", 64), (0, 1, "bf16", 72)]}
 for rope, anchor, dt, dim in COMBOS[arch]:
@@ -670,7 +672,9 @@ for rope, anchor, dt, dim in COMBOS[arch]:
              "INTERLEAVED": dim == 64}
     if which == "fwd":  # autotune configs: 4 or 8 warps, 2..4 stages (the most shared memory)
         bm, bn = ti.fwd_blocks(dim, DTYPES[dt])
-        args = (ti._attention3d_fwd_kernel, dt, dim, {"BLOCK_M": bm, "BLOCK_N": bn, **flags})
+        bd, bd1 = ti.fwd_head_blocks(dim)  # D = 72: 64 + 16 columns
+        args = (ti._attention3d_fwd_kernel, dt, dim, {"BLOCK_M": bm, "BLOCK_N": bn, **flags,
+                                                      "BLOCK_D": bd, "BLOCK_D1": bd1})
         opts = {"num_warps": 8, "num_stages": 4}
     else:
         blocks = dict(zip(("BLOCK_M", "BLOCK_N"), ti.bwd_blocks(dim, DTYPES[dt])))
@@ -700,8 +704,10 @@ print("compiled")
 def test_kernels_compile_for_a100_and_hopper(arch, which):
     """Ahead-of-time compile (no GPU) of the attention forward (+ rope3d) or backward
     (+ preprocess) kernels for sm_80 / sm_90 with the launchers' block sizes, bf16 and fp16, D =
-    64, 128 and 72 (padded), RoPE and anchor flags on and off: catches compiled-path errors the
-    interpreter cannot see and shared memory over the target's limit. On sm_90 the products must
+    64, 128 and 72 (forward 64 + 16, backward padded), RoPE and anchor flags on and off: catches
+    compiled-path errors the interpreter cannot see and shared memory over the target's limit.
+    Every kernel: no sin/cos (RoPE comes from tables), at most 5 products per loop body (the
+    FA2 backward), no register spills on sm_90 (aligned paths). On sm_90 the products must
     use wgmma; the K/V (Q/dO) tile loads must be pipelined (async copies) for every D, D = 72
     included: with ALIGNED_8 the kernels show the compiler that head_dim and the row strides are
     multiples of 8, so the tiles move as 16-byte async copies / vector loads with no scalar 16-bit
