@@ -273,6 +273,11 @@ TRITON_CASES = {
     # anchor in the last frame of every sequence, source 0, no RoPE, rope_dims/scale given
     "anchor_last_norope_d40": lambda dt, dev: (
         _qkv(2, 68, 68, 2, 40, dt, dev), {"anchor": ([51, 51], 17, 0), "scale": 0.2}),
+    # D=96: the forward's 64 + 32 column blocks, cross-attention, fractional positions
+    "cross_20x33_d96": lambda dt, dev: (
+        _qkv(1, 20, 33, 1, 96, dt, dev),
+        {"positions": ((_grid_positions(1, 20, 1) * 0.5).to(dev),
+                       (_grid_positions(1, 33, 1) + 0.25).to(dev))}),
     # B=1 with an anchor (no-op), D=128, a partial rope split with an unrotated tail
     "b1_anchor_d128": lambda dt, dev: (
         _qkv(1, 45, 45, 1, 128, dt, dev),
