@@ -6,7 +6,8 @@
 of an older version, to compare). For each kernel variant the launchers use on GPU it compiles
 through ptxas and prints: registers, spill stack bytes (``cuobjdump -res-usage``), local-memory
 stores in the SASS (``STL``), tensor-core instructions (HGMMA / HMMA), shared memory, and the
-number of ``math.sin`` / ``math.cos`` ops inside ``scf.for`` loops of the TTGIR (and in total).
+number of ``math.sin`` / ``math.cos`` ops inside ``scf.for`` loops of the TTGIR (and in total),
+and the matrix products in each loop body that has any (``/``-separated, in program order).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def profile(compiled) -> dict:
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     stack = int(re.search(r"STACK:(\d+)", res).group(1))
     loop_trig, all_trig = ops_in_loops(compiled.asm["ttgir"], r"math\.(sin|cos)\b")
-    loop_dots = ops_in_loops(compiled.asm["ttgir"], r"= (tt\.dot|ttng\.warp_group_dot) ")[0]
+    loop_dots = "/".join(str(n) for n in products_per_loop(compiled.asm["ttgir"]) if n) or "-"
     return {"regs": regs, "stack": stack, "stl": len(re.findall(r"\bSTL(\.\w+)*\b", sass)),
             "hgmma": len(re.findall(r"\bHGMMA\.", sass)), "hmma": len(re.findall(r"\bHMMA\.",
                                                                                sass)),
@@ -110,19 +111,22 @@ def variants(ti, dtype: str = "fp16"):
             extra = {"INTERLEAVED": False} if "INTERLEAVED" in fwd_params else {}
             bm, bn = ti.fwd_blocks(dim, torch_dtype)
             consts = {"BLOCK_M": bm, "BLOCK_D": ti.block_d(dim), **flags, **extra}
-            if hasattr(ti, "fwd_head_blocks"):  # (after issue 15: D = 72 as 64 + 16)
-                consts["BLOCK_D"], consts["BLOCK_D1"] = ti.fwd_head_blocks(dim)
+            if hasattr(ti, "head_blocks"):  # (after issue 15: D = 72 as 64 + 16)
+                consts["BLOCK_D"], consts["BLOCK_D1"] = ti.head_blocks(dim)
             if "BLOCK_N" in fwd_params:
                 consts["BLOCK_N"] = bn
             yield f"fwd D={dim} rope={int(rope)} anchor={int(anchor)}", \
                 ti._attention3d_fwd_kernel, consts, 8, 3
+            split = {}
+            if "BLOCK_D1" in bwd_params:
+                split = dict(zip(("BLOCK_D", "BLOCK_D1"), ti.head_blocks(dim)))
             names = (("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if "BLOCK_M1" in bwd_params
                      else ("BLOCK_M", "BLOCK_N"))
             blocks = dict(zip(names, ti.bwd_blocks(dim, torch_dtype)))
             extra = {"INTERLEAVED": False} if "INTERLEAVED" in bwd_params else {}
             yield f"bwd D={dim} rope={int(rope)} anchor={int(anchor)}", \
                 ti._attention3d_bwd_kernel, {**blocks, "BLOCK_D": ti.block_d(dim), **flags,
-                                             **extra}, 8, 2
+                                             **extra, **split}, 8, 2
 
 
 def main(argv: list[str]) -> None:
@@ -133,7 +137,7 @@ def main(argv: list[str]) -> None:
     ti = importlib.import_module(module)
     print(f"compile-only static profile, sm_{arch}, fp16, {module}")
     print("| variant | regs | spill stack B | STL | HGMMA | HMMA | smem B | sin/cos in loop | "
-          "sin/cos total | products in loop |")
+          "sin/cos total | products per loop |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for label, kernel, consts, warps, stages in variants(ti):
         dim = 72 if "D=72" in label else 128

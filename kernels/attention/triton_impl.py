@@ -4,7 +4,7 @@ Layouts: q [B, Nq, H, D], k/v [B, Nk, H, D] with any batch/token/head strides an
 dim; outputs and gradients contiguous [B, N, H, D]; the softmax log-sum-exp (base 2, in units of
 ``score * scale * log2(e)``) and ``delta = rowsum(dO * O)`` are fp32 [B, H, Nq]. The head dim is
 masked: the forward covers it with one or two power-of-two column blocks (72 = 64 + 16, see
-:func:`fwd_head_blocks`), the other kernels with BLOCK_D = next_pow2(D) (>= 16).
+:func:`head_blocks`), the other kernels with BLOCK_D = next_pow2(D) (>= 16).
 
 RoPE without trigonometry in any kernel. Per call, torch builds fp32 tables cos[., N, D] and
 sin[., N, D] (one row per token, per sequence only when positions differ per sequence) from the fp32
@@ -58,12 +58,12 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def fwd_head_blocks(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_D1): the forward's head-dim column blocks. Tile shapes must be powers of
-    two, so instead of padding D to next_pow2(D) the forward splits D = 72 into 64 + 16 (8 of the
-    16 masked: 80 columns of tensor-core work instead of 128), D = 40 into 32 + 16 and D = 96 into
-    64 + 32: a second block whenever the remainder past the largest power of two is at most half
-    of it. BLOCK_D1 = 0: one block."""
+def head_blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D1): the attention kernels' head-dim column blocks. Tile shapes must be
+    powers of two, so instead of padding D to next_pow2(D) the kernels split D = 72 into
+    64 + 16 (8 of the 16 masked: 80 columns of tensor-core work instead of 128), D = 40 into
+    32 + 16 and D = 96 into 64 + 32: a second block whenever the remainder past the largest power
+    of two is at most half of it. BLOCK_D1 = 0: one block."""
     first = max(16, 1 << (head_dim.bit_length() - 1))
     rest = head_dim - first
     if rest <= 0 or rest > first // 2:
@@ -258,7 +258,7 @@ def _attention3d_fwd_kernel(
 ):
     """k_ptr is k (HAS_ROPE False: anchor rows redirected here) or the rotated, already
     redirected k_rot (HAS_ROPE True). The head dim is one column block of BLOCK_D, or with
-    BLOCK_D1 > 0 two (see :func:`fwd_head_blocks`); then q_ptr is also already rotated."""
+    BLOCK_D1 > 0 two (see :func:`head_blocks`); then q_ptr is also already rotated."""
     if ALIGNED_8:  # (launcher-checked) so the tile loads/stores are 16-byte vectors
         head_dim = _mult8(head_dim)
         stride_q_b, stride_q_n, stride_q_h = _mult8(stride_q_b), _mult8(stride_q_n), \
@@ -401,13 +401,17 @@ def _attention3d_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, dq_acc_ptr, n_r
 
 
 @triton.jit
-def _bwd_query_segment(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_acc_ptr, b, h, lo, hi,
-                       cols, d_mask, head_dim, stride_q_b, stride_q_n, stride_q_h,
+def _bwd_query_segment(dk, dv, k, v, dk1, dv1, k1, v1, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                       dq_acc_ptr, b, h, lo, hi, cols, d_mask, cols1, d_mask1, head_dim,
+                       stride_q_b, stride_q_n, stride_q_h,
                        stride_o_b, stride_o_n, stride_o_h, heads, n_q, qk_scale,
-                       BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_D1: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     """Query rows [lo, hi) of sequence b against one key tile: five products per step. dk, dv
     ([BLOCK_N, BLOCK_D] fp32) accumulate in registers; dS K goes to the fp32 dq accumulator
-    (contiguous [B, Nq, H, D]) by relaxed atomics (unscaled, rotated basis)."""
+    (contiguous [B, Nq, H, D]) by relaxed atomics (unscaled, rotated basis). With BLOCK_D1 > 0
+    the head dim's second column block (k1, v1, dk1, dv1 over cols1) adds a second product to
+    each of the five (two-block sums for S and dP, separate blocks for dV, dK, dQ)."""
     stats = (b * heads + h).to(tl.int64) * n_q
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -419,17 +423,30 @@ def _bwd_query_segment(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_acc_p
         do = tl.load(do_ptr + do_rows[:, None] + cols[None, :], mask=mask, other=0.0)
         lse = tl.load(lse_ptr + stats + offs_m, mask=m_mask, other=0.0)
         delta = tl.load(delta_ptr + stats + offs_m, mask=m_mask, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale   # [BN, BM]
-        p_t = tl.where(m_mask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)               # [BN, BM]
+        if BLOCK_D1 > 0:
+            mask1 = m_mask[:, None] & d_mask1[None, :]
+            q1 = tl.load(q_ptr + q_rows[:, None] + cols1[None, :], mask=mask1, other=0.0)
+            do1 = tl.load(do_ptr + do_rows[:, None] + cols1[None, :], mask=mask1, other=0.0)
+            s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
+        p_t = tl.where(m_mask[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if BLOCK_D1 > 0:
+            dv1 += tl.dot(p_t.to(do.dtype), do1, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
         dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)            # [BM, BD]
         acc_rows = ((b * n_q + offs_m) * heads + h).to(tl.int64) * head_dim
         tl.atomic_add(dq_acc_ptr + acc_rows[:, None] + cols[None, :], dq, mask=mask,
                       sem="relaxed")
-    return dk, dv
+        if BLOCK_D1 > 0:
+            dk1 += tl.dot(ds_t, q1, input_precision=DOT_PRECISION)
+            dq1 = tl.dot(tl.trans(ds_t), k1, input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_acc_ptr + acc_rows[:, None] + cols1[None, :], dq1, mask=mask1,
+                          sem="relaxed")
+    return dk, dv, dk1, dv1
 
 
 @triton.autotune(configs=_configs("BLOCK_M", (16, 32, 64), (2, 3)),
@@ -452,11 +469,14 @@ def _attention3d_bwd_kernel(
     stride_t_b, stride_t_n,
     heads, n_q, n_k, head_dim, sm_scale, qk_scale, anchor_len, anchor_src,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_ANCHOR: tl.constexpr, INTERLEAVED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ALIGNED_8: tl.constexpr,
+    BLOCK_D1: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_ANCHOR: tl.constexpr,
+    INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED_8: tl.constexpr,
 ):
     """q_ptr / k_ptr are the rotated q_rot / k_rot when HAS_ROPE (k_rot already redirected);
-    dq_acc is fp32 contiguous [B, Nq, H, D] (zeroed by the preprocess kernel)."""
+    dq_acc is fp32 contiguous [B, Nq, H, D] (zeroed by the preprocess kernel). The head dim is
+    one column block of BLOCK_D or two (BLOCK_D1 > 0, :func:`head_blocks`); with two and RoPE,
+    dk_ptr is an fp32 buffer that receives dk in the rotated basis (the launcher rotates it
+    back: a rotate-half partner may lie in the other block)."""
     if ALIGNED_8:  # (launcher-checked) so the tile loads/stores are 16-byte vectors
         head_dim = _mult8(head_dim)
         stride_q_b, stride_q_n, stride_q_h = _mult8(stride_q_b), _mult8(stride_q_n), \
@@ -497,18 +517,28 @@ def _attention3d_bwd_kernel(
     v = tl.load(v_ptr + v_rows[:, None] + cols[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk, dv = _bwd_query_segment(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_acc_ptr, b, h,
-                                0, hi1, cols, d_mask, head_dim, stride_q_b, stride_q_n,
-                                stride_q_h,
-                                stride_o_b, stride_o_n, stride_o_h, heads, n_q, qk_scale,
-                                BLOCK_M, DOT_PRECISION)
-    dk, dv = _bwd_query_segment(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_acc_ptr, b, h,
-                                lo2, n_q, cols, d_mask, head_dim, stride_q_b, stride_q_n,
-                                stride_q_h,
-                                stride_o_b, stride_o_n, stride_o_h, heads, n_q, qk_scale,
-                                BLOCK_M, DOT_PRECISION)
+    cols1 = BLOCK_D + tl.arange(0, max(BLOCK_D1, 16))  # (a 16-wide placeholder when unused)
+    d_mask1 = cols1 < head_dim
+    kv_mask1 = n_mask[:, None] & d_mask1[None, :]
+    k1 = tl.zeros([BLOCK_N, max(BLOCK_D1, 16)], k_ptr.dtype.element_ty)
+    v1 = k1
+    if BLOCK_D1 > 0:
+        k1 = tl.load(k_ptr + k_rows[:, None] + cols1[None, :], mask=kv_mask1, other=0.0)
+        v1 = tl.load(v_ptr + v_rows[:, None] + cols1[None, :], mask=kv_mask1, other=0.0)
+    dk1 = tl.zeros([BLOCK_N, max(BLOCK_D1, 16)], tl.float32)
+    dv1 = dk1
+    dk, dv, dk1, dv1 = _bwd_query_segment(
+        dk, dv, k, v, dk1, dv1, k1, v1, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_acc_ptr, b, h,
+        0, hi1, cols, d_mask, cols1, d_mask1, head_dim, stride_q_b, stride_q_n, stride_q_h,
+        stride_o_b, stride_o_n, stride_o_h, heads, n_q, qk_scale, BLOCK_M, BLOCK_D1,
+        DOT_PRECISION)
+    dk, dv, dk1, dv1 = _bwd_query_segment(
+        dk, dv, k, v, dk1, dv1, k1, v1, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_acc_ptr, b, h,
+        lo2, n_q, cols, d_mask, cols1, d_mask1, head_dim, stride_q_b, stride_q_n, stride_q_h,
+        stride_o_b, stride_o_n, stride_o_h, heads, n_q, qk_scale, BLOCK_M, BLOCK_D1,
+        DOT_PRECISION)
     dk = dk * sm_scale
-    if HAS_ROPE:  # back to k's basis, once per program
+    if HAS_ROPE and BLOCK_D1 == 0:  # back to k's basis, once per program
         partner = tl.load(meta_ptr + cols)
         tab = b.to(tl.int64) * stride_t_b + offs_n.to(tl.int64) * stride_t_n
         dk = _rotate(dk, partner, k_cos_ptr, k_sin_ptr, tab, n_mask, cols, d_mask, INTERLEAVED,
@@ -520,6 +550,11 @@ def _attention3d_bwd_kernel(
              mask=kv_mask)
     tl.store(dv_ptr + out_rows[:, None] + cols[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=kv_mask)
+    if BLOCK_D1 > 0:
+        tl.store(dk_ptr + out_rows[:, None] + cols1[None, :],
+                 (dk1 * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask1)
+        tl.store(dv_ptr + out_rows[:, None] + cols1[None, :], dv1.to(dv_ptr.dtype.element_ty),
+                 mask=kv_mask1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -679,7 +714,7 @@ def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
     cos = sin = partner = _dummy(q.device)
     t_strides = (0, 0)
     q_in, k_in = q, k
-    bd, bd1 = fwd_head_blocks(head_dim)
+    bd, bd1 = head_blocks(head_dim)
     if has_rope:
         tables = _RopeTables(q_pos, k_pos, rope_dims, rope_theta, head_dim, interleaved,
                              q.device)
@@ -722,6 +757,7 @@ def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta
     n_k = k.shape[1]
     bm, bn = bwd_blocks(head_dim, q.dtype)
     bd = block_d(head_dim)
+    bd0, bd1 = head_blocks(head_dim)
     has_anchor, starts, length, source = _anchor_args(anchor, batch, q.device)
     dout = dout.contiguous()
     dk = torch.empty(batch, n_k, heads, head_dim, dtype=k.dtype, device=q.device)
@@ -759,20 +795,25 @@ def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta
         k_in = torch.empty(*k.shape, dtype=k.dtype, device=k.device)
         _rope_launch(k, k_in, *tables.k, partner, starts, length, source, False, interleaved)
         (cos, sin), t_strides = tables.k, tables.k[0].stride()[:2]
-    aligned = aligned_8(head_dim, q_in, k_in, v, dout, dk, dv)
+    # two column blocks with RoPE: dk leaves the kernel in the rotated basis, in fp32
+    dk_out = torch.empty(*dk.shape, dtype=torch.float32, device=q.device) if (
+        has_rope and bd1) else dk
+    aligned = aligned_8(head_dim, q_in, k_in, v, dout, dk_out, dv)
     LAUNCH_STATS.update(bwd_aligned_8=aligned)
     _attention3d_bwd_kernel[(n_kv_tiles, heads)](
-        q_in, k_in, v, dout, lse, delta, dq_acc, dk, dv, cos, sin, partner,
+        q_in, k_in, v, dout, lse, delta, dq_acc, dk_out, dv, cos, sin, partner,
         starts if has_anchor else partner,
         *q_in.stride()[:3], *k_in.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-        *dk.stride()[:3], *t_strides,
+        *dk_out.stride()[:3], *t_strides,
         heads, n_q, n_k, head_dim, scale, scale * LOG2E, length, source,
-        BLOCK_N=bn, BLOCK_D=bd, HAS_ROPE=has_rope, HAS_ANCHOR=has_anchor,
+        BLOCK_N=bn, BLOCK_D=bd0, BLOCK_D1=bd1, HAS_ROPE=has_rope, HAS_ANCHOR=has_anchor,
         INTERLEAVED=interleaved, DOT_PRECISION=_dot_precision(q.dtype), ALIGNED_8=aligned,
     )
     if has_rope:  # scale, rotate back and cast the dq accumulator in one pass
         dq = torch.empty(*q.shape, dtype=q.dtype, device=q.device)
         _rope_launch(dq_acc, dq, *tables.q, partner, None, 0, 0, True, interleaved, scale)
+        if bd1:
+            _rope_launch(dk_out, dk, *tables.k, partner, None, 0, 0, True, interleaved)
     else:
         dq = (dq_acc * scale).to(q.dtype)
     if has_anchor:
