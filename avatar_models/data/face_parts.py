@@ -194,3 +194,11 @@ class PartFaces(torch.utils.data.IterableDataset):
         if self.text_encoder is not None:
             item["text"] = self.text_encoder([prompt])[0]
         return item
+
+
+def canonical_part_labels(identities: int = 8) -> torch.Tensor:
+    """Mean part fractions ``[M, 64, 64]`` of ``identities`` faces in the neutral, centred pose:
+    where the parts usually are, for crops of a reference whose own labels are unknown."""
+    neutral = motion_program("a person neutral", 1)
+    return torch.stack([part_labels(pf.sample_identity(i), neutral)[0]
+                        for i in range(identities)]).mean(0)
