@@ -63,6 +63,7 @@ class LaVieIDConfig:
     parts: int = len(PARTS)         # M
     part_tokens: int = 4            # L (paper: 32)
     local_dim: int = 32             # D (paper: 2048)
+    local_heads: int = 4            # heads of the local encoder (width local_dim)
     route_dim: int = 32             # D'' (paper: 2048)
     crop_size: int = 8              # side of a part crop fed to the local encoder
     crop_patch: int = 2
@@ -77,7 +78,7 @@ class LaVieIDConfig:
     def __post_init__(self):
         for field in ("depth", "hidden", "heads", "patch", "in_channels", "input_height",
                       "input_width", "frames", "text_dim", "text_tokens", "identity_dim",
-                      "parts", "part_tokens", "local_dim", "route_dim", "crop_size",
+                      "parts", "part_tokens", "local_dim", "local_heads", "route_dim", "crop_size",
                       "crop_patch", "tam_layers", "tam_chunks"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
@@ -87,10 +88,11 @@ class LaVieIDConfig:
         if self.crop_size % self.crop_patch:
             raise ValueError(f"crop_size must be a multiple of crop_patch={self.crop_patch}, "
                              f"got {self.crop_size}")
-        for field in ("hidden", "local_dim"):
-            if getattr(self, field) % self.heads or (getattr(self, field) // self.heads) % 8:
+        for field, heads in (("hidden", self.heads), ("local_dim", self.local_heads)):
+            width = getattr(self, field)
+            if width % heads or (width // heads) % 8:
                 raise ValueError(f"{field} / heads must be a multiple of 8, got "
-                                 f"{field}={getattr(self, field)}, heads={self.heads}")
+                                 f"{field}={width}, heads={heads}")
         for field in ("alpha", "beta"):
             if not math.isfinite(getattr(self, field)):
                 raise ValueError(f"{field} must be finite, got {getattr(self, field)}")
@@ -135,7 +137,7 @@ NAMED_CONFIGS: dict[str, dict] = {
     # T5-XXL text (4096 wide, 226 tokens). Router: L = 32, D = D'' = 2048; TAM: N = 6, K = 4.
     "cogvideox-5b": dict(depth=42, hidden=3072, heads=48, patch=2, in_channels=16,
                          input_height=60, input_width=90, frames=13, text_dim=4096,
-                         text_tokens=226, identity_dim=1024, part_tokens=32, local_dim=2048,
+                         text_tokens=226, identity_dim=1024, part_tokens=32, local_dim=2048, local_heads=16,
                          route_dim=2048, crop_size=224, crop_patch=14, tam_layers=6,
                          tam_chunks=4),
 }
@@ -212,7 +214,7 @@ class LocalPartEncoder(nn.Module):
         self.patch = PatchEmbed(3, d, cfg.crop_patch)
         self.part_embed = nn.Parameter(torch.zeros(cfg.parts, d))
         self.queries = nn.Parameter(torch.zeros(cfg.parts, cfg.part_tokens, d))
-        self.attn = PartCrossAttention(d, cfg.heads, d, backend=backend)
+        self.attn = PartCrossAttention(d, cfg.local_heads, d, backend=backend)
         self.norm = nn.LayerNorm(d)
         self.mlp = Mlp(d, 4 * d)
 
