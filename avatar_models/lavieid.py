@@ -137,7 +137,8 @@ NAMED_CONFIGS: dict[str, dict] = {
     # T5-XXL text (4096 wide, 226 tokens). Router: L = 32, D = D'' = 2048; TAM: N = 6, K = 4.
     "cogvideox-5b": dict(depth=42, hidden=3072, heads=48, patch=2, in_channels=16,
                          input_height=60, input_width=90, frames=13, text_dim=4096,
-                         text_tokens=226, identity_dim=1024, part_tokens=32, local_dim=2048, local_heads=16,
+                         text_tokens=226, identity_dim=1024, part_tokens=32, local_dim=2048,
+                         local_heads=16,
                          route_dim=2048, crop_size=224, crop_patch=14, tam_layers=6,
                          tam_chunks=4),
 }
@@ -345,16 +346,16 @@ class TemporalAutoregressiveModule(nn.Module):
         p = cfg.tokens_per_frame
         c = self.embed(z.flatten(0, 1)).reshape(b, f, p, cfg.hidden)              # [B, F, P, D']
         bounds = chunk_bounds(f, chunks or cfg.tam_chunks)
-        out, prev_last = [], None                                                # prev: [B, 1, P, D']
+        out, prev_last = [], None                       # prev_last: [B, 1, P, D'] after chunk 0
         for k, (s, e) in enumerate(bounds):
             ck = c[:, s:e]                                                       # [B, Fk, P, D']
-            seq = ck if prev_last is None else torch.cat([prev_last, ck], dim=1)  # [B, Fk(+1), P, D']
+            seq = ck if prev_last is None else torch.cat([prev_last, ck], dim=1)  # [B, Fk+1, P, D']
             ids = self.chunk_frame_ids(bounds, k, z.device).repeat_interleave(p)  # [Fk(+1)*P]
             h = seq.flatten(1, 2)                                                # [B, Nk, D']
             for layer in self.psi:
                 h = layer(h, ids)
             h = self.psi_norm(h)
-            bias = self.phi(ck.flatten(1, 2), h).view_as(ck)                     # b_k [B, Fk, P, D']
+            bias = self.phi(ck.flatten(1, 2), h).view_as(ck)                     # b_k, like ck
             enhanced = ck + beta * bias                                          # c*_k
             prev_last = enhanced[:, -1:]
             out.append(bias)
