@@ -429,11 +429,17 @@ class LaVieIDDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                 reference: torch.Tensor, identity: torch.Tensor,
                 parts: torch.Tensor | None = None, *, text_null: torch.Tensor | None = None,
-                return_route_logits: bool = False):
+                crops: torch.Tensor | None = None, return_route_logits: bool = False,
+                tam_alpha_sigma: tuple[torch.Tensor, torch.Tensor] | None = None):
         """x [B, F, C, H, W] noisy latent; t [B] model time; text [B, Lt, Ct]; reference
-        [B, C, H, W] latent; identity [B, Ci]; parts [B, M, L, D] (:meth:`part_tokens`, needed
-        when the router is on); text_null [B] bool (classifier-free: the null text embedding).
-        Returns the v prediction [B, F, C, H, W] (and the router logits [B, F*P, M] or None)."""
+        [B, C, H, W] latent; identity [B, Ci]; parts [B, M, L, D] (:meth:`part_tokens`; or
+        ``crops`` [B, M, 3, S, S] encoded here, as training does so every trained parameter is
+        used inside the (DDP-wrapped) forward); text_null [B] bool (the null text embedding).
+
+        Returns the v prediction [B, F, C, H, W]; with ``return_route_logits`` the tuple (v,
+        router logits [B, F*P, M] or None); with ``tam_alpha_sigma`` = (alpha_t, sigma_t) (each
+        broadcastable to x) also the TAM applied to the detached x0-hat = alpha x - sigma v
+        (None when the TAM is off): (v, logits, tam_x0)."""
         cfg = self.config
         b, f = x.shape[:2]
         expect = (cfg.in_channels, cfg.input_height, cfg.input_width)
@@ -445,7 +451,10 @@ class LaVieIDDiT(nn.Module):
                              f"{list(text.shape)}")
         use_router = cfg.router
         if use_router and parts is None:
-            raise ValueError("parts must be given when the router is on (config.router=True)")
+            if crops is None:
+                raise ValueError("parts or crops must be given when the router is on "
+                                 "(config.router=True)")
+            parts = self.local_encoder(crops)                                    # [B, M, L, D]
         if text_null is not None:
             text = torch.where(text_null.view(b, 1, 1).bool(), self.null_text.to(text.dtype), text)
         ref = torch.zeros_like(x)
@@ -466,6 +475,10 @@ class LaVieIDDiT(nn.Module):
         gh, gw = cfg.grid
         out = unpatchify(out.reshape(b * f, cfg.tokens_per_frame, -1), cfg.in_channels,
                          cfg.patch, gh, gw).view(b, f, *expect)                  # [B, F, C, H, W]
+        if tam_alpha_sigma is not None:
+            a, s = tam_alpha_sigma
+            tam_x0 = self.tam((a * x - s * out.float()).detach(), cfg.beta) if cfg.tam else None
+            return out, logits, tam_x0
         return (out, logits) if return_route_logits else out
 
     def enhance(self, z: torch.Tensor) -> torch.Tensor:
@@ -545,11 +558,10 @@ def lavieid_loss(model, cfg: LaVieIDConfig, train: LaVieIDTrainConfig, batch: di
     a, s = _alpha_sigma(t.to(device), z0)
     zt = a * z0 + s * noise
     null = (torch.rand(b, generator=generator) < train.text_drop).to(device)
-    inner = getattr(model, "module", model)
-    parts = inner.part_tokens(batch["crops"].float()) if cfg.router else None
-    v, logits = model(zt, t.to(device).float(), batch["text"].float(), batch["reference"].float(),
-                      batch["identity"].float(), parts, text_null=null,
-                      return_route_logits=True)
+    crops = batch["crops"].float() if cfg.router else None
+    v, logits, tam_x0 = model(zt, t.to(device).float(), batch["text"].float(),
+                              batch["reference"].float(), batch["identity"].float(),
+                              text_null=null, crops=crops, tam_alpha_sigma=(a, s))
     target = a * noise - s * z0
     terms = {"diff": (v.float() - target).square().mean()}
     loss = train.lambda_diff * terms["diff"]
@@ -558,9 +570,8 @@ def lavieid_loss(model, cfg: LaVieIDConfig, train: LaVieIDTrainConfig, batch: di
         scale = labels.shape[-1] // cfg.input_width
         terms["route"] = route_loss(logits, token_fractions(labels, cfg.patch * scale))
         loss = loss + train.lambda_route * terms["route"]
-    if cfg.tam:
-        x0_hat = (a * zt - s * v.float()).detach()
-        terms["tam"] = (inner.enhance(x0_hat) - z0).square().mean()
+    if tam_x0 is not None:
+        terms["tam"] = (tam_x0.float() - z0).square().mean()
         loss = loss + train.lambda_tam * terms["tam"]
     return {"loss": loss, **terms}
 

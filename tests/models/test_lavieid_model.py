@@ -214,10 +214,10 @@ def test_text_dropout_rate_and_null_embedding():
     seen = []
 
     class Stub(torch.nn.Module):
-        def forward(self, x, t, text, reference, identity, parts, *, text_null,
-                    return_route_logits):
+        def forward(self, x, t, text, reference, identity, *, text_null, crops,
+                    tam_alpha_sigma):
             seen.append(text_null)
-            return torch.zeros_like(x), None
+            return torch.zeros_like(x), None, None
 
     cfg = LaVieIDConfig.from_name("tiny", frames=1, input_height=4, input_width=4, router=False,
                                   tam=False)
@@ -323,3 +323,18 @@ def test_prompt_program_and_dataset_item():
     assert not torch.equal(item["reference"], item["frames"][:, 0])
     with pytest.raises(TypeError, match="prompt"):
         face_parts.parse_prompt(3)
+
+
+def test_training_forward_crops_and_tam_on_x0_hat():
+    """crops encoded inside forward equal precomputed part tokens; the TAM term's input is the
+    x0-hat of the v prediction (alpha x - sigma v), enhanced once."""
+    m, inp = _model(), _inputs()
+    a, s = torch.tensor(0.6).view(1, 1, 1, 1, 1), torch.tensor(0.8).view(1, 1, 1, 1, 1)
+    with torch.no_grad():
+        v, logits, tam_x0 = m(inp["x"], inp["t"], inp["text"], inp["reference"],
+                              inp["identity"], crops=inp["crops"], tam_alpha_sigma=(a, s))
+        v2, logits2 = _run(m, inp, return_route_logits=True)
+        assert torch.equal(v, v2) and torch.equal(logits, logits2)
+        assert torch.equal(tam_x0, m.tam(a * inp["x"] - s * v, CFG.beta))
+    with pytest.raises(ValueError, match="parts or crops"):
+        m(inp["x"], inp["t"], inp["text"], inp["reference"], inp["identity"])
