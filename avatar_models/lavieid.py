@@ -37,13 +37,14 @@ from torch import nn
 
 import kernels
 from avatar_models.layers import DiTBlock, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, unpatchify
+from avatar_models.layers.named_config import NamedConfig
 from avatar_models.training.diffusion import DiffusionSchedule
 
 PARTS = ("brows", "eyes", "mouth", "nose", "skin", "hair")
 
 
 @dataclass(frozen=True)
-class LaVieIDConfig:
+class LaVieIDConfig(NamedConfig):
     """Architecture. ``from_name``: ``tiny`` (CPU tests) and ``cogvideox-5b`` (CogVideoX-5B-like
     shape; the paper's L' = 17750 matches neither 13 x 1350 = 17550 nor 17550 + 226 = 17776)."""
 
@@ -106,26 +107,6 @@ class LaVieIDConfig:
         gh, gw = self.grid
         return gh * gw
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> LaVieIDConfig:
-        if name not in NAMED_CONFIGS:
-            raise ValueError(f"unknown lavieid config {name!r}; expected one of "
-                             f"{sorted(NAMED_CONFIGS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(overrides) - fields)
-        if bad:
-            raise ValueError(f"unknown LaVieIDConfig field(s) {bad}; expected some of "
-                             f"{sorted(fields)}")
-        return cls(**{**NAMED_CONFIGS[name], "name": name, **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LaVieIDConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
-
 
 NAMED_CONFIGS: dict[str, dict] = {
     "tiny": dict(depth=2, hidden=64, heads=4, patch=2, in_channels=3, input_height=16,
@@ -142,6 +123,8 @@ NAMED_CONFIGS: dict[str, dict] = {
                          route_dim=2048, crop_size=224, crop_patch=14, tam_layers=6,
                          tam_chunks=4),
 }
+
+LaVieIDConfig.SYSTEM, LaVieIDConfig.NAMED = "lavieid", NAMED_CONFIGS
 
 
 def noise_schedule() -> DiffusionSchedule:
