@@ -338,3 +338,25 @@ def test_training_forward_crops_and_tam_on_x0_hat():
         assert torch.equal(tam_x0, m.tam(a * inp["x"] - s * v, CFG.beta))
     with pytest.raises(ValueError, match="parts or crops"):
         m(inp["x"], inp["t"], inp["text"], inp["reference"], inp["identity"])
+
+
+@pytest.mark.slow
+def test_triton_backends_match_reference():
+    """The model and the TAM on the Triton kernels (text rows at RoPE position 0 in
+    attention3d, frame-index RoPE in frame_causal_attention) match the reference backends
+    (fp32; under TRITON_INTERPRET on CPU, ~10 s)."""
+    cfg = dataclasses.replace(CFG, frames=3, input_height=8, input_width=8, tam_chunks=2,
+                              tam_layers=1, depth=1)
+    ref = _model(cfg)
+    tri = LaVieIDDiT(cfg, attention_backend="triton")
+    tri.load_state_dict(ref.state_dict())
+    for m in (ref, tri):
+        for mod in m.modules():
+            if hasattr(mod, "backend"):
+                mod.backend = "ref" if m is ref else "triton"
+    inp = _inputs(cfg, b=1)
+    args = (inp["x"], inp["t"], inp["text"], inp["reference"], inp["identity"])
+    with torch.no_grad():
+        a, b = ref(*args, crops=inp["crops"]), tri(*args, crops=inp["crops"])
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tri.enhance(a), ref.enhance(a), rtol=1e-4, atol=1e-4)
