@@ -432,6 +432,15 @@ class LaVieIDDiT(nn.Module):
         if tuple(text.shape[1:]) != (cfg.text_tokens, cfg.text_dim):
             raise ValueError(f"text must be [B, {cfg.text_tokens}, {cfg.text_dim}], got "
                              f"{list(text.shape)}")
+        checks = (("reference", reference, (b, *expect)), ("identity", identity,
+                                                           (b, cfg.identity_dim)))
+        for name, value, shape in checks:
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{name} must be {list(shape)}, got {list(value.shape)}")
+        if crops is not None and tuple(crops.shape) != (b, cfg.parts, 3, cfg.crop_size,
+                                                          cfg.crop_size):
+            raise ValueError(f"crops must be [{b}, {cfg.parts}, 3, {cfg.crop_size}, "
+                             f"{cfg.crop_size}], got {list(crops.shape)}")
         use_router = cfg.router
         if use_router and parts is None:
             if crops is None:
@@ -549,8 +558,12 @@ def lavieid_loss(model, cfg: LaVieIDConfig, train: LaVieIDTrainConfig, batch: di
     terms = {"diff": (v.float() - target).square().mean()}
     loss = train.lambda_diff * terms["diff"]
     if logits is not None:
-        labels = batch["labels"].float()
+        labels = batch["labels"].float()                                   # [B, F, M, H', W']
         scale = labels.shape[-1] // cfg.input_width
+        if labels.shape[-2:] != (cfg.input_height * scale, cfg.input_width * scale) or not scale:
+            raise ValueError(f"batch['labels'] must be [B, F, M, H', W'] with H', W' an integer "
+                             f"multiple of the latent {cfg.input_height}x{cfg.input_width}, got "
+                             f"{list(labels.shape)}")
         terms["route"] = route_loss(logits, token_fractions(labels, cfg.patch * scale))
         loss = loss + train.lambda_route * terms["route"]
     if tam_x0 is not None:

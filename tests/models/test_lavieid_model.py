@@ -338,6 +338,19 @@ def test_training_forward_crops_and_tam_on_x0_hat():
         assert torch.equal(tam_x0, m.tam(a * inp["x"] - s * v, CFG.beta))
     with pytest.raises(ValueError, match="parts or crops"):
         m(inp["x"], inp["t"], inp["text"], inp["reference"], inp["identity"])
+    with pytest.raises(ValueError, match="identity must be"):
+        m(inp["x"], inp["t"], inp["text"], inp["reference"], inp["identity"][:, :5])
+    with pytest.raises(ValueError, match="reference must be"):
+        m(inp["x"], inp["t"], inp["text"], inp["reference"][:1], inp["identity"])
+    with pytest.raises(ValueError, match="crops must be"):
+        m(inp["x"], inp["t"], inp["text"], inp["reference"], inp["identity"],
+          crops=inp["crops"][:, :5])
+    with pytest.raises(ValueError, match="text must be"):
+        m(inp["x"], inp["t"], inp["text"][:, :3], inp["reference"], inp["identity"])
+    batch = _batch(1)
+    batch["labels"] = batch["labels"][..., :60, :60]
+    with pytest.raises(ValueError, match="labels"):
+        lavieid_loss(m, CFG, LaVieIDTrainConfig(), batch)
 
 
 @pytest.mark.slow
