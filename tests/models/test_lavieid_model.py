@@ -373,3 +373,33 @@ def test_triton_backends_match_reference():
         a, b = ref(*args, crops=inp["crops"]), tri(*args, crops=inp["crops"])
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(tri.enhance(a), ref.enhance(a), rtol=1e-4, atol=1e-4)
+
+
+def test_t5_text_encoder_loads_a_local_folder(tmp_path):
+    """A tiny random T5 encoder and word-level tokenizer saved to a folder: padded to the
+    configured token count, text-dependent, nothing downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from avatar_models.lavieid import T5TextEncoder
+
+    words = ["<pad>", "</s>", "<unk>", "a", "person", "smiling"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                            num_heads=2)).save_pretrained(tmp_path)
+    out = T5TextEncoder(tmp_path, tokens=8)(["a person smiling", "a person"])
+    assert out.shape == (2, 8, 16)
+    assert not torch.allclose(out[0, 2], out[1, 2])
+
+
+def test_toy_text_encoder():
+    enc = ToyTextEncoder(16, 4)
+    a, b = enc(["a person smiling", "a person frowning, talking and nodding"])
+    assert torch.equal(a[:2], b[:2]) and not torch.allclose(a[2], b[2])
+    assert torch.equal(a[3], torch.zeros(16)) and b[3].abs().sum() > 0   # padded / cut
+    with pytest.raises(TypeError, match="prompts"):
+        enc([3])
