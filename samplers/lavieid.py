@@ -74,7 +74,7 @@ def lavieid_sample(model: Callable, *, text: torch.Tensor, reference: torch.Tens
     null = torch.ones(b, dtype=torch.bool, device=device)
     steps = scheduler.timesteps
     if progress:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="DDIM", unit="step")
     for t in steps:
