@@ -23,7 +23,6 @@ source (:class:`SharedAnchor`).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +39,7 @@ from avatar_models.layers import (
     temporal_sincos,
     unpatchify,
 )
+from avatar_models.layers.named_config import NamedConfig
 
 LANDMARK_DIM = 478 * 3  # MediaPipe face mesh with refined iris landmarks, (x, y, z) each
 
@@ -56,8 +56,10 @@ def landmark_control(landmarks: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SDiTConfig:
-    """Architecture of an sDiT + mapping network. ``from_name`` gives the paper's sizes."""
+class SDiTConfig(NamedConfig):
+    """Architecture of an sDiT + mapping network. ``from_name``: the paper's sizes ``sdit-xl/2``,
+    ``sdit-l/2``, ``sdit-b/2``, ``sdit-b/4``, ``sdit-s/2``, or ``tiny``; any field can be overridden
+    (``frames=8``, ``in_channels=3, input_size=64`` ...)."""
 
     name: str = "custom"
     depth: int = 28
@@ -81,28 +83,6 @@ class SDiTConfig:
     def tokens_per_frame(self) -> int:
         return (self.input_size // self.patch) ** 2
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> SDiTConfig:
-        """``sdit-xl/2``, ``sdit-l/2``, ``sdit-b/2``, ``sdit-b/4``, ``sdit-s/2`` or ``tiny``; any
-        field can be overridden (``frames=8``, ``in_channels=3, input_size=64`` ...)."""
-        if name not in NAMED_CONFIGS:
-            raise ValueError(f"unknown sDiT config {name!r}; expected one of "
-                             f"{sorted(NAMED_CONFIGS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(overrides) - fields)
-        if bad:
-            raise ValueError(f"unknown SDiTConfig field(s) {bad}; expected some of "
-                             f"{sorted(fields)}")
-        return cls(**{**NAMED_CONFIGS[name], "name": name, **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SDiTConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
-
 
 NAMED_CONFIGS: dict[str, dict] = {
     "sdit-xl/2": dict(depth=28, hidden=1152, heads=16, patch=2),
@@ -113,6 +93,7 @@ NAMED_CONFIGS: dict[str, dict] = {
     "tiny": dict(depth=2, hidden=64, heads=4, patch=2, input_size=8, frames=3, global_dim=16,
                  control_dim=12),
 }
+SDiTConfig.SYSTEM, SDiTConfig.NAMED = 'sDiT', NAMED_CONFIGS
 
 
 @dataclass

@@ -53,6 +53,7 @@ from torch import nn
 
 from avatar_models.layers import DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, unpatchify
 from avatar_models.layers.cross_attention import TemporalCrossAttention
+from avatar_models.layers.named_config import NamedConfig
 
 OBJECTIVES = ("flow", "v", "eps")
 START_MODES = ("replace", "concat")
@@ -62,7 +63,7 @@ ANCHORS = ("uniform", "fixed", "past")
 
 
 @dataclass(frozen=True)
-class LookaheadConfig:
+class LookaheadConfig(NamedConfig):
     """Architecture of the lookahead DiT. ``from_name`` gives ``tiny`` (CPU) and ``wan-1.3b``
     (Wan-2.1-1.3B-like shape: head dim 128, 12 heads, 30x52 = 1560 tokens per latent frame)."""
 
@@ -111,26 +112,6 @@ class LookaheadConfig:
         gh, gw = self.grid
         return gh * gw
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> LookaheadConfig:
-        if name not in NAMED_CONFIGS:
-            raise ValueError(f"unknown lookahead config {name!r}; expected one of "
-                             f"{sorted(NAMED_CONFIGS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(overrides) - fields)
-        if bad:
-            raise ValueError(f"unknown LookaheadConfig field(s) {bad}; expected some of "
-                             f"{sorted(fields)}")
-        return cls(**{**NAMED_CONFIGS[name], "name": name, **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LookaheadConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
-
 
 NAMED_CONFIGS: dict[str, dict] = {
     "tiny": dict(depth=2, hidden=64, heads=4, patch=2, in_channels=3, input_height=8,
@@ -141,6 +122,7 @@ NAMED_CONFIGS: dict[str, dict] = {
                      input_width=104, frames=21, vae_temporal_ratio=4, audio_dim=768,
                      mlp_ratio=8960 / 1536),
 }
+LookaheadConfig.SYSTEM, LookaheadConfig.NAMED = 'lookahead', NAMED_CONFIGS
 
 
 def latent_distance(distance_frames: int, ratio: int) -> int:
