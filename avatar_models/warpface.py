@@ -678,6 +678,13 @@ class WarpFaceTrainConfig:
         return dataclasses.asdict(self)
 
 
+def condition_mask(batch: int, rate: float, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """[batch] bool: the pairs trained unconditionally (theta_(s->d) = 0), each with
+    probability ``rate``."""
+    return torch.rand(batch, generator=generator) < rate
+
+
 def warpface_loss(model: WarpFace, train: WarpFaceTrainConfig, batch: dict,
                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Eq. 11 on a batch of pairs (:class:`WarpFacePairs` layout): ``source``, ``driving``
@@ -690,7 +697,7 @@ def warpface_loss(model: WarpFace, train: WarpFaceTrainConfig, batch: dict,
     code_s = inner.motion(batch["source_motion"].float())
     code_d = inner.motion(batch["driving_motion"].float())
     theta = transfer(code_d.theta_rs, code_s.theta_rs)                    # [B, Dm]
-    drop = (torch.rand(b, generator=generator) < train.condition_drop).to(device)
+    drop = condition_mask(b, train.condition_drop, generator).to(device)
     theta = torch.where(drop[:, None], torch.zeros_like(theta), theta)
     diffusion = GaussianDiffusion(cfg.diffusion_schedule())
     t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=generator).to(device)
