@@ -75,6 +75,18 @@ def test_named_configs():
         WarpFaceConfig.from_name("huge")
 
 
+def test_paper_mgme_shapes():
+    cfg = WarpFaceConfig.from_name("paper")
+    mgme = MotionEncoder(cfg, attention_backend="ref")
+    mgme.reset_parameters()
+    code = mgme(torch.randn(1, 4, 32, 32))
+    assert code.theta_sr.shape == code.theta_rs.shape == (1, 1024)
+    assert code.alpha.shape == (1, 4, 128)
+    q = mgme.orthonormal_codebooks()
+    torch.testing.assert_close(q.transpose(1, 2) @ q, torch.eye(128).expand(4, 128, 128),
+                               atol=1e-5, rtol=0)
+
+
 def test_codebook_larger_than_its_dimension_is_refused():
     with pytest.raises(ValueError, match="N_k=32, D_k=16"):
         _cfg(codebook_size=32, group_dim=16)
@@ -120,13 +132,27 @@ def test_only_mgme_output_projections_start_at_zero():
 def test_transfer_and_identical_driving_give_zero_motion():
     theta_rd, theta_rs = torch.randn(2, 64), torch.randn(2, 64)
     torch.testing.assert_close(transfer(theta_rd, theta_rs), theta_rd - theta_rs)
+    # the loss's condition for a pair whose driving frame is its source, augmentation off
     model = WarpFace(_cfg(), **REF)
     _randomise(model.mgme)
-    pair = next(iter(WarpFacePairs(None, jitter=0.0, seed=3)))
-    z = torch.nn.functional.interpolate(pair["source"][None], size=16, mode="area")
-    z = torch.cat([z, z[:, :3], z[:, :2]], dim=1)                        # 8 channels
-    code = model.motion(z)
-    assert torch.equal(transfer(code.theta_rs, code.theta_rs), torch.zeros_like(code.theta_rs))
+    spy = _ThetaSpy(model)
+    batch = _batch(2, jitter=0.0)
+    batch["driving"], batch["driving_motion"] = batch["source"], batch["source_motion"]
+    assert torch.equal(batch["source_motion"], batch["source"])
+    warpface_loss(spy, WarpFaceTrainConfig(condition_drop=0.0), batch, torch.Generator())
+    assert torch.equal(spy.thetas[0], torch.zeros(2, 64))
+
+
+class _ThetaSpy(torch.nn.Module):
+    """Wraps the model as the engine's DDP wrapper would (``.module``), recording theta."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.thetas = module, []
+
+    def forward(self, z, t, theta, reference):
+        self.thetas.append(theta)
+        return self.module(z, t, theta, reference)
 
 
 # ---- WarpCA ----
@@ -276,33 +302,24 @@ def test_condition_dropout_rate_and_branch():
     rate = float(condition_mask(40000, 0.2, g).float().mean())
     assert abs(rate - 0.2) < 0.01
 
-    class Spy(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module, self.thetas = module, []
-
-        def forward(self, z, t, theta, reference):
-            self.thetas.append(theta)
-            return self.module(z, t, theta, reference)
-
     model = WarpFace(_cfg(), **REF)
     _randomise(model.mgme)
-    spy = Spy(model)
+    spy = _ThetaSpy(model)
     batch = _batch(2)
     warpface_loss(spy, WarpFaceTrainConfig(condition_drop=1.0), batch, torch.Generator())
     warpface_loss(spy, WarpFaceTrainConfig(condition_drop=0.0), batch, torch.Generator())
     assert torch.equal(spy.thetas[0], torch.zeros(2, 64))
-    assert float(spy.thetas[1].abs().sum()) > 0
+    assert float(spy.thetas[1].detach().abs().sum()) > 0
 
 
 # ---- data and training ----
 
-def _batch(b: int, seed: int = 0) -> dict:
+def _batch(b: int, seed: int = 0, jitter: float = 0.15) -> dict:
     from avatar_models.data.patch_pca import PatchPCA
     from avatar_models.data.procedural_faces import autoencoder_fit_frames
 
     codec = PatchPCA.fit(autoencoder_fit_frames(32), 8, patch=4)
-    data = iter(WarpFacePairs(codec, seed=seed))
+    data = iter(WarpFacePairs(codec, seed=seed, jitter=jitter))
     items = [next(data) for _ in range(b)]
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
