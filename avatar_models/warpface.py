@@ -796,8 +796,32 @@ def warpface_system(model: WarpFace, dataset, train: WarpFaceTrainConfig,
         return warpface_loss(wrapped, train, batch, generator)
 
     meta = {"train": train.to_dict(), **(extra or {})}
+    # ReferenceNet's middle transformer only supplies its self-attention input: its attention,
+    # MLP and output projection get no gradient
     return TrainingSystem("warpface", model, loss, dataset, config=model.config.to_dict(),
-                          metadata=meta, unused_parameters=True)
+                          metadata=meta, blocks=warpface_blocks, unused_parameters=True)
+
+
+def warpface_blocks(model: WarpFace) -> list[nn.Module]:
+    """The engine's units of activation checkpointing and FSDP2 sharding: every ResBlock, and
+    DenoisingNet's transformers (ReferenceNet's record their inputs, so they are not
+    recomputed)."""
+    net = model.denoising_net
+    transformers = net.transformers("down") + net.transformers("mid") + net.transformers("up")
+    return [m for m in model.modules() if isinstance(m, ResBlock)] + transformers
+
+
+def modulation_trends(model: WarpFace, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Appendix D: the mean over layers and dimensions of gamma(t) and delta(t) at each of
+    ``timesteps`` [T] -> {"gamma": [T], "delta": [T]} (empty without time modulation)."""
+    layers = [m for m in model.denoising_net.modules() if isinstance(m, TimeModulation)]
+    if not layers:
+        return {}
+    with torch.no_grad():
+        temb = model.denoising_net.t_embed(timesteps.float())            # [T, temb]
+        pairs = [layer.scale_shift(temb) for layer in layers]             # [T, Dm] each
+    return {"gamma": torch.stack([g.mean(1) for g, _ in pairs]).mean(0),
+            "delta": torch.stack([d.mean(1) for _, d in pairs]).mean(0)}
 
 
 def motion_json(code: MotionCode, index: int = 0) -> dict:

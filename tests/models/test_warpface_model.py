@@ -20,6 +20,7 @@ from avatar_models.warpface import (
     adaptive_weight,
     appearance_jitter,
     condition_mask,
+    modulation_trends,
     symmetry_loss,
     transfer,
     warpface_loss,
@@ -358,3 +359,22 @@ def test_engine_steps_lower_the_loss_on_a_fixed_batch():
           EngineConfig(steps=16, batch_size=2, lr=2e-3, ema_decay=0.0, progress=False,
                        device="cpu"))
     assert loss_now() < 0.9 * before
+
+
+def test_activation_checkpointing_step_and_modulation_trends():
+    model = WarpFace(_cfg(), **REF)
+    items = [{k: v[0] for k, v in _batch(1).items()}] * 2
+    out = train(warpface_system(model, items, WarpFaceTrainConfig()),
+                EngineConfig(steps=1, batch_size=2, ema_decay=0.0, progress=False, device="cpu",
+                             activation_checkpointing=True))
+    assert len(out.losses) == 1 and out.losses[0] == out.losses[0]
+    fresh = WarpFace(_cfg(), **REF)
+    trends = modulation_trends(fresh, torch.tensor([0, 500, 999]))
+    assert torch.equal(trends["gamma"], torch.zeros(3))                  # zero-initialised
+    layers = [m for m in fresh.modules() if isinstance(m, TimeModulation)]
+    with torch.no_grad():
+        layers[0].delta.bias.fill_(float(len(layers)))                  # mean over layers: 1
+    torch.testing.assert_close(modulation_trends(fresh, torch.tensor([0, 999]))["delta"],
+                               torch.ones(2))
+    assert modulation_trends(WarpFace(_cfg(time_modulation=False), **REF),
+                             torch.tensor([1])) == {}
