@@ -578,7 +578,9 @@ class MotionEncoder(nn.Module):
         theta_sr = self.mlp_theta(f1).float().flatten(1)                  # [B, Dm]
         alpha = self.mlp_alpha(f2).float()                                # [B, K, Nk]
         groups = torch.einsum("kdn,bkn->bkd", self.orthonormal_codebooks(), alpha)  # [B, K, Dk]
-        return MotionCode(theta_sr, groups.flatten(1), alpha, groups)
+        # own storage, not views: FSDP2 warns that in-place ops on a view a wrapped module
+        # returns would skip its pre-backward hook (a few hundred floats per image to copy)
+        return MotionCode(theta_sr.clone(), groups.flatten(1).clone(), alpha, groups)
 
 
 def transfer(theta_rd: torch.Tensor, theta_rs: torch.Tensor) -> torch.Tensor:
@@ -617,16 +619,30 @@ class WarpFace(nn.Module):
     def motion(self, z: torch.Tensor) -> MotionCode:
         return self.mgme(z)
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, theta: torch.Tensor,
-                reference: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, theta: torch.Tensor | None = None,
+                reference: list[torch.Tensor] | None = None, *, pair: dict | None = None):
         """eps prediction: z_t [B, C, H, W], t [B], theta_(s->d) [B, Dm], reference features
-        (:meth:`reference_features`, batch B or 1) -> [B, C, H, W]."""
+        (:meth:`reference_features`, batch B or 1) -> [B, C, H, W].
+
+        Training (``pair`` given, theta and reference None): the whole pass in this one call, so
+        DDP / FSDP2 wrappers see every parameter used. ``pair``: ``source`` (clean latents, for
+        ReferenceNet), ``source_motion`` and ``driving_motion`` (MGME's inputs), ``drop`` [B]
+        bool (theta_(s->d) = 0 there). Returns (eps, source MotionCode, driving MotionCode)."""
+        if pair is not None:
+            code_s = self.motion(pair["source_motion"])
+            code_d = self.motion(pair["driving_motion"])
+            theta = transfer(code_d.theta_rs, code_s.theta_rs)           # [B, Dm]
+            theta = torch.where(pair["drop"][:, None], torch.zeros_like(theta), theta)
+            eps = self(z_t, t, theta, self.reference_features(pair["source"]))
+            return eps, code_s, code_d
         b = z_t.shape[0]
+        if theta is None or reference is None:
+            raise ValueError("forward needs theta and reference (sampling) or pair (training)")
         if theta.shape != (b, self.config.motion_dim):
             raise ValueError(f"theta must be [{b}, {self.config.motion_dim}], got "
                              f"{list(theta.shape)}")
         refs = [r.expand(b, -1, -1) if r.shape[0] == 1 else r for r in reference]
-        return self.denoising_net(z_t, t, theta, refs)
+        return self.denoising_net(z_t, t, theta, refs)                   # [B, C, H, W]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -689,22 +705,18 @@ def warpface_loss(model: WarpFace, train: WarpFaceTrainConfig, batch: dict,
                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Eq. 11 on a batch of pairs (:class:`WarpFacePairs` layout): ``source``, ``driving``
     [B, C, H, W] clean latents; ``source_motion``, ``driving_motion`` MGME's (jittered) inputs."""
-    inner = getattr(model, "module", model)
-    cfg = inner.config
+    cfg = getattr(model, "module", model).config
     z_s, z_d = batch["source"].float(), batch["driving"].float()
     b = z_s.shape[0]
     device = z_s.device
-    code_s = inner.motion(batch["source_motion"].float())
-    code_d = inner.motion(batch["driving_motion"].float())
-    theta = transfer(code_d.theta_rs, code_s.theta_rs)                    # [B, Dm]
     drop = condition_mask(b, train.condition_drop, generator).to(device)
-    theta = torch.where(drop[:, None], torch.zeros_like(theta), theta)
     diffusion = GaussianDiffusion(cfg.diffusion_schedule())
     t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=generator).to(device)
     noise = torch.randn(z_d.shape, generator=generator).to(device)
     z_t = diffusion.q_sample(z_d, t, noise)                               # [B, C, H, W]
-    reference = inner.reference_features(z_s)
-    eps = model(z_t, t, theta, reference)                                 # [B, C, H, W]
+    pair = {"source": z_s, "source_motion": batch["source_motion"].float(),
+            "driving_motion": batch["driving_motion"].float(), "drop": drop}
+    eps, code_s, code_d = model(z_t, t, pair=pair)                        # eps [B, C, H, W]
     weight = adaptive_weight(z_s, z_d, train.tau, train.epsilon)          # [B, 1, H, W]
     ldm = (weight * (eps.float() - noise).square()).mean()
     sym = symmetry_loss(code_s) + symmetry_loss(code_d)
