@@ -580,6 +580,7 @@ class MotionEncoder(nn.Module):
         groups = torch.einsum("kdn,bkn->bkd", self.orthonormal_codebooks(), alpha)  # [B, K, Dk]
         # own storage, not views: FSDP2 warns that in-place ops on a view a wrapped module
         # returns would skip its pre-backward hook (a few hundred floats per image to copy)
+        groups = groups.clone(memory_format=torch.contiguous_format)
         return MotionCode(theta_sr.clone(), groups.flatten(1).clone(), alpha, groups)
 
 
