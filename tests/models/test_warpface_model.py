@@ -169,6 +169,16 @@ def test_warpca_output_is_warp_occlusion_of_its_own_flow_and_occlusion(warp_spy)
     torch.testing.assert_close(out, expected.view(2, 24, 32))
 
 
+def test_warpca_casts_flow_to_fp32_and_occlusion_to_h_dtype_under_autocast(warp_spy):
+    layer = _warpca()
+    x = torch.randn(1, 16, 32).bfloat16()               # tokens as autocast's linears give them
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, torch.randn(1, 64), torch.randn(1, 128), 4, 4)
+    (call,) = warp_spy
+    assert call["flow"].dtype == torch.float32
+    assert call["occlusion"].dtype == call["h"].dtype == out.dtype == torch.bfloat16
+
+
 def test_warpca_with_zero_flow_and_zero_occlusion_is_the_identity():
     layer = _warpca()
     with torch.no_grad():
