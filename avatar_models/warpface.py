@@ -751,18 +751,20 @@ def appearance_jitter(frames: torch.Tensor, strength: float,
 
 class WarpFacePairs(torch.utils.data.IterableDataset):
     """Endless same-identity (source, driving) pairs from the procedural faces, at least
-    ``min_gap`` frames apart in one clip. Items: ``source``, ``driving``, ``source_motion``,
-    ``driving_motion`` (MGME's inputs: independently jittered copies) as codec latents
-    [C, h, w] (pixels [3, size, size] without a codec), ``source_params``, ``driving_params``
-    [8] ground truth and ``identity`` (the seed)."""
+    ``min_gap`` frames apart in one clip, rendered at 64 px and resized to ``size``.
+
+    Items: ``source``, ``driving``, ``source_motion``, ``driving_motion`` (MGME's inputs:
+    independently jittered copies) as codec latents [C, h, w] (pixels [3, size, size] without a
+    codec), ``source_params``, ``driving_params`` [8] ground truth and ``identity`` (the
+    seed)."""
 
     def __init__(self, codec=None, *, size: int = 64, min_gap: int = 6, clip_frames: int = 50,
                  jitter: float = 0.15, seed: int = 0, identities: int | None = None):
         from avatar_models.data import procedural_faces as pf
 
         super().__init__()
-        if pf.SIZE % size:
-            raise ValueError(f"size must divide {pf.SIZE}, got {size}")
+        if pf.SIZE % size and size % pf.SIZE:
+            raise ValueError(f"size must divide {pf.SIZE} or be a multiple of it, got {size}")
         if not 1 <= min_gap < clip_frames:
             raise ValueError(f"need 1 <= min_gap < clip_frames, got {min_gap}, {clip_frames}")
         self.codec, self.size, self.min_gap, self.clip_frames = codec, size, min_gap, clip_frames
@@ -789,8 +791,11 @@ class WarpFacePairs(torch.utils.data.IterableDataset):
         i, j = self.pair_indices(gen)
         frames, _ = pf.render(pf.sample_identity(ident_seed), params[[i, j]])
         frames = frames * 2 - 1                                           # [2, 3, 64, 64]
-        if self.size != pf.SIZE:
+        if self.size < pf.SIZE:
             frames = nn.functional.interpolate(frames, size=(self.size, self.size), mode="area")
+        elif self.size > pf.SIZE:            # for a VAE codec (f = 8: 128 px -> 16 x 16)
+            frames = nn.functional.interpolate(frames, size=(self.size, self.size),
+                                               mode="bicubic", align_corners=False).clamp(-1, 1)
         motion = appearance_jitter(frames, self.jitter, gen)              # [2, 3, S, S]
         both = torch.cat([frames, motion])
         if self.codec is not None:
@@ -798,6 +803,26 @@ class WarpFacePairs(torch.utils.data.IterableDataset):
         return {"source": both[0], "driving": both[1], "source_motion": both[2],
                 "driving_motion": both[3], "source_params": params[i],
                 "driving_params": params[j], "identity": torch.tensor(ident_seed)}
+
+
+class VAECodec:
+    """A :class:`~avatar_models.conditioning.FrameVAE` with the patch-PCA codec's interface:
+    ``encode`` frames [..., 3, H, W] in [-1, 1] -> latents [..., C, H/f, W/f] (posterior mean,
+    scaled), ``decode`` back; ``patch`` is the downsampling factor f, ``channels`` C."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.patch, self.channels = vae.downsample_factor, vae.latent_channels
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        lead = frames.shape[:-3]
+        z = self.vae.encode(frames.reshape(1, -1, *frames.shape[-3:]), output_device="cpu")
+        return z[0].float().reshape(*lead, *z.shape[2:])                 # [..., C, h, w]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        lead = latents.shape[:-3]
+        x = self.vae.decode(latents.reshape(1, -1, *latents.shape[-3:]), output_device="cpu")
+        return x[0].float().reshape(*lead, *x.shape[2:])                 # [..., 3, H, W]
 
 
 def warpface_system(model: WarpFace, dataset, train: WarpFaceTrainConfig,

@@ -35,6 +35,7 @@ from samplers.commands.validation import (
     OptionError,
     add_device_argument,
     check_checkpoint_file,
+    check_model_folder,
     check_video_file,
     dataclass_overrides,
     float_range,
@@ -87,9 +88,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="frames per toy clip the pairs are drawn from")
     data.add_argument("--jitter", type=float_range(0.0, 1.0), default=d.jitter,
                       help="appearance jitter of MGME's inputs (0: off)")
-    data.add_argument("--codec", type=input_file("a patch-PCA codec", (".safetensors",)),
-                      help="patch-PCA codec file (default: fit one on toy frames and save it "
-                           "beside --out)")
+    codec = data.add_mutually_exclusive_group()
+    codec.add_argument("--codec", type=input_file("a patch-PCA codec", (".safetensors",)),
+                       help="patch-PCA codec file (default: fit one on toy frames and save it "
+                            "beside --out)")
+    codec.add_argument("--vae", type=Path, default=None,
+                       help="encode with this diffusers AutoencoderKL folder instead (e.g. "
+                            "SD's VAE; toy frames are resized to latent_size x 8)")
     m = parser.add_argument_group("model")
     m.add_argument("--config", choices=sorted(NAMED_CONFIGS), default=None,
                    help=f"named config (default: {DEFAULT_CONFIG}; with --init: its config)")
@@ -139,6 +144,19 @@ def validate_train_args(args: argparse.Namespace):
             clip_frames=args.clip_frames, jitter=args.jitter)
     except (TypeError, ValueError) as exc:
         raise OptionError(str(exc)) from None
+    if args.vae is not None:
+        folder = check_model_folder(args.vae, "--vae", "vae")
+        vae_cfg = json.loads((folder / "config.json").read_text())
+        factor = 2 ** (len(vae_cfg.get("block_out_channels", (0,))) - 1)
+        size = cfg.latent_size * factor
+        if vae_cfg.get("latent_channels") != cfg.in_channels:
+            raise OptionError(f"--vae gives {vae_cfg.get('latent_channels')} latent channels, "
+                              f"the model takes in_channels={cfg.in_channels} (use --set "
+                              f"in_channels=...)")
+        if pf.SIZE % size and size % pf.SIZE:
+            raise OptionError(f"--vae: latent_size {cfg.latent_size} x {factor} = {size} px "
+                              f"must divide {pf.SIZE} or be a multiple of it (toy frames)")
+        return cfg, train
     if pf.SIZE % cfg.latent_size:
         raise OptionError(f"the toy frames are {pf.SIZE} px: latent_size must divide it, got "
                           f"{cfg.latent_size}")
@@ -161,6 +179,13 @@ def load_codec(path: Path, option: str):
         raise OptionError(f"{option} {str(path)!r}: {exc}") from None
 
 
+def load_vae(path: Path, device):
+    from avatar_models.conditioning import FrameVAE
+    from avatar_models.warpface import VAECodec
+
+    return VAECodec(FrameVAE.from_pretrained(path, device=device))
+
+
 def check_codec(codec, cfg, option: str) -> None:
     if codec.channels != cfg.in_channels:
         raise OptionError(f"{option}: the codec gives {codec.channels} channels, the model "
@@ -175,8 +200,13 @@ def run_train(args: argparse.Namespace) -> int:
     from avatar_models.warpface import WarpFace, WarpFacePairs, warpface_system
 
     cfg, tcfg = validate_train_args(args)
-    if args.codec is not None:
-        codec, codec_path = load_codec(args.codec, "--codec"), args.codec
+    codec_record = {}
+    if args.vae is not None:
+        codec = load_vae(args.vae, args.device)
+        codec_record["vae"] = str(Path(args.vae).resolve())
+    elif args.codec is not None:
+        codec = load_codec(args.codec, "--codec")
+        codec_record["codec"] = str(Path(args.codec).resolve())
     else:
         codec_path = codec_path_for(args.out)
         codec = PatchPCA.fit(pf.autoencoder_fit_frames(CODEC_FIT_FRAMES, seed=args.seed),
@@ -185,8 +215,9 @@ def run_train(args: argparse.Namespace) -> int:
             codec.save(codec_path)
             print_note(f"fitted a patch-PCA codec on {CODEC_FIT_FRAMES} toy frames: "
                        f"{codec_path}")
-    dataset = WarpFacePairs(codec, min_gap=tcfg.min_gap, clip_frames=tcfg.clip_frames,
-                            jitter=tcfg.jitter, seed=args.seed)
+        codec_record["codec"] = str(codec_path.resolve())
+    dataset = WarpFacePairs(codec, size=cfg.latent_size * codec.patch, min_gap=tcfg.min_gap,
+                            clip_frames=tcfg.clip_frames, jitter=tcfg.jitter, seed=args.seed)
     torch.manual_seed(args.seed)
     model = WarpFace(cfg, attention_backend=args.attention_backend,
                      warp_backend=args.warp_backend)
@@ -198,7 +229,7 @@ def run_train(args: argparse.Namespace) -> int:
         params = sum(p.numel() for p in model.parameters())
         print(f"training warpface {cfg.name} ({params / 1e6:.2f}M parameters, "
               f"{cfg.motion_attention}, time modulation {cfg.time_modulation})")
-    extra = {"data": {"kind": "toy", "fps": TOY_FPS}, "codec": str(Path(codec_path).resolve()),
+    extra = {"data": {"kind": "toy", "fps": TOY_FPS}, **codec_record,
              "init": None if args.init is None else str(args.init)}
     try:
         train(warpface_system(model, dataset, tcfg, extra), engine_config_from_args(args),
@@ -216,6 +247,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", type=image_file, required=True, help="source portrait")
     parser.add_argument("--codec", type=Path, default=None,
                         help="patch-PCA codec (default: the one the checkpoint records)")
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="AutoencoderKL folder, for checkpoints trained on VAE latents "
+                             "(default: the one the checkpoint records)")
     parser.add_argument("--steps", type=positive_int, default=40, help="DDIM steps")
     parser.add_argument("--guidance", type=float_range(0.0), default=2.5,
                         help="classifier-free guidance scale (1: off; unconditional: theta = 0)")
@@ -243,6 +277,15 @@ def _validate_model_args(args: argparse.Namespace):
     except (TypeError, ValueError) as exc:
         raise OptionError(f"--checkpoint {str(args.checkpoint)!r}: bad model config: "
                           f"{exc}") from None
+    recorded_vae = meta["extra"].get("vae")
+    if recorded_vae is not None or args.vae is not None:
+        if args.codec is not None:
+            raise OptionError("this checkpoint works on VAE latents: pass --vae, not --codec")
+        folder = check_model_folder(Path(args.vae or recorded_vae),
+                                    "--vae" if args.vae else "the checkpoint's --vae", "vae")
+        codec = load_vae(folder, args.device)
+        check_codec(codec, cfg, "--vae")
+        return cfg, codec
     option = "--codec"
     if args.codec is None:
         recorded = meta["extra"].get("codec")
@@ -272,14 +315,16 @@ def _encode(frames_uint8: torch.Tensor, cfg, codec) -> torch.Tensor:
     from samplers.commands.anchored import resize_frames, square_crop
 
     square, _ = square_crop(frames_uint8)
-    return codec.encode(resize_frames(square, cfg.latent_size * codec.patch)).float()
+    with torch.no_grad():
+        return codec.encode(resize_frames(square, cfg.latent_size * codec.patch)).float()
 
 
 def _decode(latents: torch.Tensor, codec) -> torch.Tensor:
     """latents [L, C, h, w] -> uint8 [L, H, W, 3]."""
     from avatar_models.media import to_uint8_frames
 
-    return to_uint8_frames(codec.decode(latents.float().cpu()).clamp(-1, 1))
+    with torch.no_grad():
+        return to_uint8_frames(codec.decode(latents.float().cpu()).clamp(-1, 1))
 
 
 def _settings(args):

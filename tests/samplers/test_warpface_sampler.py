@@ -193,3 +193,31 @@ def test_train_checks_options_before_building(tmp_path, capsys, monkeypatch):
     assert main(["train", "warpface", "--out", str(tmp_path / "m.safetensors"), "--set",
                  "latent_size=24"]) == 2
     assert "latent_size" in capsys.readouterr().err
+
+
+def test_train_and_sample_on_vae_latents(tiny_vae_dir, files, tmp_path):
+    from avatar_models.checkpoint import load_checkpoint
+    from avatar_models.media import read_video
+
+    ckpt = tmp_path / "vae.safetensors"
+    assert main(["train", "warpface", "--vae", str(tiny_vae_dir), "--set", "in_channels=4",
+                 "--steps", "1", "--batch-size", "2", "--ema-decay", "0", "--device", "cpu",
+                 "--no-progress", "--out", str(ckpt)]) == 0
+    assert load_checkpoint(ckpt).extra["vae"] == str(tiny_vae_dir.resolve())
+    out = tmp_path / "out.mp4"
+    assert main(["sample", "warpface", "--checkpoint", str(ckpt), "--source",
+                 str(files / "source.png"), "--driving", str(files / "driving.mp4"),
+                 "--steps", "1", "--device", "cpu", "--no-progress", "--max-frames", "2",
+                 "--out", str(out)]) == 0
+    assert read_video(out).frames.shape == (2, 128, 128, 3)             # 16 x 16 latents, f = 8
+
+
+def test_vae_checkpoint_refuses_a_patch_pca_codec(tiny_vae_dir, files, tmp_path, capsys):
+    ckpt = tmp_path / "vae_ckpt.safetensors"
+    cfg = WarpFaceConfig.from_name("tiny", in_channels=4)
+    save_checkpoint(ckpt, WarpFace(cfg), system="warpface", config=cfg.to_dict(),
+                    extra={"vae": str(tiny_vae_dir)})
+    assert main(["edit", "warpface", "--checkpoint", str(ckpt), "--source",
+                 str(files / "source.png"), "--codec", str(files / "codec.safetensors"),
+                 "--canonical", "--out-dir", str(tmp_path / "e")]) == 2
+    assert "pass --vae, not --codec" in capsys.readouterr().err
