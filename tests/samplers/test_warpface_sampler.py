@@ -221,3 +221,17 @@ def test_vae_checkpoint_refuses_a_patch_pca_codec(tiny_vae_dir, files, tmp_path,
                  str(files / "source.png"), "--codec", str(files / "codec.safetensors"),
                  "--canonical", "--out-dir", str(tmp_path / "e")]) == 2
     assert "pass --vae, not --codec" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,attention,modulation", [
+    ([], "warpca", True), (["--cross-attention"], "cross", True),
+    (["--no-time-modulation"], "warpca", False)])
+def test_train_arm_flags_set_the_config(tmp_path, flags, attention, modulation):
+    from samplers.cli import build_parser
+    from samplers.commands.warpface import validate_train_args
+
+    argv = ["train", "warpface", "--out", str(tmp_path / "m.safetensors"), "--device", "cpu",
+            *flags]
+    cfg, train_cfg = validate_train_args(build_parser(argv).parse_args(argv))
+    assert (cfg.motion_attention, cfg.time_modulation) == (attention, modulation)
+    assert (train_cfg.lambda_sym, train_cfg.tau, train_cfg.epsilon) == (0.1, 0.5, 2.0)
