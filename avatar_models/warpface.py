@@ -344,6 +344,11 @@ class Transformer(nn.Module):
         self.ff = Mlp(dim, 4 * dim)
         self.proj_out = nn.Linear(dim, dim)
 
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, h, w] -> the tokens entering self-attention [B, h*w, C] (what ReferenceNet
+        shares)."""
+        return self.norm1(self.proj_in(self.norm(x).flatten(2).transpose(1, 2)))
+
     def forward(self, x: torch.Tensor, temb: torch.Tensor, *, theta: torch.Tensor | None = None,
                 reference: torch.Tensor | None = None, record: list | None = None
                 ) -> torch.Tensor:
@@ -452,9 +457,9 @@ class LatentUNet(nn.Module):
                 x = stage["down"](x)                                      # [B, Cl, Hl/2, Wl/2]
                 skips.append(x)
         x = self.mid_res1(x, temb)
+        if self.role == "reference":          # nothing after this input reaches DenoisingNet
+            return record + [self.mid_attn.attention_input(x)]
         x = attend(self.mid_attn, x, theta=theta)                         # [B, Cm, Hm, Wm]
-        if self.role == "reference":
-            return record
         x = self.mid_res2(x, temb)
         for stage in self.up:
             for res, attn in stage["layers"]:
@@ -642,6 +647,11 @@ class WarpFace(nn.Module):
         if theta.shape != (b, self.config.motion_dim):
             raise ValueError(f"theta must be [{b}, {self.config.motion_dim}], got "
                              f"{list(theta.shape)}")
+        expected = len(self.denoising_net.transformers("down")) + 1
+        if len(reference) != expected:
+            raise ValueError(f"reference must hold {expected} token tensors (one per down and "
+                             f"middle transformer, from reference_features), got "
+                             f"{len(reference)}")
         refs = [r.expand(b, -1, -1) if r.shape[0] == 1 else r for r in reference]
         return self.denoising_net(z_t, t, theta, refs)                   # [B, C, H, W]
 
@@ -835,7 +845,7 @@ def warpface_system(model: WarpFace, dataset, train: WarpFaceTrainConfig,
 
     meta = {"train": train.to_dict(), **(extra or {})}
     # ReferenceNet's middle transformer only supplies its self-attention input: its attention,
-    # MLP and output projection get no gradient
+    # MLP and output projection are never run and get no gradient
     return TrainingSystem("warpface", model, loss, dataset, config=model.config.to_dict(),
                           metadata=meta, blocks=warpface_blocks, unused_parameters=True)
 

@@ -278,6 +278,10 @@ def test_reference_tokens_enter_down_and_middle_self_attention_only():
     other = model.reference_features(torch.randn(1, 8, 16, 16))
     assert not torch.allclose(model(z, t, theta, other), out)
     assert isinstance(net.mid_attn, Transformer)
+    with pytest.raises(ValueError, match="reference must hold 3 token tensors"):
+        model(z, t, theta, ref[:2])
+    with pytest.raises(ValueError, match=r"theta must be \[1, 64\]"):
+        model(z, t, torch.randn(1, 32), ref)
 
 
 # ---- loss ----
