@@ -32,6 +32,7 @@ import torch
 
 from samplers.commands.engine_options import add_engine_arguments, engine_config_from_args
 from samplers.commands.validation import (
+    _IMAGE_SUFFIXES,
     OptionError,
     add_device_argument,
     check_checkpoint_file,
@@ -51,7 +52,6 @@ from samplers.commands.validation import (
 DEFAULT_CONFIG = "tiny"
 TOY_FPS = 25.0
 CODEC_FIT_FRAMES = 512
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def codec_path_for(out: Path) -> Path:
