@@ -41,6 +41,7 @@ SYSTEM_VERBS: dict[str, str] = {
     "sample": "generate a video, e.g. `sample anchored`",
     "eval": "metrics of a generated video against its inputs, e.g. `eval anchored`",
     "demo": "a system's bundled end-to-end demo (CPU, minutes), e.g. `demo anchored`",
+    "edit": "motion-space editing of an image, e.g. `edit warpface`",
 }
 # system -> (module, one-line help): the one table the system verbs dispatch on
 SYSTEMS: dict[str, tuple[str, str]] = {
@@ -48,6 +49,7 @@ SYSTEMS: dict[str, tuple[str, str]] = {
                  "Anchored Diffusion (sDiT on non-uniform sequences sharing an anchor frame)"),
     "lookahead": ("samplers.commands.lookahead", "Lookahead Anchoring (distant keyframe)"),
     "lavieid": ("samplers.commands.lavieid", "LaVieID (local router and temporal AR module)"),
+    "warpface": ("samplers.commands.warpface", "WarpFace (face reenactment: WarpCA + MGME)"),
 }
 # verb -> the system used when none is named (`avatar-kernels demo` is `demo anchored`)
 DEFAULT_SYSTEM: dict[str, str] = {"demo": "anchored"}

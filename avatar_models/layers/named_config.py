@@ -34,5 +34,8 @@ class NamedConfig:
 
     @classmethod
     def from_dict(cls, data: dict):
+        # JSON turns tuple fields (channel lists, rope splits) into lists; a frozen config keeps
+        # tuples so that it stays hashable and compares equal to the one that was saved.
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v
+                      for k, v in data.items() if k in fields})
