@@ -47,6 +47,7 @@ SYSTEMS: dict[str, tuple[str, str]] = {
     "anchored": ("samplers.commands.anchored",
                  "Anchored Diffusion (sDiT on non-uniform sequences sharing an anchor frame)"),
     "lookahead": ("samplers.commands.lookahead", "Lookahead Anchoring (distant keyframe)"),
+    "mcdm": ("samplers.commands.mcdm", "MCDM (archived/present-clip motion priors, memory)"),
 }
 # verb -> the system used when none is named (`avatar-kernels demo` is `demo anchored`)
 DEFAULT_SYSTEM: dict[str, str] = {"demo": "anchored"}
