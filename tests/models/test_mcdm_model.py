@@ -277,3 +277,11 @@ def test_a_few_engine_steps_lower_the_loss_on_a_fixed_batch(stage, fixed_data):
     train(system, EngineConfig(steps=8, batch_size=2, lr=3e-3, ema_decay=0.0, progress=False,
                                device="cpu"))
     assert _fixed_loss(model, batch, stage) < start
+
+
+def test_docs_show_the_stage_table_from_the_code():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "mcdm.md").read_text()
+    block = text.split("<!-- stage-table -->\n")[1].split("\n<!-- /stage-table -->")[0]
+    assert block == stage_table_markdown()
