@@ -31,6 +31,7 @@ from samplers.commands.validation import (
     add_device_argument,
     check_checkpoint_file,
     dataclass_overrides,
+    float_range,
     image_file,
     input_file,
     int_range,
@@ -65,6 +66,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model")
     m.add_argument("--config", choices=sorted(NAMED_CONFIGS), default=None,
                    help=f"named config (stage 0 only; default {DEFAULT_CONFIG})")
+    m.add_argument("--temporal", choices=("performer", "softmax"), default=None,
+                   help="temporal layer's attention: performer (MTA) or softmax (Table 7's "
+                        "Vanilla) (default: the config's / --init's)")
+    m.add_argument("--no-memory", action="store_true",
+                   help="w/o-MTA ablation (Table 4): F_ac^ref + F_pc^ref, no memory")
+    m.add_argument("--memory-alpha", type=float_range(0.0, 1.0), default=None,
+                   help="alpha of the memory update (Eq. 5; default: the config's, 0.1)")
     m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override an MCDMConfig field, e.g. --set memory_alpha=0.5 "
                         "(with --init: only fields that keep the weights' shapes)")
@@ -105,6 +113,9 @@ def validate_train_args(args: argparse.Namespace):
                               f"{args.stage} starts from stage {args.stage - 1}")
         base = init_meta["config"]
     overrides = dataclass_overrides(MCDMConfig, args.set, "--set", defaults=base)
+    switches = {"temporal": args.temporal, "memory_alpha": args.memory_alpha,
+                "memory": False if args.no_memory else None}
+    overrides.update({k: v for k, v in switches.items() if v is not None})
     try:
         cfg = MCDMConfig.from_dict({**base, **overrides})
         train = MCDMTrainConfig(stage=args.stage, landmark_drop=args.landmark_drop)

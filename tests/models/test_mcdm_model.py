@@ -285,3 +285,15 @@ def test_docs_show_the_stage_table_from_the_code():
     text = (Path(__file__).resolve().parents[2] / "docs" / "mcdm.md").read_text()
     block = text.split("<!-- stage-table -->\n")[1].split("\n<!-- /stage-table -->")[0]
     assert block == stage_table_markdown()
+
+
+def test_paper_config_builds_with_consistent_shapes_on_the_meta_device():
+    cfg = MCDMConfig.from_name("paper")
+    with torch.device("meta"):
+        model = MCDM(cfg)
+        f_ac = model.archived_prior(torch.zeros(1, 4, 64, 64),
+                                    torch.zeros(1, cfg.archived_frames, 4, 64, 64))
+        motion = model.pose_guider(torch.zeros(1, cfg.clip_frames, 2 * cfg.landmark_points))
+    assert f_ac.shape == (1, 16, 16, 768)
+    assert motion.shape == (1, 16, cfg.head_tokens, cfg.motion_dim)
+    assert len(model.present_prior.causal_blocks) == 8

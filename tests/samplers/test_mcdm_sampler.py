@@ -173,6 +173,20 @@ def test_cli_stages_then_sample_write_an_mp4_with_audio(stage_checkpoints, capsy
     assert "2 boundaries" in capsys.readouterr().out
 
 
+def test_cli_switches_reach_the_model_config(stage_checkpoints, tmp_path):
+    from avatar_models.checkpoint import load_checkpoint
+    from samplers.cli import main
+
+    _, paths = stage_checkpoints
+    out = tmp_path / "s3b.safetensors"
+    assert main(["train", "mcdm", "--stage", "3", "--init", str(paths[2]), "--no-memory",
+                 "--temporal", "softmax", "--memory-alpha", "0.5", "--steps", "1",
+                 "--batch-size", "1", "--ema-decay", "0", "--no-progress", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    cfg = load_checkpoint(out).config
+    assert (cfg["memory"], cfg["temporal"], cfg["memory_alpha"]) == (False, "softmax", 0.5)
+
+
 def test_cli_option_errors_come_before_any_model_loads(stage_checkpoints, tmp_path, capsys,
                                                        monkeypatch):
     import avatar_models.mcdm as mcdm
@@ -193,6 +207,9 @@ def test_cli_option_errors_come_before_any_model_loads(stage_checkpoints, tmp_pa
     assert main(["train", "mcdm", "--stage", "0", "--set", "memory_alpha=2.0", "--out",
                  out]) == 2
     assert "memory_alpha" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:     # an argparse type error: exits while parsing
+        main(["train", "mcdm", "--stage", "0", "--memory-alpha", "1.5", "--out", out])
+    assert stop.value.code == 2 and "--memory-alpha" in capsys.readouterr().err
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((5, 7), dtype=np.float32))
     sample = ["sample", "mcdm", "--reference", str(face), "--audio", str(speech), "--out",
