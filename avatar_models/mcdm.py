@@ -662,8 +662,9 @@ class PresentClipPrior(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def tokens(self, z_t, t, audio, image, head=None) -> torch.Tensor:
-        """The input sequence [B, F, N, h], N = k_a + 1 + K, in the causal order."""
+    def tokens(self, z_t, t, audio, image, head=None, head_given=None) -> torch.Tensor:
+        """The input sequence [B, F, N, h], N = k_a + 1 + K, in the causal order.
+        ``head_given`` [B] bool: per sample, whether ``head`` is used (default: all)."""
         cfg = self.cfg
         b, f = z_t.shape[:2]
         hid = self.slot_embed.shape[1]
@@ -673,16 +674,20 @@ class PresentClipPrior(nn.Module):
         tt = self.t_embed(t.float()).view(b, 1, 1, hid).expand(b, f, 1, hid)  # [B, F, 1, h]
         motion = z_t
         if head is not None:
-            motion = torch.cat([head.to(z_t), z_t[:, :, cfg.head_tokens:]], dim=2)
+            given = (torch.ones(b, dtype=torch.bool, device=z_t.device) if head_given is None
+                     else head_given.to(z_t.device).bool()).view(b, 1, 1, 1)
+            z_head = z_t[:, :, : cfg.head_tokens]
+            motion = torch.cat([torch.where(given, head.to(z_t), z_head),
+                                z_t[:, :, cfg.head_tokens:]], dim=2)
         m = self.motion_in(motion)                                           # [B, F, K, h]
         if head is not None:
             mark = torch.zeros(cfg.motion_tokens, hid, device=m.device, dtype=m.dtype)
             mark[: cfg.head_tokens] = self.condition_mark
-            m = m + mark
+            m = m + mark * given.to(m.dtype)
         return torch.cat([av, tt, m], dim=2) + self.slot_embed               # [B, F, N, h]
 
-    def forward(self, z_t, t, audio, image, head=None) -> torch.Tensor:
-        x = self.tokens(z_t, t, audio, image, head)
+    def forward(self, z_t, t, audio, image, head=None, head_given=None) -> torch.Tensor:
+        x = self.tokens(z_t, t, audio, image, head, head_given)
         b, f, n, h = x.shape
         pos = temporal_sincos(f, h).to(x)                                    # [F, h]
         for causal, temporal in zip(self.causal_blocks, self.temporal_blocks):
@@ -743,6 +748,17 @@ def stage_table_markdown() -> str:
     return "\n".join(lines)
 
 
+_DENOISER_KEYS = ("clip", "reference", "archived", "landmarks")
+# batch keys each stage's loss reads (MCDMFaces provides all of them)
+STAGE_KEYS: dict[int, tuple[str, ...]] = {
+    0: ("clip", "same_expression", "same_lips", "motion", "motion_same_expression",
+        "motion_same_lips"),
+    1: _DENOISER_KEYS,
+    2: (*_DENOISER_KEYS, "audio", "image"),
+    3: _DENOISER_KEYS,
+}
+
+
 class MCDM(nn.Module):
     """All of MCDM's trainable parts (the codec, the audio and image encoders run outside).
 
@@ -783,8 +799,30 @@ class MCDM(nn.Module):
         return torch.cat([self.pose_guider(landmarks), self.lip_encoder(frames),
                           self.expression_encoder(frames)], dim=2)
 
+    def check_batch(self, batch: dict, stage: int) -> None:
+        """ValueError naming the key when a batch does not fit the stage and the config."""
+        cfg = self.config
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        need = STAGE_KEYS[stage]
+        missing = [k for k in need if k not in batch]
+        if missing:
+            raise ValueError(f"batch for stage {stage} lacks {missing}; it needs {list(need)}")
+        clip = (cfg.clip_frames, cfg.in_channels, cfg.latent_size, cfg.latent_size)
+        shapes = {"clip": clip, "same_expression": clip, "same_lips": clip,
+                  "reference": clip[1:],
+                  "archived": (cfg.archived_frames, *clip[1:]),
+                  "landmarks": (cfg.clip_frames, 2 * cfg.landmark_points),
+                  "audio": (cfg.clip_frames, cfg.audio_dim), "image": (cfg.image_dim,)}
+        for key in need:
+            want = shapes.get(key)
+            if want is not None and tuple(batch[key].shape[1:]) != want:
+                raise ValueError(f"batch[{key!r}] must be [B, {', '.join(map(str, want))}], "
+                                 f"got {list(batch[key].shape)}")
+
     def forward(self, batch: dict, *, stage: int, generator: torch.Generator | None = None,
                 landmark_drop: float = 0.5) -> dict[str, torch.Tensor]:
+        self.check_batch(batch, stage)
         if stage == 0:
             return self.encoder_losses(batch)
         if stage == 2:
@@ -838,9 +876,7 @@ class MCDM(nn.Module):
         noise = torch.randn(target.shape, generator=generator).to(z0.device)
         zt = add_noise(target, noise, t)
         head = target[:, :, : cfg.head_tokens]
-        out_drop = self.present_prior(zt, t, batch["audio"], batch["image"], None)
-        out_keep = self.present_prior(zt, t, batch["audio"], batch["image"], head)
-        out = torch.where(keep.view(b, 1, 1, 1), out_keep, out_drop)
+        out = self.present_prior(zt, t, batch["audio"], batch["image"], head, keep)
         # with landmarks the head slots are conditions: no loss there
         weight = torch.ones(b, 1, cfg.motion_tokens, 1, device=z0.device)
         weight[:, :, : cfg.head_tokens] = (~keep).float().view(b, 1, 1, 1)

@@ -297,3 +297,27 @@ def test_paper_config_builds_with_consistent_shapes_on_the_meta_device():
     assert f_ac.shape == (1, 16, 16, 768)
     assert motion.shape == (1, 16, cfg.head_tokens, cfg.motion_dim)
     assert len(model.present_prior.causal_blocks) == 8
+
+
+def test_per_sample_landmark_mask_equals_separate_calls():
+    cfg = MCDMConfig.from_name("tiny")
+    prior = PresentClipPrior(cfg)
+    _randomise(prior, 6)
+    z = torch.randn(2, cfg.clip_frames, cfg.motion_tokens, cfg.motion_dim)
+    head = torch.randn(2, cfg.clip_frames, cfg.head_tokens, cfg.motion_dim)
+    args = (torch.tensor([7, 70]), torch.randn(2, cfg.clip_frames, cfg.audio_dim),
+            torch.randn(2, 48))
+    mixed = prior(z, *args, head, torch.tensor([True, False]))
+    torch.testing.assert_close(mixed[:1], prior(z, *args, head)[:1])
+    torch.testing.assert_close(mixed[1:], prior(z, *args, None)[1:])
+
+
+def test_bad_batches_name_the_key(fixed_data):
+    model = MCDM(MCDMConfig.from_name("tiny"))
+    batch = stack_collate(fixed_data.items)
+    with pytest.raises(ValueError, match="lacks \\['audio'\\]"):
+        model({k: v for k, v in batch.items() if k != "audio"}, stage=2)
+    with pytest.raises(ValueError, match="batch\\['archived'\\]"):
+        model({**batch, "archived": batch["archived"][:, :2]}, stage=1)
+    with pytest.raises(ValueError, match="stage"):
+        model(batch, stage=7)
