@@ -133,6 +133,8 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
     if reference.shape != (cfg.in_channels, cfg.latent_size, cfg.latent_size):
         raise ValueError(f"reference must be [{cfg.in_channels}, {cfg.latent_size}, "
                          f"{cfg.latent_size}], got {list(reference.shape)}")
+    if image.shape != (cfg.image_dim,):
+        raise ValueError(f"image must be [{cfg.image_dim}], got {list(image.shape)}")
     if audio.dim() != 2 or audio.shape[1] != cfg.audio_dim:
         raise ValueError(f"audio must be [T, {cfg.audio_dim}], got {list(audio.shape)}")
     if landmarks is not None and (landmarks.dim() != 2 or

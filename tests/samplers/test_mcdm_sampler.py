@@ -115,6 +115,8 @@ def test_bad_sampler_inputs_name_the_argument():
     inputs = _inputs(model, 4)
     with pytest.raises(ValueError, match="reference"):
         mcdm_sample(model, **{**inputs, "reference": torch.zeros(3, 8, 8)}, total_frames=4)
+    with pytest.raises(ValueError, match="image"):
+        mcdm_sample(model, **{**inputs, "image": torch.zeros(5)}, total_frames=4)
     with pytest.raises(ValueError, match="landmarks"):
         mcdm_sample(model, **inputs, total_frames=4, landmarks=torch.zeros(4, 7))
     with pytest.raises(ValueError, match="steps"):
