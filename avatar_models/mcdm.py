@@ -53,6 +53,7 @@ from torch import nn
 
 import kernels
 from avatar_models.layers import Attention, Mlp, TimestepEmbedder, temporal_sincos
+from avatar_models.layers.init import vit_init
 from avatar_models.training.diffusion import DiffusionSchedule
 
 TEMPORAL_KINDS = ("performer", "softmax")
@@ -327,13 +328,7 @@ class TokenBlock(nn.Module):
         self.mlp = Mlp(dim, 4 * dim)
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        vit_init(self)
 
     def _causal_attention(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
