@@ -513,7 +513,11 @@ class ArchivedClipPrior(nn.Module):
         nn.init.xavier_uniform_(self.w_v.weight)
 
     def attention_map(self, reference: torch.Tensor) -> torch.Tensor:
-        """softmax(Q K^T / sqrt(d)) [B, n, m] with K = F_x W_K: one map for every archived frame."""
+        """softmax(Q K^T / sqrt(d)) [B, n, m] with K = F_x W_K: one map for every archived frame.
+
+        Plain torch, not ``kernels.attention3d``: Eq. 2 is single-head with d = 768 in the paper
+        config (the kernel takes head dims <= 256), and the map is computed once and reused for
+        all a frames, so the a attentions cost one [n, m] softmax plus a batched matmul."""
         f_x = self.patchify_ref(reference).flatten(2).transpose(1, 2)        # F_x [B, m, d]
         k = self.w_k(f_x)                                                    # [B, m, d]
         return torch.softmax(self.queries @ k.transpose(1, 2) / math.sqrt(self.dim), dim=-1)
@@ -997,5 +1001,12 @@ def mcdm_system(model: MCDM, dataset, train: MCDMTrainConfig, lr: float,
 
     meta = {"train": train.to_dict(), **(extra or {})}
     return TrainingSystem("mcdm", model, loss, dataset, param_groups=groups,
-                          config=model.config.to_dict(), metadata=meta,
-                          blocks=lambda m: [], unused_parameters=True)
+                          config=model.config.to_dict(), metadata=meta, blocks=training_blocks,
+                          unused_parameters=True)
+
+
+def training_blocks(model: MCDM) -> list[nn.Module]:
+    """The units of FSDP2 sharding and activation checkpointing: the denoiser's transformer
+    blocks and the present-clip prior's blocks."""
+    prior = model.present_prior
+    return [*model.denoiser.transformers(), *prior.causal_blocks, *prior.temporal_blocks]

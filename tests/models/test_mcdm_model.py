@@ -321,3 +321,17 @@ def test_bad_batches_name_the_key(fixed_data):
         model({**batch, "archived": batch["archived"][:, :2]}, stage=1)
     with pytest.raises(ValueError, match="stage"):
         model(batch, stage=7)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_activation_checkpointing_gives_the_same_losses(stage, fixed_data):
+    losses = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = MCDM(MCDMConfig.from_name("tiny"))
+        system = mcdm_system(model, fixed_data, MCDMTrainConfig(stage=stage), lr=1e-3)
+        out = train(system, EngineConfig(steps=2, batch_size=2, lr=1e-3, ema_decay=0.0,
+                                         progress=False, device="cpu",
+                                         activation_checkpointing=checkpointing))
+        losses.append(out.losses)
+    torch.testing.assert_close(losses[0], losses[1])
