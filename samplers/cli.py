@@ -50,6 +50,7 @@ SYSTEMS: dict[str, tuple[str, str]] = {
     "lookahead": ("samplers.commands.lookahead", "Lookahead Anchoring (distant keyframe)"),
     "lavieid": ("samplers.commands.lavieid", "LaVieID (local router and temporal AR module)"),
     "warpface": ("samplers.commands.warpface", "WarpFace (face reenactment: WarpCA + MGME)"),
+    "mcdm": ("samplers.commands.mcdm", "MCDM (archived/present-clip motion priors, memory)"),
 }
 # verb -> the system used when none is named (`avatar-kernels demo` is `demo anchored`)
 DEFAULT_SYSTEM: dict[str, str] = {"demo": "anchored"}

@@ -1,0 +1,292 @@
+"""MCDM's ``avatar-kernels`` verbs: ``train`` (stages 0 to 3) and ``sample``.
+
+``samplers/cli.py`` finds this module through its SYSTEMS table.
+
+    avatar-kernels train mcdm --stage 0 --config tiny --out s0.safetensors
+    avatar-kernels train mcdm --stage 1 --init s0.safetensors --out s1.safetensors
+    avatar-kernels train mcdm --stage 2 --init s1.safetensors --out s2.safetensors
+    avatar-kernels train mcdm --stage 3 --init s2.safetensors --out s3.safetensors
+    avatar-kernels sample mcdm --checkpoint s3.safetensors --reference face.png \\
+        --audio speech.wav [--frames 7200] [--landmarks lm.npy] --out out.mp4
+
+Each stage after 0 starts from the previous stage's checkpoint (``--init``, checked to be a stage
+s - 1 run) and trains exactly the modules of :data:`avatar_models.mcdm.STAGE_TABLE`. Training data
+is the toy world (:class:`avatar_models.mcdm.MCDMFaces`: procedural faces, pixels as latents,
+energy-envelope audio of a waveform driven by the true mouth opening, colour-layout image
+embedding, 20 landmarks). Sampling takes pixel-space checkpoints (``in_channels = 3``); latent
+models need a codec this command does not load yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from samplers.commands.engine_options import add_engine_arguments, engine_config_from_args
+from samplers.commands.validation import (
+    OptionError,
+    add_device_argument,
+    check_checkpoint_file,
+    dataclass_overrides,
+    float_range,
+    image_file,
+    input_file,
+    int_range,
+    output_file,
+    positive_float,
+    positive_int,
+    probability,
+    resolve_device,
+)
+
+DEFAULT_CONFIG = "tiny"
+TOY_FPS = 25.0
+TOY_SAMPLE_RATE = 16000
+
+
+# ---- train ----
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from avatar_models.mcdm import NAMED_CONFIGS, MCDMTrainConfig
+    from avatar_models.training.engine import EngineConfig
+
+    d = MCDMTrainConfig()
+    parser.add_argument("--stage", type=int_range(0, 3), required=True,
+                        help="0: lip/expression encoders; 1: archived-clip prior; 2: "
+                             "present-clip prior; 3: present-clip attention + temporal layer")
+    parser.add_argument("--init", type=input_file("a checkpoint", (".safetensors",)),
+                        help="the previous stage's checkpoint (required for stages 1-3)")
+    parser.add_argument("--init-weights", choices=("ema", "model"), default="ema",
+                        help="which weights of --init to start from")
+    parser.add_argument("--landmark-drop", type=probability, default=d.landmark_drop,
+                        help="stage 2: probability of dropping the whole landmark clip")
+    m = parser.add_argument_group("model")
+    m.add_argument("--config", choices=sorted(NAMED_CONFIGS), default=None,
+                   help=f"named config (stage 0 only; default {DEFAULT_CONFIG})")
+    m.add_argument("--temporal", choices=("performer", "softmax"), default=None,
+                   help="temporal layer's attention: performer (MTA) or softmax (Table 7's "
+                        "Vanilla) (default: the config's / --init's)")
+    m.add_argument("--no-memory", action="store_true",
+                   help="w/o-MTA ablation (Table 4): F_ac^ref + F_pc^ref, no memory")
+    m.add_argument("--memory-alpha", type=float_range(0.0, 1.0), default=None,
+                   help="alpha of the memory update (Eq. 5; default: the config's, 0.1)")
+    m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override an MCDMConfig field, e.g. --set memory_alpha=0.5 "
+                        "(with --init: only fields that keep the weights' shapes)")
+    t = parser.add_argument_group("optimisation")
+    t.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
+                   help="force one attention backend")
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", type=output_file(".safetensors"), required=True,
+                   help="checkpoint path (.safetensors)")
+    # toy recipe (chosen): the paper's lr 1e-5 / batch 4 / 30k steps is too slow for a CPU toy
+    add_engine_arguments(t, o, EngineConfig(steps=500, batch_size=4, lr=1e-4, ema_decay=0.999,
+                                            grad_clip=1.0))
+    add_device_argument(o)
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def validate_train_args(args: argparse.Namespace):
+    """Every check that needs no model: returns (model config, train config, init metadata)."""
+    from avatar_models.mcdm import NAMED_CONFIGS, MCDMConfig, MCDMTrainConfig
+
+    args.device = str(resolve_device(args.device))
+    init_meta = None
+    if args.stage == 0:
+        if args.init is not None:
+            raise OptionError("--stage 0 trains from scratch; drop --init")
+        name = args.config or DEFAULT_CONFIG
+        base = {**NAMED_CONFIGS[name], "name": name}
+    else:
+        if args.init is None:
+            raise OptionError(f"--stage {args.stage} starts from the stage {args.stage - 1} "
+                              f"checkpoint: pass --init FILE")
+        if args.config is not None:
+            raise OptionError("--init fixes the model config; drop --config")
+        init_meta = check_checkpoint_file(args.init, "--init", "mcdm")
+        got = init_meta["extra"].get("train", {}).get("stage")
+        if got != args.stage - 1:
+            raise OptionError(f"--init {str(args.init)!r} is a stage {got} checkpoint; --stage "
+                              f"{args.stage} starts from stage {args.stage - 1}")
+        base = init_meta["config"]
+    overrides = dataclass_overrides(MCDMConfig, args.set, "--set", defaults=base)
+    switches = {"temporal": args.temporal, "memory_alpha": args.memory_alpha,
+                "memory": False if args.no_memory else None}
+    overrides.update({k: v for k, v in switches.items() if v is not None})
+    try:
+        cfg = MCDMConfig.from_dict({**base, **overrides})
+        train = MCDMTrainConfig(stage=args.stage, landmark_drop=args.landmark_drop)
+    except (TypeError, ValueError) as exc:
+        raise OptionError(str(exc)) from None
+    if cfg.in_channels != 3 or 64 % cfg.latent_size:
+        raise OptionError(f"the toy data is RGB pixels at a divisor of 64 px; config "
+                          f"{cfg.name!r} has in_channels={cfg.in_channels}, latent_size="
+                          f"{cfg.latent_size}")
+    return cfg, train, init_meta
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from avatar_models.mcdm import MCDM, MCDMFaces, mcdm_system
+    from avatar_models.training.distributed import teardown_world
+    from avatar_models.training.engine import train
+
+    cfg, tcfg, _ = validate_train_args(args)
+    dataset = MCDMFaces(frames=cfg.clip_frames, archived=cfg.archived_frames,
+                        size=cfg.latent_size, bands=cfg.audio_dim, fps=TOY_FPS, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = MCDM(cfg, attention_backend=args.attention_backend)
+    if args.init is not None:
+        from avatar_models.checkpoint import load_checkpoint
+
+        model.load_state_dict(load_checkpoint(args.init, system="mcdm")
+                              .weights(args.init_weights))
+    if int(os.environ.get("RANK", "0")) == 0:
+        params = sum(p.numel() for p in model.parameters())
+        print(f"training mcdm --stage {tcfg.stage} {cfg.name} ({params / 1e6:.2f}M "
+              f"parameters)")
+    data = {"kind": "toy", "fps": TOY_FPS, "sample_rate": TOY_SAMPLE_RATE, "audio": "energy"}
+    extra = {"data": data, "init": None if args.init is None else str(args.init)}
+    # the paper's learning rate is fixed (section 4.1): no decay
+    engine_cfg = engine_config_from_args(args, min_lr_ratio=1.0)
+    try:
+        train(mcdm_system(model, dataset, tcfg, lr=args.lr, extra=extra), engine_cfg,
+              out=args.out, resume=args.resume)
+    finally:
+        teardown_world()
+    return 0
+
+
+# ---- sample ----
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="a `train mcdm` checkpoint (.safetensors), normally stage 3")
+    parser.add_argument("--reference", type=image_file, required=True, help="reference image")
+    parser.add_argument("--audio", type=input_file("an audio or video file"), required=True,
+                        help="driving speech (any file with an audio track)")
+    parser.add_argument("--out", type=output_file(".mp4"), required=True, help="output .mp4")
+    parser.add_argument("--frames", type=positive_int, default=None,
+                        help="frames to generate (default: the audio's length; audio past its "
+                             "end is silence)")
+    parser.add_argument("--landmarks", type=input_file("a .npy file", (".npy",)), default=None,
+                        help="optional per-frame landmarks [T, 2P] in [-1, 1] (default: none, "
+                             "the paper's default); the last row holds past T")
+    parser.add_argument("--steps", type=positive_int, default=25, help="video DDIM steps (chosen)")
+    parser.add_argument("--prior-steps", type=positive_int, default=25,
+                        help="motion-prior DDIM steps (chosen)")
+    parser.add_argument("--fps", type=positive_float, default=None,
+                        help="video frame rate (default: the checkpoint's data fps)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="EMA or raw weights")
+    parser.add_argument("--fragmented", action="store_true",
+                        help="fragmented mp4: playable even after a hard kill")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    add_device_argument(parser)
+    parser.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
+                        help="force one attention backend")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def validate_sample_args(args: argparse.Namespace) -> dict:
+    """Every check that needs no model: returns the checkpoint metadata (landmarks loaded into
+    ``args.landmark_rows``)."""
+    import numpy as np
+
+    from avatar_models.mcdm import MCDMConfig
+
+    args.device = resolve_device(args.device)
+    meta = check_checkpoint_file(args.checkpoint, "--checkpoint", "mcdm")
+    try:
+        cfg = MCDMConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"--checkpoint {str(args.checkpoint)!r}: bad model config: {exc}") \
+            from None
+    stage = meta["extra"].get("train", {}).get("stage")
+    if stage not in (1, 2, 3):
+        raise OptionError(f"--checkpoint {str(args.checkpoint)!r} is a stage {stage} "
+                          f"checkpoint; sampling needs the denoiser (stage 3, or 1-2 for "
+                          f"diagnostics)")
+    if cfg.in_channels != 3:
+        raise OptionError(f"--checkpoint: the model works on {cfg.in_channels}-channel latents; "
+                          f"this command samples pixel-space checkpoints only (no codec yet)")
+    data = meta["extra"].get("data", {})
+    args.fps = args.fps or float(data.get("fps", TOY_FPS))
+    args.landmark_rows = None
+    if args.landmarks is not None:
+        try:
+            rows = np.load(args.landmarks, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise OptionError(f"--landmarks {str(args.landmarks)!r} is not a readable .npy "
+                              f"array ({exc})") from None
+        want = 2 * cfg.landmark_points
+        if rows.ndim != 2 or rows.shape[1] != want or rows.shape[0] < 1:
+            raise OptionError(f"--landmarks {str(args.landmarks)!r} must hold [T, {want}] "
+                              f"(T >= 1), got shape {list(rows.shape)}")
+        if not np.isfinite(rows).all():
+            raise OptionError(f"--landmarks {str(args.landmarks)!r} holds NaN or inf")
+        args.landmark_rows = torch.from_numpy(rows.astype("float32"))
+    from avatar_models.media import video_info
+
+    if args.audio.suffix.lower() in (".mp4", ".mov", ".mkv", ".webm") and \
+            not video_info(args.audio).has_audio:
+        raise OptionError(f"--audio {str(args.audio)!r} has no audio track")
+    return meta
+
+
+def reference_inputs(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference frame [3, size, size] in [-1, 1], toy image embedding [48]) of an image:
+    centre square crop, resized."""
+    from avatar_models.data import procedural_faces as pf
+    from avatar_models.media import read_image
+    from samplers.commands.anchored import resize_frames, square_crop
+
+    image, _ = square_crop(read_image(path))
+    full = resize_frames(image, pf.SIZE)                                     # [3, 64, 64]
+    return resize_frames(image, size), pf.identity_embedding(((full + 1) / 2).clamp(0, 1))
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from avatar_models.checkpoint import load_checkpoint
+    from avatar_models.lookahead import energy_features
+    from avatar_models.mcdm import MCDM, MCDMConfig
+    from avatar_models.media import read_audio, to_uint8_frames
+    from samplers.lookahead import StreamingMp4, frames_for_audio
+    from samplers.mcdm import MCDMSettings, mcdm_sample
+
+    meta = validate_sample_args(args)
+    cfg = MCDMConfig.from_dict(meta["config"])
+    rate = int(meta["extra"].get("data", {}).get("sample_rate", TOY_SAMPLE_RATE))
+    wave, rate = read_audio(args.audio, sample_rate=rate)                    # [1, S]
+    wave = wave[0]
+    total = args.frames or frames_for_audio(wave.shape[0] / rate, args.fps)
+    feats = energy_features(wave, rate, args.fps, total, cfg.audio_dim)      # [T, A]
+    reference, image = reference_inputs(args.reference, cfg.latent_size)
+    model = MCDM(cfg, attention_backend=args.attention_backend)
+    model.load_state_dict(load_checkpoint(args.checkpoint, system="mcdm").weights(args.weights))
+    model = model.to(args.device).eval()
+    samples_per_frame = rate / args.fps
+
+    with StreamingMp4(args.out, args.fps, sample_rate=rate, fragmented=args.fragmented) as out:
+        def write(frames: torch.Tensor, first: int) -> None:
+            # frame j shows samples [j sr / fps, (j + 1) sr / fps); silence past the audio's end
+            a = int(round(first * samples_per_frame))
+            b = int(round((first + frames.shape[0]) * samples_per_frame))
+            chunk = torch.nn.functional.pad(wave[a:b], (0, max(0, b - a - wave[a:b].shape[0])))
+            out.write(to_uint8_frames(frames.clamp(-1, 1).cpu()), chunk)
+
+        report = mcdm_sample(
+            model, reference=reference, image=image, audio=feats, total_frames=total,
+            landmarks=args.landmark_rows,
+            settings=MCDMSettings(steps=args.steps, prior_steps=args.prior_steps),
+            writer=write, generator=torch.Generator().manual_seed(args.seed),
+            device=args.device, progress=not args.no_progress)
+    seams = report["seams"]
+    ratio = seams["seam_to_inner"]
+    print(f"wrote {args.out} ({report['frames']} frames in {report['clips']} clips, "
+          f"{args.fps:g} fps, landmarks {'given' if args.landmark_rows is not None else 'none'}"
+          f"; seam/inner jump {'n/a' if ratio is None else f'{ratio:.3f}'} over "
+          f"{seams['boundaries']} boundaries)")
+    return 0
