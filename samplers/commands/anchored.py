@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from samplers.commands.engine_options import add_engine_arguments
+from samplers.commands.train_options import add_engine_arguments
 from samplers.commands.validation import (
     OptionError,
     add_device_argument,

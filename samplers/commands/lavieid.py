@@ -29,7 +29,11 @@ from pathlib import Path
 
 import torch
 
-from samplers.commands.engine_options import add_engine_arguments, engine_config_from_args
+from samplers.commands.train_options import (
+    add_model_and_output_arguments,
+    base_model_config,
+    engine_config_from_args,
+)
 from samplers.commands.validation import (
     OptionError,
     add_device_argument,
@@ -68,7 +72,7 @@ def text_encoder_for(cfg, t5: Path | None, device="cpu"):
 # ---- train ----
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from avatar_models.lavieid import NAMED_CONFIGS, LaVieIDTrainConfig
+    from avatar_models.lavieid import LaVieIDConfig, LaVieIDTrainConfig
     from avatar_models.training.engine import EngineConfig
 
     d = LaVieIDTrainConfig()
@@ -87,38 +91,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from this lavieid checkpoint's weights (its config is used)")
     parser.add_argument("--t5", type=Path, default=None,
                         help="local T5 encoder folder (default: the toy's weight-free encoder)")
-    m = parser.add_argument_group("model")
-    m.add_argument("--config", choices=sorted(NAMED_CONFIGS), default=None,
-                   help=f"named config (default: {DEFAULT_CONFIG}; with --init: its config)")
-    m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a LaVieIDConfig field, e.g. --set beta=0.2")
-    t = parser.add_argument_group("optimisation")
-    t.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
-                   help="force one attention backend")
-    o = parser.add_argument_group("output")
-    o.add_argument("--out", type=output_file(".safetensors"), required=True,
-                   help="checkpoint path (.safetensors)")
     # the paper's recipe: AdamW, lr 3e-6, batch 1, 10K steps
-    add_engine_arguments(t, o, EngineConfig(steps=10000, batch_size=1, lr=3e-6, ema_decay=0.0,
-                                            grad_clip=1.0))
-    add_device_argument(o)
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_and_output_arguments(
+        parser, config_class=LaVieIDConfig, default_config=DEFAULT_CONFIG,
+        engine_defaults=EngineConfig(steps=10000, batch_size=1, lr=3e-6, ema_decay=0.0,
+                                     grad_clip=1.0), set_example="beta=0.2")
 
 
 def validate_train_args(args: argparse.Namespace):
     """Every check that needs no model: (model config, train config)."""
-    from avatar_models.lavieid import NAMED_CONFIGS, LaVieIDConfig, LaVieIDTrainConfig
+    from avatar_models.lavieid import LaVieIDConfig, LaVieIDTrainConfig
 
     args.device = str(resolve_device(args.device))
     _check_t5(args.t5)
-    if args.init is not None:
-        meta = check_checkpoint_file(args.init, "--init", "lavieid")
-        if args.config is not None:
-            raise OptionError("--init fixes the model config; drop --config")
-        base = meta["config"]
-    else:
-        base = {**NAMED_CONFIGS[args.config or DEFAULT_CONFIG],
-                "name": args.config or DEFAULT_CONFIG}
+    base, _ = base_model_config(args, "lavieid", LaVieIDConfig, DEFAULT_CONFIG)
     overrides = dataclass_overrides(LaVieIDConfig, args.set, "--set", defaults=base)
     switches = {"router": args.stage == "modules" and not args.no_router,
                 "tam": args.stage == "modules" and not args.no_tam}

@@ -33,7 +33,11 @@ from pathlib import Path
 
 import torch
 
-from samplers.commands.engine_options import add_engine_arguments, engine_config_from_args
+from samplers.commands.train_options import (
+    add_model_and_output_arguments,
+    base_model_config,
+    engine_config_from_args,
+)
 from samplers.commands.validation import (
     OptionError,
     add_device_argument,
@@ -61,7 +65,7 @@ TOY_SAMPLE_RATE = 16000
 # ---- train ----
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from avatar_models.lookahead import NAMED_CONFIGS, LookaheadTrainConfig
+    from avatar_models.lookahead import LookaheadConfig, LookaheadTrainConfig
     from avatar_models.training.engine import EngineConfig
 
     d = LookaheadTrainConfig()
@@ -99,28 +103,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           "(default: the procedural toy faces)")
     src.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
                      help="keyword argument for the --dataset factory (repeatable)")
-    m = parser.add_argument_group("model")
-    m.add_argument("--config", choices=sorted(NAMED_CONFIGS), default=None,
-                   help=f"named config (default: {DEFAULT_CONFIG}; with --init: its config)")
-    m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a LookaheadConfig field, e.g. --set objective=v")
-    t = parser.add_argument_group("optimisation")
-    t.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
-                   help="force one attention backend")
-    o = parser.add_argument_group("output")
-    o.add_argument("--out", type=output_file(".safetensors"), required=True,
-                   help="checkpoint path (.safetensors)")
     # Defaults chosen for the toy (the paper gives batch 8 and no other recipe): docs/lookahead.md
-    add_engine_arguments(t, o, EngineConfig(steps=1000, batch_size=8, lr=1e-4, ema_decay=0.999,
-                                            grad_clip=1.0))
-    add_device_argument(o)
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_and_output_arguments(
+        parser, config_class=LookaheadConfig, default_config=DEFAULT_CONFIG,
+        engine_defaults=EngineConfig(steps=1000, batch_size=8, lr=1e-4, ema_decay=0.999,
+                                     grad_clip=1.0), set_example="objective=v")
 
 
 def validate_train_args(args: argparse.Namespace):
     """Every check that needs no model: returns (model config, train config, init metadata)."""
     from avatar_models.lookahead import (
-        NAMED_CONFIGS,
         LookaheadConfig,
         LookaheadTrainConfig,
         check_distance,
@@ -128,16 +120,7 @@ def validate_train_args(args: argparse.Namespace):
     )
 
     args.device = str(resolve_device(args.device))
-    init_meta = None
-    if args.init is not None:
-        init_meta = check_checkpoint_file(args.init, "--init", "lookahead")
-        if args.config is not None:
-            raise OptionError("--init fixes the model config; drop --config (use --set for "
-                              "fields that do not change the weights' shapes)")
-        base = init_meta["config"]
-    else:
-        base = {**NAMED_CONFIGS[args.config or DEFAULT_CONFIG],
-                "name": args.config or DEFAULT_CONFIG}
+    base, init_meta = base_model_config(args, "lookahead", LookaheadConfig, DEFAULT_CONFIG)
     overrides = dataclass_overrides(LookaheadConfig, args.set, "--set", defaults=base)
     try:
         cfg = LookaheadConfig.from_dict({**base, **overrides})

@@ -25,7 +25,10 @@ from pathlib import Path
 
 import torch
 
-from samplers.commands.engine_options import add_engine_arguments, engine_config_from_args
+from samplers.commands.train_options import (
+    add_model_and_output_arguments,
+    engine_config_from_args,
+)
 from samplers.commands.validation import (
     OptionError,
     add_device_argument,
@@ -50,7 +53,7 @@ TOY_SAMPLE_RATE = 16000
 # ---- train ----
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from avatar_models.mcdm import NAMED_CONFIGS, MCDMTrainConfig
+    from avatar_models.mcdm import MCDMConfig, MCDMTrainConfig
     from avatar_models.training.engine import EngineConfig
 
     d = MCDMTrainConfig()
@@ -63,9 +66,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which weights of --init to start from")
     parser.add_argument("--landmark-drop", type=probability, default=d.landmark_drop,
                         help="stage 2: probability of dropping the whole landmark clip")
-    m = parser.add_argument_group("model")
-    m.add_argument("--config", choices=sorted(NAMED_CONFIGS), default=None,
-                   help=f"named config (stage 0 only; default {DEFAULT_CONFIG})")
+    # toy recipe (chosen): the paper's lr 1e-5 / batch 4 / 30k steps is too slow for a CPU toy
+    m, _ = add_model_and_output_arguments(
+        parser, config_class=MCDMConfig, default_config=DEFAULT_CONFIG,
+        engine_defaults=EngineConfig(steps=500, batch_size=4, lr=1e-4, ema_decay=0.999,
+                                     grad_clip=1.0),
+        set_example="memory_alpha=0.5 (with --init: only fields that keep the weights' shapes)")
     m.add_argument("--temporal", choices=("performer", "softmax"), default=None,
                    help="temporal layer's attention: performer (MTA) or softmax (Table 7's "
                         "Vanilla) (default: the config's / --init's)")
@@ -73,20 +79,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="w/o-MTA ablation (Table 4): F_ac^ref + F_pc^ref, no memory")
     m.add_argument("--memory-alpha", type=float_range(0.0, 1.0), default=None,
                    help="alpha of the memory update (Eq. 5; default: the config's, 0.1)")
-    m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override an MCDMConfig field, e.g. --set memory_alpha=0.5 "
-                        "(with --init: only fields that keep the weights' shapes)")
-    t = parser.add_argument_group("optimisation")
-    t.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
-                   help="force one attention backend")
-    o = parser.add_argument_group("output")
-    o.add_argument("--out", type=output_file(".safetensors"), required=True,
-                   help="checkpoint path (.safetensors)")
-    # toy recipe (chosen): the paper's lr 1e-5 / batch 4 / 30k steps is too slow for a CPU toy
-    add_engine_arguments(t, o, EngineConfig(steps=500, batch_size=4, lr=1e-4, ema_decay=0.999,
-                                            grad_clip=1.0))
-    add_device_argument(o)
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def validate_train_args(args: argparse.Namespace):

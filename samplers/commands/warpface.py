@@ -30,7 +30,11 @@ from pathlib import Path
 
 import torch
 
-from samplers.commands.engine_options import add_engine_arguments, engine_config_from_args
+from samplers.commands.train_options import (
+    add_model_and_output_arguments,
+    base_model_config,
+    engine_config_from_args,
+)
 from samplers.commands.validation import (
     _IMAGE_SUFFIXES,
     OptionError,
@@ -62,7 +66,7 @@ def codec_path_for(out: Path) -> Path:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from avatar_models.training.engine import EngineConfig
-    from avatar_models.warpface import NAMED_CONFIGS, WarpFaceTrainConfig
+    from avatar_models.warpface import WarpFaceConfig, WarpFaceTrainConfig
 
     d = WarpFaceTrainConfig()
     arm = parser.add_argument_group("ablation arms (Table 3)")
@@ -95,42 +99,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     codec.add_argument("--vae", type=Path, default=None,
                        help="encode with this diffusers AutoencoderKL folder instead (e.g. "
                             "SD's VAE; toy frames are resized to latent_size x 8)")
-    m = parser.add_argument_group("model")
-    m.add_argument("--config", choices=sorted(NAMED_CONFIGS), default=None,
-                   help=f"named config (default: {DEFAULT_CONFIG}; with --init: its config)")
-    m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a WarpFaceConfig field, e.g. --set groups=2")
+    # the toy trains from scratch (the paper fine-tunes SD1.5 at lr 2e-5, batch 72, 50k steps)
+    m, t = add_model_and_output_arguments(
+        parser, config_class=WarpFaceConfig, default_config=DEFAULT_CONFIG,
+        engine_defaults=EngineConfig(steps=2000, batch_size=8, lr=1e-4, ema_decay=0.999,
+                                     grad_clip=1.0), set_example="groups=2")
     m.add_argument("--init", type=input_file("a checkpoint", (".safetensors",)),
                    help="start from this warpface checkpoint's weights (its config is used)")
-    t = parser.add_argument_group("optimisation")
-    t.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
-                   help="force one attention backend")
     t.add_argument("--warp-backend", choices=("ref", "triton", "cuda"), default=None,
                    help="force one warp_occlusion backend")
-    o = parser.add_argument_group("output")
-    o.add_argument("--out", type=output_file(".safetensors"), required=True,
-                   help="checkpoint path (.safetensors)")
-    # the toy trains from scratch (the paper fine-tunes SD1.5 at lr 2e-5, batch 72, 50k steps)
-    add_engine_arguments(t, o, EngineConfig(steps=2000, batch_size=8, lr=1e-4, ema_decay=0.999,
-                                            grad_clip=1.0))
-    add_device_argument(o)
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def validate_train_args(args: argparse.Namespace):
     """Every check that needs no model: returns (model config, train config)."""
     from avatar_models.data import procedural_faces as pf
-    from avatar_models.warpface import NAMED_CONFIGS, WarpFaceConfig, WarpFaceTrainConfig
+    from avatar_models.warpface import WarpFaceConfig, WarpFaceTrainConfig
 
     args.device = str(resolve_device(args.device))
-    if args.init is not None:
-        init_meta = check_checkpoint_file(args.init, "--init", "warpface")
-        if args.config is not None:
-            raise OptionError("--init fixes the model config; drop --config")
-        base = init_meta["config"]
-    else:
-        base = {**NAMED_CONFIGS[args.config or DEFAULT_CONFIG],
-                "name": args.config or DEFAULT_CONFIG}
+    base, _ = base_model_config(args, "warpface", WarpFaceConfig, DEFAULT_CONFIG)
     overrides = dataclass_overrides(WarpFaceConfig, args.set, "--set", defaults=base)
     if args.cross_attention:
         overrides["motion_attention"] = "cross"

@@ -74,3 +74,45 @@ def engine_config_from_args(args: argparse.Namespace, **system_values):
         checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
         progress=not getattr(args, "no_progress", False), device=getattr(args, "device", None),
         **system_values)
+
+
+def add_model_and_output_arguments(parser: argparse.ArgumentParser, *, config_class: type,
+                                   default_config: str, engine_defaults, set_example: str):
+    """The groups every system's train command shares: model (``--config``, ``--set``),
+    optimisation (``--attention-backend`` and the engine's options) and output (``--out``, the
+    checkpoint cadence, ``--resume``, ``--device``, ``--no-progress``). Returns the model and
+    optimisation groups so that a system adds its own options beside them."""
+    from samplers.commands.validation import add_device_argument, output_file
+
+    m = parser.add_argument_group("model")
+    m.add_argument("--config", choices=sorted(config_class.NAMED), default=None,
+                   help=f"named config (default: {default_config}; with --init: its config)")
+    m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help=f"override a {config_class.__name__} field, e.g. --set {set_example}")
+    t = parser.add_argument_group("optimisation")
+    t.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
+                   help="force one attention backend")
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", type=output_file(".safetensors"), required=True,
+                   help="checkpoint path (.safetensors)")
+    add_engine_arguments(t, o, engine_defaults)
+    add_device_argument(o)
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return m, t
+
+
+def base_model_config(args: argparse.Namespace, system: str, config_class: type,
+                      default_config: str) -> tuple[dict, dict | None]:
+    """(config fields before ``--set``, the ``--init`` checkpoint's metadata or None): an
+    ``--init`` checkpoint fixes the config, otherwise ``--config`` (default ``default_config``)
+    names it."""
+    from samplers.commands.validation import OptionError, check_checkpoint_file
+
+    if getattr(args, "init", None) is not None:
+        meta = check_checkpoint_file(args.init, "--init", system)
+        if args.config is not None:
+            raise OptionError("--init fixes the model config; drop --config (use --set for fields "
+                              "that do not change the weights' shapes)")
+        return meta["config"], meta
+    name = args.config or default_config
+    return {**config_class.NAMED[name], "name": name}, None
