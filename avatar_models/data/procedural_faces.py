@@ -22,13 +22,13 @@ Two worlds (``WORLDS``). ``"plain"`` (what the bundled demo model was trained on
 seed are the same in both worlds), salient appearance that the global condition does not carry
 (:class:`FineAttributes`): a background pattern (stripes at an angle, checker or dots, with its
 period and 2-D phase) replacing the plain world's texture, a patterned shirt, and an accessory
-(glasses, earrings or a hat). The global condition of the fine world, :func:`global_condition`,
-is the 4x4 thumbnail of the *coarse* portrait (flat background in the pattern's mean colour,
-plain shirt, no accessory): palette, coarse layout, face and hair colours, like a CLIP
-descriptor, and exactly invariant to the fine attributes, so a video model must invent them
-and keep them by copying across frames. :func:`region_masks` gives, for a clip, the face+hair
-region of every frame (PSNR target) and the background and shirt pixels that the head never
-covers in it (pose-invariant appearance readout).
+(glasses, earrings or a hat); the inks of both patterns contrast with their ground colour. The
+global condition of the fine world, :func:`global_condition`, is the 4x4 thumbnail of the
+*coarse* portrait (flat background in the pattern's ground colour, plain shirt, no accessory):
+palette, coarse layout, face and hair colours, like a CLIP descriptor, and exactly invariant to
+the fine attributes, so a video model must invent them and keep them by copying across frames.
+:func:`region_masks` gives, for a clip, the face+hair region of every frame (PSNR target) and
+the background and shirt pixels that the head never covers in it (pose-invariant readout).
 
 Everything is deterministic per seed: ``sample_identity(seed)`` and ``sample_motion(seed, n)``
 use their own ``numpy.random.Generator``. ``ProceduralFaces`` yields training sequences in the
@@ -68,7 +68,7 @@ _HAIRS = ((0.10, 0.08, 0.07), (0.35, 0.22, 0.12), (0.85, 0.70, 0.40), (0.62, 0.2
 _IRISES = ((0.25, 0.15, 0.08), (0.20, 0.40, 0.75), (0.25, 0.55, 0.30), (0.40, 0.40, 0.45))
 TEXTURES = ("stripes_h", "stripes_v", "stripes_diag", "checker", "rings", "gradient")
 WORLDS = ("plain", "fine")
-FLAT_BACKGROUND = -1  # texture index that coarse() uses: the background's mean colour
+FLAT_BACKGROUND = -1  # texture index that coarse() uses: bg_a, the pattern's ground colour
 BACKGROUND_PATTERNS = ("stripes", "checker", "dots")
 SHIRT_PATTERNS = ("stripes_h", "stripes_v", "checker", "dots")
 ACCESSORIES = ("glasses", "earrings", "hat")
@@ -78,11 +78,12 @@ ACCESSORIES = ("glasses", "earrings", "hat")
 class FineAttributes:
     """Appearance of the ``"fine"`` world that the global condition does not carry."""
 
-    bg_pattern: int  # index into BACKGROUND_PATTERNS, drawn in bg_a / bg_b
+    bg_pattern: int  # index into BACKGROUND_PATTERNS, drawn in bg_ink on bg_a
+    bg_ink: tuple[float, float, float]
     bg_angle: float  # rad
     bg_period: float  # px
     bg_phase: tuple[float, float]  # fractions of a period along and across the pattern
-    shirt_pattern: int  # index into SHIRT_PATTERNS, drawn in shirt / shirt_b
+    shirt_pattern: int  # index into SHIRT_PATTERNS, drawn in shirt_b on shirt
     shirt_b: tuple[float, float, float]
     shirt_period: float  # px
     shirt_phase: float
@@ -125,18 +126,28 @@ def _random_colour(rng: np.random.Generator, lo: float, hi: float) -> tuple[floa
     return tuple(float(v) for v in c)
 
 
+def _contrasting(rng: np.random.Generator, base) -> tuple[float, float, float]:
+    """A colour clearly apart from ``base``: 0.45 brighter or darker (away from the nearer end),
+    with a random tint, so every pattern is salient."""
+    c = np.asarray(base)
+    step = -0.45 if c.mean() > 0.5 else 0.45
+    return tuple(float(v) for v in np.clip(c + step + rng.uniform(-0.2, 0.2, 3), 0.0, 1.0))
+
+
 def sample_fine_attributes(seed: int) -> FineAttributes:
     """The fine attributes of identity ``seed`` (own random stream, deterministic per seed)."""
     if seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed}")
+    base = sample_identity(seed)  # the coarse attributes: the inks contrast with them
     rng = np.random.default_rng([int(seed), 0xF17E])
     return FineAttributes(
         bg_pattern=int(rng.integers(len(BACKGROUND_PATTERNS))),
+        bg_ink=_contrasting(rng, base.bg_a),
         bg_angle=float(rng.choice([0.0, 0.25, 0.5, 0.75]) * math.pi + rng.uniform(-0.15, 0.15)),
         bg_period=float(rng.uniform(7.0, 12.0)),
         bg_phase=(float(rng.uniform(0, 1)), float(rng.uniform(0, 1))),
         shirt_pattern=int(rng.integers(len(SHIRT_PATTERNS))),
-        shirt_b=_random_colour(rng, 0.1, 0.95), shirt_period=float(rng.uniform(5.0, 8.0)),
+        shirt_b=_contrasting(rng, base.shirt), shirt_period=float(rng.uniform(5.0, 8.0)),
         shirt_phase=float(rng.uniform(0, 1)), accessory=int(rng.integers(len(ACCESSORIES))),
         accessory_colour=_random_colour(rng, 0.05, 0.9))
 
@@ -166,7 +177,7 @@ def sample_identity(seed: int, world: str = "plain") -> FaceIdentity:
 
 def coarse(ident: FaceIdentity) -> FaceIdentity:
     """What the global condition sees of a fine-world identity: the same identity drawn with a
-    flat background in its pattern's mean colour, a plain shirt and no accessory (unchanged in
+    flat background in its pattern's ground colour, a plain shirt and no accessory (unchanged in
     the plain world)."""
     return ident if ident.fine is None else replace(ident, fine=None, texture=FLAT_BACKGROUND)
 
@@ -285,10 +296,9 @@ def _background(ident: FaceIdentity, n: int) -> torch.Tensor:
         px = torch.arange(SIZE, dtype=torch.float32) + 0.5
         t = _pattern(BACKGROUND_PATTERNS[fine.bg_pattern], px.view(1, SIZE), px.view(SIZE, 1),
                      fine.bg_angle, fine.bg_period, fine.bg_phase)
-        return _mix(ident.bg_a, ident.bg_b, t).expand(n, 3, SIZE, SIZE).clone()
+        return _mix(ident.bg_a, fine.bg_ink, t).expand(n, 3, SIZE, SIZE).clone()
     if ident.texture == FLAT_BACKGROUND:
-        mean = tuple((a + b) / 2 for a, b in zip(ident.bg_a, ident.bg_b))
-        return torch.tensor(mean).view(1, 3, 1, 1).expand(n, 3, SIZE, SIZE).clone()
+        return torch.tensor(ident.bg_a).view(1, 3, 1, 1).expand(n, 3, SIZE, SIZE).clone()
     ys, xs = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
     f, ph = ident.tex_freq, ident.tex_phase
     kind = TEXTURES[ident.texture]
