@@ -701,6 +701,17 @@ def _lengths(text: str) -> tuple[int, ...]:
     return values
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    from samplers.demo.pipeline import METHODS
+
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in METHODS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of "
+                                         f"{','.join(METHODS)}, got {text!r}")
+    return values
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from samplers.demo.pipeline import DemoOptions
     from samplers.demo.train import CHECKPOINT, DemoRecipe
@@ -715,8 +726,22 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=d.steps, help="DDIM steps")
     parser.add_argument("--guidance", type=float_range(0.0), default=d.guidance,
                         help="classifier-free guidance scale (1: off)")
-    parser.add_argument("--lengths", type=_lengths, default=d.lengths,
-                        help="video lengths of the consistency curve, e.g. 8,16,24,32,40,48")
+    parser.add_argument("--pairs", type=positive_int, default=d.pairs,
+                        help="held-out identity/driver pairs (intervals over pairs; the "
+                             "fixed evaluation protocol uses 8)")
+    parser.add_argument("--methods", type=_methods, default=d.methods,
+                        help="comma-separated long-video strategies, all with the same model, "
+                             "steps, seed and guidance")
+    parser.add_argument("--world", choices=("plain", "fine"), default=None,
+                        help="toy world of the held-out pairs (default: the checkpoint's; "
+                             "plain for checkpoints that record none)")
+    parser.add_argument("--context", type=non_negative_int, default=None,
+                        help="context frames of autoregressive chaining (default: T // 2)")
+    parser.add_argument("--lmse-stride", type=positive_int, default=d.lmse_stride,
+                        help="the control estimator fits every k-th frame")
+    parser.add_argument("--lengths", type=_lengths, default=None,
+                        help="also the Self-CSIM/CSIM-vs-length curve at these lengths, e.g. "
+                             "8,16,24,32,40,48 (off by default)")
     parser.add_argument("--curve-seeds", type=positive_int, default=d.curve_seeds,
                         help="noise seeds averaged per consistency-curve point")
     parser.add_argument("--fit-steps", type=positive_int, default=d.fit_steps,
@@ -731,6 +756,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=positive_int, default=r.batch_size, help="batch size")
     t.add_argument("--lr", type=positive_float, default=r.lr, help="peak learning rate")
     t.add_argument("--train-seed", type=int, default=r.seed, help="training seed")
+    t.add_argument("--train-world", choices=("plain", "fine"), default=r.world,
+                   help="toy world to train on")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -741,7 +768,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if args.checkpoint.suffix != ".safetensors":
             raise OptionError(f"--checkpoint {str(args.checkpoint)!r} must end in .safetensors")
         recipe = DemoRecipe(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
-                            seed=args.train_seed)
+                            seed=args.train_seed, world=args.train_world)
         train_demo(recipe, args.checkpoint, progress=not args.no_progress)
         return 0
 
@@ -751,9 +778,15 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {str(args.checkpoint)!r}: demo checkpoint not "
                                 f"found (run `make train-demo`, or pass --checkpoint)")
-    check_checkpoint_file(args.checkpoint, "--checkpoint", "anchored")
+    meta = check_checkpoint_file(args.checkpoint, "--checkpoint", "anchored")
+    t = int(meta["config"]["frames"])
+    if args.context is not None and args.context >= min(t, args.frames):
+        raise OptionError(f"--context {args.context}: autoregressive windows have T={t} frames; "
+                          f"use --context 0 to {min(t, args.frames) - 1}")
     opts = DemoOptions(frames=args.frames, steps=args.steps, guidance=args.guidance,
-                       lengths=args.lengths, curve_seeds=args.curve_seeds,
+                       pairs=args.pairs, methods=args.methods, world=args.world,
+                       context=args.context, lmse_stride=args.lmse_stride,
+                       lengths=args.lengths or (), curve_seeds=args.curve_seeds,
                        fit_steps=args.fit_steps, seed=args.seed, checkpoint=args.checkpoint,
                        device=device, progress=not args.no_progress)
     paths = run_demo_pipeline(opts, args.out)
