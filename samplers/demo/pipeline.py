@@ -122,7 +122,7 @@ def sample_video(model, schedule: dict | None, method: str, identity: torch.Tens
                  device: torch.device, ae=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(video [N, 3, 64, 64] in [0, 1], bool [N]: the frames the anchor-transfer diagnostic
     averages over) from G and per-frame controls [N, 40]. Anchored: the frames owned by
-    sequences b != 0; the other methods: frames more than T from the central frame (outside
+    sequences b != 0; the other methods: frames T or more from the central frame (outside
     every window that holds it)."""
     from avatar_models.anchored_diffusion import Conditions
     from samplers.anchored import anchored_sample, decode_video, sdit_denoiser
@@ -142,7 +142,7 @@ def sample_video(model, schedule: dict | None, method: str, identity: torch.Tens
     sched = make_scheduler("ddim", schedule, opts.steps)
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     amp = device.type == "cuda"
-    far = (torch.arange(n) - n // 2).abs() > t
+    far = (torch.arange(n) - n // 2).abs() >= t
 
     def denoiser(windows):
         cond = Conditions(g[None].expand(windows.shape[0], -1), ctrl[windows.to(device)])
