@@ -16,7 +16,9 @@ the final layer run on B*T - (B-1) frames, never on the anchor rows of b != sour
 the full sequences through a gather and ``attention3d``'s anchor redirection. ``anchor_mode=
 "override"`` is the reference: the plain batched model with the anchor rows of the input, of the
 conditions and of the hidden states after the embedding and after every block overwritten by the
-source's. Both give the same output (tested).
+source's. Both give the same output (tested). Anchor-parallel sampling shards the B sequences over
+ranks and runs the override path with the source rows broadcast from the rank that holds the
+source (:class:`SharedAnchor`).
 """
 
 from __future__ import annotations
@@ -193,6 +195,25 @@ def frame_anchor(anchor_frames: torch.Tensor | list[int], tokens_per_frame: int,
                           source=source)
 
 
+@dataclass(frozen=True)
+class SharedAnchor:
+    """Anchor-parallel sampling: this rank holds some of the B anchored sequences.
+
+    ``anchor_frames``: the anchor frame index of each local sequence. The rank ``source_rank``
+    (of ``group``, None: the default group) holds the source sequence at local index
+    ``source_local``; in every layer it broadcasts the source's anchor-frame rows
+    (``torch.distributed.broadcast``) and every rank overwrites its other sequences' anchor
+    frames with them, exactly as ``anchor_mode="override"`` does on one process. Every rank of
+    the group must call the model together (one broadcast per layer, plus three for the input,
+    the conditions and the embedding).
+    """
+
+    anchor_frames: tuple[int, ...]
+    source_rank: int = 0
+    source_local: int = 0
+    group: object = None
+
+
 class SDiT(nn.Module):
     """Sequence DiT with the mapping network (see the module docstring)."""
 
@@ -245,7 +266,8 @@ class SDiT(nn.Module):
             cond: :class:`Conditions` with global_embed [B, G] and control [B, T, L].
             anchor: optional ``kernels.Anchor`` in token units over the T*P tokens of a
                 sequence: ``starts[b] = anchor_frame[b] * P``, ``length = P`` (see
-                :meth:`make_anchor`).
+                :meth:`make_anchor`), or a :class:`SharedAnchor` (anchor-parallel sampling over
+                ranks; always the override path, ``anchor_mode`` is not used).
             anchor_mode: "packed" (efficient, default) or "override" (reference path).
 
         Returns:
@@ -265,6 +287,8 @@ class SDiT(nn.Module):
         gh, gw = h // cfg.patch, w // cfg.patch
         tokens = gh * gw
         packing = None
+        if isinstance(anchor, SharedAnchor):
+            return self._forward_shared(x, t, cond, anchor, gh, gw)
         if anchor is not None:
             packing = self._packing(anchor, b, frames, tokens, x.device)
             if anchor_mode == "override":
@@ -309,25 +333,55 @@ class SDiT(nn.Module):
 
     def _forward_override(self, x, t, cond, packing: AnchorPacking, gh: int, gw: int):
         """Reference path: plain batched model, explicit anchor override at every layer."""
+        src = packing.source
+        tokens = gh * gw
+        anchor_frames = [start // tokens for start in packing.anchor_starts]
+        a_src = anchor_frames[src]
+        return self._forward_with_override(x, t, cond, anchor_frames, lambda v: v[src, a_src],
+                                           src, gh, gw)
+
+    def _forward_shared(self, x, t, cond, anchor: SharedAnchor, gh: int, gw: int):
+        """Anchor-parallel path: the override rows come from the rank holding the source."""
+        import torch.distributed as dist
+
+        frames = list(anchor.anchor_frames)
+        if len(frames) != x.shape[0]:
+            raise ValueError(f"anchor.anchor_frames must have one entry per local sequence "
+                             f"(B={x.shape[0]}), got {frames}")
+        is_source = dist.get_rank(anchor.group) == anchor.source_rank
+        skip = anchor.source_local if is_source else None
+
+        def source_rows(v: torch.Tensor) -> torch.Tensor:  # [b, T, ...] -> the source's [...]
+            if is_source:
+                row = v[anchor.source_local, frames[anchor.source_local]].contiguous()
+            else:
+                row = torch.empty(v.shape[2:], dtype=v.dtype, device=v.device)
+            src = dist.get_global_rank(anchor.group, anchor.source_rank) \
+                if anchor.group is not None else anchor.source_rank
+            dist.broadcast(row, src=src, group=anchor.group)
+            return row
+
+        return self._forward_with_override(x, t, cond, frames, source_rows, skip, gh, gw)
+
+    def _forward_with_override(self, x, t, cond, anchor_frames: list[int], source_rows,
+                               skip: int | None, gh: int, gw: int):
+        """The plain batched model with the anchor frame of every sequence (but ``skip``, the
+        source) overwritten by ``source_rows(v)`` in the input, the conditions, after the
+        embedding and after every block."""
         cfg = self.config
         b, frames = x.shape[:2]
         tokens = gh * gw
-        src, a_src = packing.source, packing.anchor_starts[packing.source] // tokens
 
         def override_frames(v: torch.Tensor) -> torch.Tensor:  # [B, T, ...]
+            row = source_rows(v)
             v = v.clone()
-            for i, start in enumerate(packing.anchor_starts):
-                if i != src:
-                    v[i, start // tokens] = v[src, a_src]
+            for i, f in enumerate(anchor_frames):
+                if i != skip:
+                    v[i, f] = row
             return v
 
         def override_tokens(v: torch.Tensor) -> torch.Tensor:  # [B, N, D]
-            v = v.clone()
-            s0 = packing.anchor_starts[src]
-            for i, start in enumerate(packing.anchor_starts):
-                if i != src:
-                    v[i, start:start + tokens] = v[src, s0:s0 + tokens]
-            return v
+            return override_frames(v.reshape(b, frames, tokens, -1)).reshape(b, frames * tokens, -1)
 
         x = override_frames(x)
         temb = self.t_embed(t)

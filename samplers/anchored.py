@@ -8,6 +8,14 @@
    := sequence 0's), ``Q_{k-1} = Update(Q~)`` through the diffusers scheduler, and the override
    once more so the update's noise cannot split the anchor;
 4. decode (each driving frame once) and 5. reorder chronologically.
+
+Anchor-parallel sampling (``torchrun ... sample anchored --parallel``): every rank runs this same
+loop on the same latents with the same generator, but :func:`sharded_sdit_denoiser` evaluates the
+sDiT only on this rank's share of the B sequences; the rank holding the source sequence
+broadcasts the anchor frame's hidden states in every layer (:class:`avatar_models.
+anchored_diffusion.SharedAnchor`) and the outputs are all-gathered, so every rank continues with
+the full, identical Q' and the result equals single-process sampling. The latents themselves
+(B x T latent frames, a few MB) are replicated; the model, which is all the cost, is split.
 """
 
 from __future__ import annotations
@@ -93,3 +101,57 @@ def sdit_denoiser(model, cond, *, guidance: float = 1.0, anchor_mode: str = "pac
         return out
 
     return denoise
+
+
+def sharded_sdit_denoiser(model, cond, *, guidance: float = 1.0, amp: bool = False,
+                          group=None) -> Denoiser:
+    """Like :func:`sdit_denoiser`, for anchor-parallel sampling over the ranks of ``group`` (None:
+    the default process group): ``cond`` holds all B sequences' conditions; each rank runs the
+    model on its contiguous share (:func:`avatar_models.training.distributed.shard_range`) and
+    the outputs are all-gathered, so the returned [B, T, C_out, H, W] is the same on every rank.
+    Sequence 0 is the source. Every rank must call the denoiser together."""
+    import torch.distributed as dist
+
+    from avatar_models.anchored_diffusion import Conditions, SharedAnchor
+    from avatar_models.training.distributed import shard_range
+
+    channels = model.config.in_channels
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+
+    @torch.no_grad()
+    def denoise(x: torch.Tensor, t: torch.Tensor, anchor_pos: torch.Tensor | None):
+        b = x.shape[0]
+        if anchor_pos is None:
+            raise ValueError("sharded_sdit_denoiser needs anchor positions (anchored sampling)")
+        if b < size:
+            raise ValueError(f"anchor-parallel sampling needs at least one sequence per rank: "
+                             f"B={b} sequences, {size} ranks")
+        lo, hi = shard_range(b, rank, size)
+        anchor = SharedAnchor(tuple(int(a) for a in anchor_pos[lo:hi].tolist()), source_rank=0,
+                              source_local=0, group=group)
+        local = Conditions(cond.global_embed[lo:hi], cond.control[lo:hi])
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x[lo:hi], t[lo:hi], local, anchor=anchor).float()
+            if guidance != 1.0:
+                null = Conditions(local.global_embed, local.control,
+                                  torch.ones(hi - lo, dtype=torch.bool, device=x.device))
+                out = guided(out, model(x[lo:hi], t[lo:hi], null, anchor=anchor).float(),
+                             guidance, channels)
+        return _all_gather_rows(out, b, size, group)
+
+    return denoise
+
+
+def _all_gather_rows(local: torch.Tensor, total: int, size: int, group) -> torch.Tensor:
+    """Concatenate every rank's contiguous rows (shares from ``shard_range``) on every rank."""
+    import torch.distributed as dist
+
+    from avatar_models.training.distributed import shard_range
+
+    width = -(-total // size)                       # collectives need equal shapes: pad
+    padded = local.new_zeros(width, *local.shape[1:])
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[: hi - lo] for p, (lo, hi) in
+                      zip(parts, (shard_range(total, r, size) for r in range(size)))])

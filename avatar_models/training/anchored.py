@@ -1,4 +1,4 @@
-"""Training loop of Anchored Diffusion (sDiT + mapping network).
+"""Anchored Diffusion (sDiT + mapping network) as a system of the training engine.
 
 Data: any source of samples, each a dict of tensors for ONE sequence (the loader batches them):
     "frames":  [T, C, H, W] clean frames: VAE latents (scaled) or pixels in [-1, 1]
@@ -14,31 +14,34 @@ Paper defaults (section 4.1 / supplementary D): AdamW (default betas, weight dec
 6.4e-5 for the denoiser and 10x smaller for the mapping network, cosine schedule, DiT's
 learned-sigma loss with lambda_ex = 1, EMA of the weights. Conditions are dropped with
 probability ``cond_drop`` (DiT's 0.1) so that classifier-free guidance is available at sampling.
+
+:func:`anchored_system` hands the model, :func:`train_step_loss`, :func:`param_groups` and the
+dataset to :func:`avatar_models.training.engine.train`, which owns the loop, precision,
+distribution, EMA and checkpoints; :func:`train_anchored` is the one-call entry point.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from avatar_models.anchored_diffusion import Conditions, SDiT, SDiTConfig
-from avatar_models.checkpoint import save_checkpoint
+from avatar_models.training import engine
 from avatar_models.training.diffusion import DiffusionSchedule, GaussianDiffusion
-from avatar_models.training.ema import EMA
+from avatar_models.training.engine import EngineConfig, TrainingSystem, warmup_cosine
 from avatar_models.training.losses import dit_loss, expressive_weights
+from avatar_models.training.sharding import ShardedBatches
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 16               # global batch (all ranks, all accumulation micro-steps)
     lr: float = 6.4e-5
     mapping_lr_scale: float = 0.1
     weight_decay: float = 0.01
@@ -53,12 +56,27 @@ class TrainConfig:
     amp: str = "auto"                  # "auto" (bf16 on CUDA), "bf16", "off"
     seed: int = 0
     save_every: int = 0                # steps between checkpoints (0: only at the end)
+    keep_last: int = 3                 # resumable checkpoints kept
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    fsdp: bool = False                 # FSDP2 under torchrun (default: DDP)
     num_workers: int = 0
     attention_backend: str | None = None
     schedule: DiffusionSchedule = field(default_factory=DiffusionSchedule)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def engine_config(self, *, device=None, progress: bool = True) -> EngineConfig:
+        return EngineConfig(
+            steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
+            lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
+            warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
+            grad_clip=self.grad_clip, ema_decay=self.ema_decay, ema_warmup=self.ema_warmup,
+            amp=self.amp, activation_checkpointing=self.activation_checkpointing,
+            fsdp=self.fsdp, seed=self.seed, checkpoint_every=self.save_every,
+            keep_last=self.keep_last, num_workers=self.num_workers, progress=progress,
+            device=None if device is None else str(device))
 
 
 @dataclass
@@ -69,34 +87,11 @@ class TrainResult:
     checkpoint: Path | None
 
 
-def _collate(items: list[dict]) -> dict:
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
 def batches(dataset, batch_size: int, *, seed: int = 0, num_workers: int = 0) -> Iterator[dict]:
     """Endless batches from a map-style Dataset (shuffled), an IterableDataset, or any iterable
-    of sample dicts that can be iterated repeatedly (or never ends)."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        if isinstance(dataset, (Dataset, IterableDataset)):
-            shuffle = not isinstance(dataset, IterableDataset)
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True,
-                                generator=gen if shuffle else None, collate_fn=_collate,
-                                num_workers=num_workers)
-            got = False
-            for batch in loader:
-                got = True
-                yield batch
-        else:
-            got, buf = False, []
-            for item in dataset:
-                buf.append(item)
-                if len(buf) == batch_size:
-                    got = True
-                    yield _collate(buf)
-                    buf = []
-        if not got:
-            raise ValueError(f"the dataset yielded fewer than batch_size={batch_size} samples")
+    of sample dicts that can be iterated repeatedly (or never ends); one process's view of
+    :class:`avatar_models.training.sharding.ShardedBatches`."""
+    return ShardedBatches(dataset, batch_size, seed=seed, num_workers=num_workers)
 
 
 def param_groups(model: SDiT, train: TrainConfig) -> list[dict]:
@@ -108,14 +103,7 @@ def param_groups(model: SDiT, train: TrainConfig) -> list[dict]:
 
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        if train.warmup_steps and step < train.warmup_steps:
-            return (step + 1) / train.warmup_steps
-        span = max(1, train.steps - train.warmup_steps)
-        progress = min(1.0, (step - train.warmup_steps) / span)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
-    return fn
+    return warmup_cosine(train.steps, train.warmup_steps, train.min_lr_ratio)
 
 
 def train_step_loss(model: SDiT, diffusion: GaussianDiffusion, batch: dict, train: TrainConfig,
@@ -142,76 +130,54 @@ def train_step_loss(model: SDiT, diffusion: GaussianDiffusion, batch: dict, trai
     return {k: v.mean() for k, v in terms.items()}
 
 
+def anchored_system(model: SDiT, dataset: Iterable[dict], train: TrainConfig,
+                    extra: dict | None = None) -> TrainingSystem:
+    """The engine's view of Anchored Diffusion: the sDiT, its loss, the paper's two parameter
+    groups (mapping network at ``lr * mapping_lr_scale``) and the dataset. ``extra`` joins the
+    checkpoint metadata (with the diffusion schedule and ``train``)."""
+    diffusion = GaussianDiffusion(train.schedule)
+
+    def loss(wrapped, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        device = next(model.parameters()).device
+        return train_step_loss(wrapped, diffusion, batch, train, device, generator)
+
+    meta = {"diffusion": train.schedule.to_dict(), "train": train.to_dict(), **(extra or {})}
+    return TrainingSystem("anchored", model, loss, dataset,
+                          param_groups=lambda module: param_groups(module, train),
+                          config=model.config.to_dict(), metadata=meta)
+
+
 def train_anchored(model_config: SDiTConfig | str, dataset: Iterable[dict],
                    train: TrainConfig | None = None, *, device: str | torch.device | None = None,
                    out: str | Path | None = None, extra: dict | None = None,
                    model: SDiT | None = None, progress: bool = True,
-                   callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+                   callback: Callable[[int, dict], None] | None = None,
+                   resume: str | os.PathLike | None = None) -> TrainResult:
     """Train an sDiT on ``dataset`` (see the module docstring for the sample format).
 
     Args:
         model_config: an :class:`SDiTConfig` or a name for :meth:`SDiTConfig.from_name`.
         train: hyperparameters (paper defaults).
-        device: default "cuda" when available, else "cpu".
-        out: checkpoint path (.safetensors), written every ``save_every`` steps and at the end;
-            metadata holds the model config, the diffusion schedule, the train config and
-            ``extra``; put ``{"conditioner": "MODULE:FUNCTION"}`` there so that
-            ``avatar-kernels sample anchored`` knows how to build G and L_t (see docs/anchored.md).
+        device: default "cuda" (``cuda:LOCAL_RANK`` under torchrun) when available, else "cpu".
+        out: final checkpoint path (.safetensors); resumable checkpoints every ``save_every``
+            steps and at the end go to ``<stem>.checkpoints/``, metrics to
+            ``<stem>.metrics.jsonl`` (see :mod:`avatar_models.training.engine`); metadata holds
+            the model config, the diffusion schedule, the train config and ``extra``; put
+            ``{"conditioner": "MODULE:FUNCTION"}`` there so that ``avatar-kernels sample
+            anchored`` knows how to build G and L_t (see docs/anchored.md).
         model: continue training this model instead of a fresh one.
         callback: called as ``callback(step, {"loss": float, "mse": ..., "vb": ...})``.
+        resume: continue a run from its checkpoint (model, EMA, optimiser, schedule, RNG, data
+            position); the model config must be the checkpoint's.
     """
-    from tqdm.auto import tqdm
-
     train = train or TrainConfig()
     if isinstance(model_config, str):
         model_config = SDiTConfig.from_name(model_config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(train.seed)
     if model is None:
         model = SDiT(model_config, attention_backend=train.attention_backend)
-    model = model.to(device).train()
-    ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
-    opt = torch.optim.AdamW(param_groups(model, train), lr=train.lr, betas=train.betas,
-                            weight_decay=train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
-    diffusion = GaussianDiffusion(train.schedule)
-    amp = device.type == "cuda" and train.amp in ("auto", "bf16") or train.amp == "bf16"
-    gen = torch.Generator().manual_seed(train.seed + 1)
-    data = batches(dataset, train.batch_size, seed=train.seed, num_workers=train.num_workers)
-    meta = {"diffusion": train.schedule.to_dict(), "train": train.to_dict(), **(extra or {})}
-
-    def save(step: int) -> Path | None:
-        if out is None:
-            return None
-        return save_checkpoint(out, model, system="anchored", config=model.config.to_dict(),
-                               ema=None if ema is None else ema.model,
-                               extra={**meta, "step": step})
-
-    losses: list[float] = []
-    bar = tqdm(range(train.steps), desc="train anchored", disable=not progress)
-    smooth, start = None, time.perf_counter()
-    path = None
-    for step in bar:
-        terms = train_step_loss(model, diffusion, next(data), train, device, gen, amp)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.update(model)
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        losses.append(values["loss"])
-        smooth = values["loss"] if smooth is None else 0.9 * smooth + 0.1 * values["loss"]
-        bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        if callback is not None:
-            callback(step, values)
-        if train.save_every and (step + 1) % train.save_every == 0:
-            path = save(step + 1)
-    path = save(train.steps) or path
-    rate = train.steps / max(1e-9, time.perf_counter() - start)
-    if train.steps and progress:
-        bar.write(f"trained {train.steps} steps ({rate:.2f} it/s), final loss {smooth:.4f}"
-                  + (f", checkpoint {path}" if path else ""))
-    return TrainResult(model, None if ema is None else ema.model, losses, path)
+    model = model.train()
+    outcome = engine.train(anchored_system(model, dataset, train, extra),
+                           train.engine_config(device=device, progress=progress), out=out,
+                           resume=resume, callback=callback)
+    return TrainResult(outcome.model, outcome.ema, outcome.losses, outcome.checkpoint)

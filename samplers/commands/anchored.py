@@ -52,6 +52,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -273,14 +274,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "MODULE:FUNCTION (recorded in the checkpoint; required with "
                              "--dataset, where 'none' says the model is sampled by other code)")
     m = parser.add_argument_group("model")
-    m.add_argument("--config", default="sdit-xl/2", choices=sorted(NAMED_CONFIGS),
-                   help="named sDiT config")
+    m.add_argument("--config", default=None, choices=sorted(NAMED_CONFIGS),
+                   help="named sDiT config (default: sdit-xl/2; with --resume: the "
+                        "checkpoint's)")
     m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override an SDiTConfig field, e.g. --set frames=8 (repeatable)")
-    m.add_argument("--resume", type=Path, help="start from this checkpoint's raw weights")
+                   help="override an SDiTConfig field, e.g. --set frames=8 (repeatable); with "
+                        "--resume it applies on top of the checkpoint's config when the weights "
+                        "still fit, else it is an error")
+    m.add_argument("--resume", type=Path, metavar="DIR_OR_FILE",
+                   help="continue a run: its --out file, its <out>.checkpoints directory or one "
+                        "step directory; restores model, EMA, optimiser, LR schedule, RNG and "
+                        "data position (a damaged newest checkpoint falls back to the previous "
+                        "good one); this command's optimisation options apply")
     t = parser.add_argument_group("optimisation (paper defaults)")
     t.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser steps")
-    t.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="batch size")
+    t.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="global batch size (over all torchrun processes and --grad-accum "
+                        "micro-steps; must divide evenly)")
     t.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
     t.add_argument("--mapping-lr-scale", type=non_negative_float, default=d.mapping_lr_scale,
                    help="mapping-network lr = lr * this (paper: 0.1)")
@@ -300,6 +310,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="gradient-norm clip (0: off)")
     t.add_argument("--amp", choices=("auto", "bf16", "off"), default=d.amp,
                    help="mixed precision (auto: bf16 on CUDA)")
+    t.add_argument("--grad-accum", type=positive_int, default=d.grad_accum,
+                   help="micro-steps per optimiser step (--batch-size is the global batch: "
+                        "all processes and micro-steps)")
+    t.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each DiT block's activations in the backward pass")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimiser state with "
+                        "FSDP2 (default: DDP)")
     t.add_argument("--seed", type=int, default=d.seed, help="random seed")
     t.add_argument("--num-workers", type=non_negative_int, default=d.num_workers,
                    help="DataLoader workers")
@@ -312,8 +330,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("output")
     o.add_argument("--out", type=output_file(".safetensors"), required=True,
                    help="checkpoint path (.safetensors)")
-    o.add_argument("--save-every", type=non_negative_int, default=d.save_every,
-                   help="steps between checkpoints (0: only at the end)")
+    o.add_argument("--checkpoint-every", "--save-every", dest="save_every",
+                   type=non_negative_int, default=d.save_every, metavar="K",
+                   help="steps between resumable checkpoints (0: only at the end)")
+    o.add_argument("--keep-last", type=positive_int, default=d.keep_last, metavar="N",
+                   help="resumable checkpoints kept")
     add_device_argument(o)
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -328,7 +349,7 @@ def validate_train_args(args: argparse.Namespace) -> dict:
     if len(chosen) != 1:
         raise OptionError("give exactly one of --data, --dataset, --synthetic")
     overrides = dataclass_overrides(SDiTConfig, args.set, "--set",
-                                    defaults=NAMED_CONFIGS[args.config])
+                                    defaults=NAMED_CONFIGS[args.config or DEFAULT_CONFIG])
     if args.dataset is not None:
         if not args.conditioner:
             raise OptionError("--dataset needs --conditioner MODULE:FUNCTION (how `sample "
@@ -347,8 +368,6 @@ def validate_train_args(args: argparse.Namespace) -> dict:
         check_model_folder(args.clip, "--clip", "clip")
         if args.vae is not None:
             check_model_folder(args.vae, "--vae", "vae")
-    if args.resume is not None:
-        check_checkpoint_file(args.resume, "--resume", "anchored")
     if args.codec is not None:
         if args.vae is not None:
             raise OptionError("--codec and --vae are two latent codecs: give one")
@@ -379,6 +398,47 @@ def codec_entry(codec: Path, checkpoint: Path) -> dict:
 
     rel = os.path.relpath(Path(codec).resolve(), Path(checkpoint).resolve().parent)
     return {"kind": "patch-pca", "file": rel}
+
+
+DEFAULT_CONFIG = "sdit-xl/2"
+
+
+def resumed_config(args: argparse.Namespace, overrides: dict):
+    """The model config of a --resume run: the checkpoint's, with --set applied where the
+    weights still fit (a field no parameter shape depends on, e.g. frames); anything else raises
+    OptionError naming the field. --config must be the checkpoint's."""
+    from avatar_models.anchored_diffusion import SDiT, SDiTConfig
+    from avatar_models.training.run_state import find_checkpoint
+
+    try:
+        found = find_checkpoint(args.resume)
+    except (FileNotFoundError, ValueError) as err:
+        raise OptionError(str(err)) from None
+    if found.state.get("system") != "anchored":
+        raise OptionError(f"--resume {str(args.resume)!r} is a {found.state.get('system')!r} "
+                          f"run, expected 'anchored'")
+    saved = SDiTConfig.from_dict(found.state["config"])
+    if args.config is not None and args.config != saved.name:
+        raise OptionError(f"--config {args.config}: --resume {str(args.resume)!r} trains "
+                          f"{saved.name!r}; drop --config (the checkpoint's applies)")
+    cfg = SDiTConfig.from_dict({**saved.to_dict(), **overrides})
+
+    def shapes(c):
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in SDiT(c).state_dict().items()}
+
+    if overrides and shapes(cfg) != shapes(saved):
+        changed = {k: (getattr(saved, k), v) for k, v in overrides.items()
+                   if getattr(saved, k) != v}
+        asked = ", ".join(f"{k}={new}" for k, (_, new) in changed.items())
+        had = ", ".join(f"{k}={old}" for k, (old, _) in changed.items())
+        raise OptionError(f"--set with --resume: {asked} changes the model's weight shapes (the "
+                          f"checkpoint has {had}); resume without it or start a new run")
+    for k, v in overrides.items():
+        if getattr(saved, k) != v:
+            print_note(f"--set {k}={v} applies on resume (the checkpoint had {k}="
+                       f"{getattr(saved, k)}; the weights fit)")
+    return cfg
 
 
 def infer_data_fields(sample: dict) -> dict:
@@ -414,14 +474,15 @@ def build_dataset(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-
+    """Train on the engine (:mod:`avatar_models.training.engine`); under ``torchrun`` every
+    process runs this same function (DDP, or FSDP2 with --fsdp)."""
     from avatar_models.anchored_diffusion import SDiT, SDiTConfig
-    from avatar_models.checkpoint import load_checkpoint
     from avatar_models.training.anchored import TrainConfig, train_anchored
     from avatar_models.training.diffusion import DiffusionSchedule
+    from avatar_models.training.distributed import teardown_world
 
     overrides = validate_train_args(args)
+    resumed = None if args.resume is None else resumed_config(args, overrides)
     dataset, extra = build_dataset(args)
     if args.codec is not None:
         extra["codec"] = codec_entry(args.codec, args.out)
@@ -430,13 +491,15 @@ def run_train(args: argparse.Namespace) -> int:
     indexable = hasattr(dataset, "__getitem__") and not isinstance(dataset, IterableDataset)
     first = dataset[0] if indexable else next(iter(dataset))
     inferred = infer_data_fields(first)
-    cfg = SDiTConfig.from_name(args.config, **{**inferred, **overrides})
-    model = None
-    if args.resume is not None:
-        ckpt = load_checkpoint(args.resume, system="anchored")
-        cfg = SDiTConfig.from_dict(ckpt.config)
-        model = SDiT(cfg, attention_backend=args.attention_backend)
-        model.load_state_dict(ckpt.weights("model"))
+    if resumed is None:
+        cfg = SDiTConfig.from_name(args.config or DEFAULT_CONFIG, **{**inferred, **overrides})
+    else:
+        cfg = resumed
+        wrong = {k: (v, getattr(cfg, k)) for k, v in inferred.items()
+                 if (v > cfg.frames if k == "frames" else v != getattr(cfg, k))}
+        if wrong:
+            raise OptionError(f"--resume: the dataset's samples do not fit the checkpoint's "
+                              f"model (field: data, model): {wrong}")
     schedule = DiffusionSchedule(num_train_timesteps=args.num_train_timesteps,
                                  beta_schedule=args.beta_schedule)
     train = TrainConfig(
@@ -444,13 +507,19 @@ def run_train(args: argparse.Namespace) -> int:
         mapping_lr_scale=args.mapping_lr_scale, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, lambda_ex=args.lambda_ex,
         cond_drop=args.cond_drop, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
-        amp=args.amp, seed=args.seed, save_every=args.save_every, num_workers=args.num_workers,
+        amp=args.amp, seed=args.seed, save_every=args.save_every, keep_last=args.keep_last,
+        grad_accum=args.grad_accum, activation_checkpointing=args.activation_checkpointing,
+        fsdp=args.fsdp, num_workers=args.num_workers,
         attention_backend=args.attention_backend, schedule=schedule)
-    params = sum(p.numel() for p in (model or SDiT(cfg)).parameters())
-    print(f"training anchored {cfg.name} ({params / 1e6:.2f}M parameters): {cfg}")
-    torch.manual_seed(args.seed)
-    train_anchored(cfg, dataset, train, device=args.device, out=args.out, extra=extra,
-                   model=model, progress=not args.no_progress)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in SDiT(cfg).parameters())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"training anchored {cfg.name} ({params / 1e6:.2f}M parameters): {cfg}")
+    try:
+        train_anchored(cfg, dataset, train, device=args.device, out=args.out, extra=extra,
+                       progress=not args.no_progress, resume=args.resume)
+    finally:
+        teardown_world()
     return 0
 
 
@@ -510,12 +579,20 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", choices=("ref", "triton", "cuda"), default=None,
                         help="force one attention backend (default: the registry's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--parallel", action="store_true",
+                        help="anchor-parallel sampling under torchrun: the anchored sequences "
+                             "are split over the processes, the anchor frame's hidden states "
+                             "broadcast in every layer; rank 0 writes the video (same result "
+                             "as one process)")
 
 
 def validate_sample_args(args: argparse.Namespace) -> dict:
     """Every check that needs no model, from the options, the checkpoint's header and the
     driving video's header; returns the checkpoint metadata. Sets ``args.device``."""
     args.device = resolve_device(args.device)
+    if getattr(args, "parallel", False) and args.strategy != "anchored":
+        raise OptionError("--parallel splits the anchored sequences over processes: it needs "
+                          "--strategy anchored")
     meta = check_checkpoint_file(args.checkpoint, "--checkpoint", "anchored")
     model_frames = int(meta["config"]["frames"])
     t = args.frames or model_frames
@@ -608,7 +685,12 @@ def generate(args: argparse.Namespace, meta: dict):
     ``args`` and ``meta`` come from :func:`validate_sample_args`."""
     from avatar_models.anchored_diffusion import Conditions
     from avatar_models.media import read_image, read_video
-    from samplers.anchored import anchored_sample, decode_video, sdit_denoiser
+    from samplers.anchored import (
+        anchored_sample,
+        decode_video,
+        sdit_denoiser,
+        sharded_sdit_denoiser,
+    )
     from samplers.multidiffusion import multidiffusion_sample, uniform_windows
     from samplers.nonuniform import gather_frames, nonuniform_plan
     from samplers.schedules import make_scheduler
@@ -652,9 +734,12 @@ def generate(args: argparse.Namespace, meta: dict):
     if args.strategy == "anchored":
         plan = nonuniform_plan(n, t, mode=args.mode, generator=gen)
         cond = Conditions(g[None].expand(plan.batch, -1), gather_frames(control, plan))
-        den = sdit_denoiser(model, cond, guidance=args.guidance, amp=amp)
+        make_denoiser = sharded_sdit_denoiser if args.parallel else sdit_denoiser
+        den = make_denoiser(model, cond, guidance=args.guidance, amp=amp)
         lat = anchored_sample(den, sched, plan, latent, generator=gen, device=device,
                               progress=progress)
+        if args.parallel and torch.distributed.get_rank() != 0:
+            return None, driving, args.fps or fps          # rank 0 decodes and writes
         with torch.no_grad():
             video = decode_video(lat, plan, decode)
     else:
@@ -682,7 +767,23 @@ def run_sample(args: argparse.Namespace) -> int:
     from avatar_models.media import contact_sheet, to_uint8_frames, write_video
 
     meta = validate_sample_args(args)
-    video, driving, fps = generate(args, meta)
+    if args.parallel:
+        from avatar_models.training.distributed import setup_world, teardown_world
+
+        world = setup_world(args.device)      # cuda:LOCAL_RANK for each process
+        args.device = world.device
+        if not world.distributed:
+            print_note("--parallel: one process (not started by torchrun), nothing to split")
+            args.parallel = False
+        args.no_progress = args.no_progress or not world.is_main
+        try:
+            video, driving, fps = generate(args, meta)
+        finally:
+            teardown_world()
+        if not world.is_main:
+            return 0
+    else:
+        video, driving, fps = generate(args, meta)
     frames = to_uint8_frames(video)                                   # [N, h, w, 3]
     path = write_video(args.out, frames, fps, pad_to_even=True)
     print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "

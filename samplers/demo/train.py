@@ -105,30 +105,10 @@ def train_command(recipe: DemoRecipe, out: Path) -> str:
 
 def plot_loss(losses: list[float], mse: list[float], path: Path, title: str) -> Path:
     """Per-step loss and weighted epsilon MSE (light) with running means (dark), log scale."""
-    import matplotlib
+    from avatar_models.training.engine import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = max(1, len(losses) // 50)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for values, colour, label in ((losses, "C0", "loss = weighted eps MSE + vb"),
-                                  (mse, "C1", "weighted eps MSE")):
-        v = torch.tensor(values, dtype=torch.float64)
-        steps = torch.arange(1, len(values) + 1)
-        ax.plot(steps, v, color=colour, alpha=0.25, lw=0.5)
-        if len(values) >= k:
-            mean = v.unfold(0, k, 1).mean(1)
-            ax.plot(steps[k - 1:], mean, color=colour, lw=1.5, label=f"{label} ({k}-step mean)")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plot_curves({"loss = weighted eps MSE + vb": losses, "weighted eps MSE": mse}, path,
+                       title)
 
 
 def compact_checkpoint(path: Path) -> Path:
@@ -149,6 +129,19 @@ def compact_checkpoint(path: Path) -> Path:
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
+
+
+def _remove_engine_sidecars(checkpoint: Path) -> None:
+    """The bundled assets keep the compact checkpoint, loss.json and loss.png only: drop the
+    engine's resumable checkpoints, metrics.jsonl and plot written beside ``checkpoint``."""
+    import shutil
+
+    from avatar_models.training.engine import metrics_path, plot_path
+    from avatar_models.training.run_state import checkpoint_root
+
+    shutil.rmtree(checkpoint_root(checkpoint), ignore_errors=True)
+    metrics_path(checkpoint).unlink(missing_ok=True)
+    plot_path(checkpoint).unlink(missing_ok=True)
 
 
 def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, *,
@@ -184,6 +177,7 @@ def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, 
                             callback=lambda step, terms: mse.append(terms["mse"]))
     wall = time.perf_counter() - start
     compact_checkpoint(checkpoint)
+    _remove_engine_sidecars(checkpoint)
     params = sum(p.numel() for p in result.model.parameters())
     record = {
         "recipe": recipe.__dict__, "command": train_command(recipe, checkpoint),

@@ -120,6 +120,8 @@ def test_train_demo_writes_checkpoint_and_loss_curve(tmp_path):
     assert ckpt_path.is_file() and (tmp_path / "loss.png").is_file()
     saved = json.loads((tmp_path / "loss.json").read_text())
     assert saved["recipe"] == record["recipe"] and len(saved["loss"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "loss.json", "loss.png", "m.safetensors", "patch_pca.safetensors"]
     ckpt = load_checkpoint(ckpt_path)
     assert checkpoint_world(ckpt) == "fine" and ckpt.extra["conditioner"] == CONDITIONER
     assert ckpt.extra["codec"] == {"kind": "patch-pca", "file": "patch_pca.safetensors"}
