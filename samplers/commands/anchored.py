@@ -990,6 +990,9 @@ def run_demo(args: argparse.Namespace) -> int:
                                 f"found (run `make train-demo`, or pass --checkpoint)")
     meta = check_checkpoint_file(args.checkpoint, "--checkpoint", "anchored")
     t = int(meta["config"]["frames"])
+    if args.frames < 2 * t:
+        raise OptionError(f"--frames {args.frames}: the anchor-transfer diagnostic needs frames "
+                          f"T = {t} or more from the anchor; use --frames {2 * t} or more")
     if args.context is not None and args.context >= min(t, args.frames):
         raise OptionError(f"--context {args.context}: autoregressive windows have T={t} frames; "
                           f"use --context 0 to {min(t, args.frames) - 1}")

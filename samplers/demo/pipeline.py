@@ -316,6 +316,10 @@ def run_demo(opts: DemoOptions, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()
     model, ckpt, ae = load_model(Path(opts.checkpoint), device)
+    if opts.frames < 2 * model.config.frames:
+        raise ValueError(f"frames: expected >= 2 T = {2 * model.config.frames} (the anchor-"
+                         f"transfer diagnostic needs frames T or more from the anchor), got "
+                         f"{opts.frames}")
     world = opts.world or checkpoint_world(ckpt)
     schedule = ckpt.extra.get("diffusion")
     grid = identity_grid(model)

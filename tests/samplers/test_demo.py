@@ -159,6 +159,13 @@ def test_demo_arguments_are_checked(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--checkpoint",
                  str(tmp_path / "none.st")]) == 2
     assert "demo checkpoint not found" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--frames", "7"]) == 2
+    assert "--frames 7" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--context", "4"]) == 2
+    assert "--context 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--methods", "anchored,teleport"])
+    assert exit_info.value.code == 2 and "--methods" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--lengths", "1,8"])
     assert exit_info.value.code == 2 and "--lengths" in capsys.readouterr().err
