@@ -7,6 +7,7 @@
     avatar-kernels sample anchored --checkpoint ckpt.safetensors --source face.png \\
         --driving drive.mp4 --out out.mp4 [--strategy anchored|multidiffusion] \\
         [--sampler ddim|ddpm] [--steps 50] [--guidance 1.0] [--vae DIR] [--clip DIR]
+        [--prompt TEXT (instead of --source) | --edit SOURCE_TEXT TARGET_TEXT [--edit-strength S]]
     avatar-kernels eval anchored --generated out.mp4 --driving drive.mp4 \\
         [--source face.png] [--clip DIR] [--json metrics.json]
     avatar-kernels demo [anchored] --out out   # what `make demo` runs
