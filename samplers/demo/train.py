@@ -1,9 +1,11 @@
-"""``make train-demo``: train the bundled demo model on procedural faces (CPU, minutes).
+"""``make train-demo``: train the demo model on procedural faces (CPU; about an hour for the
+fine-world recipe, an estimate).
 
 Two stages, both deterministic per seed:
 1. fit the tiny linear autoencoder (:class:`avatar_models.data.patch_pca.PatchPCA`: 8x8-pixel
-   tiles -> 32 PCA coefficients, so a 64x64 frame is a [32, 8, 8] latent) on training frames,
-   written as ``patch_pca.safetensors`` beside the checkpoint;
+   tiles -> ``pca_components`` PCA coefficients, so a 64x64 frame is a [k, 8, 8] latent; k = 48
+   in the fine-world recipe, 32 in the bundled plain one) on training frames of the recipe's
+   world, written as ``patch_pca.safetensors`` beside the checkpoint and recorded as its codec;
 2. train the sDiT on those latents with
    :func:`avatar_models.training.anchored.train_anchored`, the function behind ``avatar-kernels
    train anchored`` (:func:`train_command` prints the equivalent command line).
