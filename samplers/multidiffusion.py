@@ -32,6 +32,14 @@ def uniform_windows(num_frames: int, frames_per_window: int, stride: int | None 
     return torch.tensor([list(range(s, s + t)) for s in starts], dtype=torch.long)
 
 
+def independent_windows(num_frames: int, frames_per_window: int) -> torch.Tensor:
+    """[W, T] windows that only touch (stride T): each frame is denoised by one window, so
+    windows share nothing (the floor baseline); when T does not divide N the last window, flush
+    with the end, overlaps its neighbour and those frames are averaged as in MultiDiffusion."""
+    t = min(frames_per_window, num_frames)
+    return uniform_windows(num_frames, t, stride=t)
+
+
 def multidiffusion_sample(denoise: Denoiser, scheduler, windows: torch.Tensor, num_frames: int,
                           frame_shape: tuple[int, int, int], *,
                           generator: torch.Generator | None = None, device="cpu",

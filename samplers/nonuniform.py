@@ -1,12 +1,17 @@
 """Non-uniform sequences with a shared anchor (Anchored Diffusion, Eq. 1) and the reorder step.
 
 From a driving video of N frames and a segment length T: the anchor is the central frame
-(``N // 2``); the other N-1 frames are split into B = ceil((N-1)/(T-1)) groups, each completed by
-the anchor and sorted in time. ``random`` groups are a random partition; ``strided`` groups take
-every B-th frame (group b = frames b, b+B, b+2B, ... of the non-anchor frames), so every sequence
-spans the whole video. When T-1 does not divide N-1 (or N < T), short groups are padded with
-frames owned by other groups; ``owner`` marks the one occurrence of each driving frame that the
-output uses (the anchor: sequence 0's), so :func:`reorder` yields every frame exactly once.
+(``N // 2``); the other N-1 frames are split into B = ceil((N-1)/(T-1)) groups, each sorted in
+time, and the anchor is placed in the same slot of every sequence (default ``T // 2``), the
+group's frames filling the other slots in order around it. This is the paper's Eq. 1 (the anchor
+in one common column), so after the override of Eq. 3 the anchor tokens that sequence b receives
+from sequence 0 carry the temporal position of the slot they land in (the first version sorted
+the anchor into each sequence, so its slot varied per sequence). ``random`` groups are a random
+partition; ``strided`` groups take every B-th frame (group b = frames b, b+B, b+2B, ... of the
+non-anchor frames), so every sequence spans the whole video. When T-1 does not divide N-1 (or
+N < T), short groups are padded with frames owned by other groups; ``owner`` marks the one
+occurrence of each driving frame that the output uses (the anchor: sequence 0's), so
+:func:`reorder` yields every frame exactly once.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ MODES = ("random", "strided")
 
 @dataclass(frozen=True)
 class SequencePlan:
-    indices: torch.Tensor     # [B, T] long: driving-frame index of each slot, rows sorted
-    anchor_pos: torch.Tensor  # [B] long: slot of the anchor frame in each sequence
+    indices: torch.Tensor     # [B, T] long: driving-frame index of each slot (the non-anchor
+    #                           slots sorted in time)
+    anchor_pos: torch.Tensor  # [B] long: slot of the anchor frame, the same in every sequence
     owner: torch.Tensor       # [B, T] bool: the occurrence that reorder() keeps
     anchor: int               # driving-frame index of the anchor
     num_frames: int           # N
@@ -37,10 +43,11 @@ class SequencePlan:
 
 
 def nonuniform_plan(num_frames: int, frames_per_sequence: int, *, mode: str = "random",
-                    anchor: int | None = None,
+                    anchor: int | None = None, anchor_slot: int | None = None,
                     generator: torch.Generator | None = None) -> SequencePlan:
     """Sequences of ``frames_per_sequence`` frames sharing ``anchor`` (default: the central frame)
-    that together cover all ``num_frames`` frames (see the module docstring)."""
+    in slot ``anchor_slot`` of every sequence (default: T // 2) that together cover all
+    ``num_frames`` frames (see the module docstring)."""
     n, t = num_frames, frames_per_sequence
     if n < 1 or t < 2:
         raise ValueError(f"need num_frames >= 1 and frames_per_sequence >= 2, got "
@@ -50,6 +57,9 @@ def nonuniform_plan(num_frames: int, frames_per_sequence: int, *, mode: str = "r
     anchor = n // 2 if anchor is None else anchor
     if not 0 <= anchor < n:
         raise ValueError(f"anchor must be in [0, {n}), got {anchor}")
+    slot = t // 2 if anchor_slot is None else anchor_slot
+    if not 0 <= slot < t:
+        raise ValueError(f"anchor_slot must be in [0, {t}), got {anchor_slot}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     others = torch.tensor([i for i in range(n) if i != anchor], dtype=torch.long)
     per = t - 1
@@ -66,16 +76,15 @@ def nonuniform_plan(num_frames: int, frames_per_sequence: int, *, mode: str = "r
         if len(pool) == 0:
             pool = others
         extra = pool[torch.randint(len(pool), (pad,), generator=gen)] if pad > 0 else g[:0]
-        idx = torch.cat([g, extra, torch.tensor([anchor])])
-        own = torch.cat([torch.ones(len(g), dtype=torch.bool), torch.zeros(pad, dtype=torch.bool),
-                         torch.tensor([len(rows) == 0])])
+        idx = torch.cat([g, extra])
+        own = torch.cat([torch.ones(len(g), dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)])
         order = torch.sort(idx * 2 + (~own).long(), stable=True).indices  # time, owner first
-        rows.append(idx[order])
-        owners.append(own[order])
+        idx, own = idx[order], own[order]
+        rows.append(torch.cat([idx[:slot], torch.tensor([anchor]), idx[slot:]]))
+        owners.append(torch.cat([own[:slot], torch.tensor([len(rows) == 1]), own[slot:]]))
     indices = torch.stack(rows)
     owner = torch.stack(owners)
-    is_anchor = indices == anchor
-    anchor_pos = torch.argmax(is_anchor.long(), dim=1)
+    anchor_pos = torch.full((len(rows),), slot, dtype=torch.long)
     return SequencePlan(indices, anchor_pos, owner, anchor, n)
 
 

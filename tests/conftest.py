@@ -37,3 +37,35 @@ def triton_device() -> str:
     if device is None:
         pytest.skip(reason)
     return device
+
+
+def save_tiny_clip_tokenizer(folder) -> None:
+    """A character-level CLIP BPE tokenizer (no merges, vocabulary of 54 like the tiny CLIP
+    models of the tests) built offline and saved into ``folder``."""
+    import inspect
+    import json
+    import string
+    import tempfile
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers >= 5
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+            (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+            tokenizer = CLIPTokenizer(vocab_file=str(Path(tmp) / "vocab.json"),
+                                      merges_file=str(Path(tmp) / "merges.txt"))
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_saver():
+    """``clip_tokenizer_saver(folder)``: :func:`save_tiny_clip_tokenizer`."""
+    return save_tiny_clip_tokenizer

@@ -17,6 +17,19 @@ brows, nose, mouth) of a canonical face posed and animated by the frame's parame
 [-1, 1] image coordinates. The canonical face makes the controls identity-free, like
 identity-normalised landmarks used for retargeting in cross-identity reenactment.
 
+Two worlds (``WORLDS``). ``"plain"`` (what the bundled demo model was trained on) is the above.
+``"fine"`` adds, per identity seed and from its own random stream (so the coarse attributes of a
+seed are the same in both worlds), salient appearance that the global condition does not carry
+(:class:`FineAttributes`): a background pattern (stripes at an angle, checker or dots, with its
+period and 2-D phase) replacing the plain world's texture, a patterned shirt, and an accessory
+(glasses, earrings or a hat); the inks of both patterns contrast with their ground colour. The
+global condition of the fine world, :func:`global_condition`, is the 4x4 thumbnail of the
+*coarse* portrait (flat background in the pattern's ground colour, plain shirt, no accessory):
+palette, coarse layout, face and hair colours, like a CLIP descriptor, and exactly invariant to
+the fine attributes, so a video model must invent them and keep them by copying across frames.
+:func:`region_masks` gives, for a clip, the face+hair region of every frame (PSNR target) and
+the background and shirt pixels that the head never covers in it (pose-invariant readout).
+
 Everything is deterministic per seed: ``sample_identity(seed)`` and ``sample_motion(seed, n)``
 use their own ``numpy.random.Generator``. ``ProceduralFaces`` yields training sequences in the
 layout the sDiT trainer takes (non-uniform frame indices, source frame furthest in time, as in
@@ -27,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -54,6 +67,28 @@ _HAIRS = ((0.10, 0.08, 0.07), (0.35, 0.22, 0.12), (0.85, 0.70, 0.40), (0.62, 0.2
           (0.70, 0.70, 0.72), (0.25, 0.35, 0.75), (0.80, 0.40, 0.65))
 _IRISES = ((0.25, 0.15, 0.08), (0.20, 0.40, 0.75), (0.25, 0.55, 0.30), (0.40, 0.40, 0.45))
 TEXTURES = ("stripes_h", "stripes_v", "stripes_diag", "checker", "rings", "gradient")
+WORLDS = ("plain", "fine")
+FLAT_BACKGROUND = -1  # texture index that coarse() uses: bg_a, the pattern's ground colour
+BACKGROUND_PATTERNS = ("stripes", "checker", "dots")
+SHIRT_PATTERNS = ("stripes_h", "stripes_v", "checker", "dots")
+ACCESSORIES = ("glasses", "earrings", "hat")
+
+
+@dataclass(frozen=True)
+class FineAttributes:
+    """Appearance of the ``"fine"`` world that the global condition does not carry."""
+
+    bg_pattern: int  # index into BACKGROUND_PATTERNS, drawn in bg_ink on bg_a
+    bg_ink: tuple[float, float, float]
+    bg_angle: float  # rad
+    bg_period: float  # px
+    bg_phase: tuple[float, float]  # fractions of a period along and across the pattern
+    shirt_pattern: int  # index into SHIRT_PATTERNS, drawn in shirt_b on shirt
+    shirt_b: tuple[float, float, float]
+    shirt_period: float  # px
+    shirt_phase: float
+    accessory: int  # index into ACCESSORIES
+    accessory_colour: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -76,6 +111,7 @@ class FaceIdentity:
     hair_volume: float  # hair ellipse radii / face radii
     hairline: float  # fringe reaches this fraction of face_ry above the centre
     long_hair: bool
+    fine: FineAttributes | None = None  # None: the "plain" world
 
 
 def _colour(rng: np.random.Generator, base, jitter: float) -> tuple[float, float, float]:
@@ -90,10 +126,39 @@ def _random_colour(rng: np.random.Generator, lo: float, hi: float) -> tuple[floa
     return tuple(float(v) for v in c)
 
 
-def sample_identity(seed: int) -> FaceIdentity:
-    """The identity drawn by ``seed`` (any int >= 0); the same seed always gives the same face."""
+def _contrasting(rng: np.random.Generator, base) -> tuple[float, float, float]:
+    """A colour clearly apart from ``base``: 0.45 brighter or darker (away from the nearer end),
+    with a random tint, so every pattern is salient."""
+    c = np.asarray(base)
+    step = -0.45 if c.mean() > 0.5 else 0.45
+    return tuple(float(v) for v in np.clip(c + step + rng.uniform(-0.2, 0.2, 3), 0.0, 1.0))
+
+
+def sample_fine_attributes(seed: int) -> FineAttributes:
+    """The fine attributes of identity ``seed`` (own random stream, deterministic per seed)."""
     if seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed}")
+    base = sample_identity(seed)  # the coarse attributes: the inks contrast with them
+    rng = np.random.default_rng([int(seed), 0xF17E])
+    return FineAttributes(
+        bg_pattern=int(rng.integers(len(BACKGROUND_PATTERNS))),
+        bg_ink=_contrasting(rng, base.bg_a),
+        bg_angle=float(rng.choice([0.0, 0.25, 0.5, 0.75]) * math.pi + rng.uniform(-0.15, 0.15)),
+        bg_period=float(rng.uniform(7.0, 12.0)),
+        bg_phase=(float(rng.uniform(0, 1)), float(rng.uniform(0, 1))),
+        shirt_pattern=int(rng.integers(len(SHIRT_PATTERNS))),
+        shirt_b=_contrasting(rng, base.shirt), shirt_period=float(rng.uniform(5.0, 8.0)),
+        shirt_phase=float(rng.uniform(0, 1)), accessory=int(rng.integers(len(ACCESSORIES))),
+        accessory_colour=_random_colour(rng, 0.05, 0.9))
+
+
+def sample_identity(seed: int, world: str = "plain") -> FaceIdentity:
+    """The identity drawn by ``seed`` (any int >= 0) in ``world`` (``WORLDS``); the same seed
+    always gives the same face, and the same coarse attributes in both worlds."""
+    if seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed}")
+    if world not in WORLDS:
+        raise ValueError(f"world: expected one of {WORLDS}, got {world!r}")
     rng = np.random.default_rng([int(seed), 0xFACE])
     skin = _colour(rng, _SKINS[rng.integers(len(_SKINS))], 0.04)
     hair = _colour(rng, _HAIRS[rng.integers(len(_HAIRS))], 0.05)
@@ -106,7 +171,15 @@ def sample_identity(seed: int) -> FaceIdentity:
         tex_phase=float(rng.uniform(0, 2 * math.pi)),
         face_rx=float(rng.uniform(12.5, 16.0)), face_ry=float(rng.uniform(16.0, 19.5)),
         hair_volume=float(rng.uniform(1.08, 1.3)), hairline=float(rng.uniform(0.3, 0.6)),
-        long_hair=bool(rng.random() < 0.45))
+        long_hair=bool(rng.random() < 0.45),
+        fine=sample_fine_attributes(seed) if world == "fine" else None)
+
+
+def coarse(ident: FaceIdentity) -> FaceIdentity:
+    """What the global condition sees of a fine-world identity: the same identity drawn with a
+    flat background in its pattern's ground colour, a plain shirt and no accessory (unchanged in
+    the plain world)."""
+    return ident if ident.fine is None else replace(ident, fine=None, texture=FLAT_BACKGROUND)
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, periods: tuple[float, float],
@@ -186,12 +259,46 @@ def _segment(u, v, ax, ay, bx, by, radius) -> torch.Tensor:
 
 
 def _paint(img: torch.Tensor, alpha: torch.Tensor, colour) -> torch.Tensor:
-    c = torch.as_tensor(colour, dtype=img.dtype).view(1, 3, 1, 1)
+    """``colour``: RGB or per-pixel [T, 3, H, W]."""
+    c = torch.as_tensor(colour, dtype=img.dtype)
+    c = c.view(1, 3, 1, 1) if c.ndim == 1 else c
     a = alpha.unsqueeze(1)
     return img * (1 - a) + c * a
 
 
+def _pattern(kind: str, xs: torch.Tensor, ys: torch.Tensor, angle: float, period: float,
+             phase: tuple[float, float]) -> torch.Tensor:
+    """A two-colour pattern's mixing weight in [0, 1] at pixel coordinates ``xs, ys`` (px)."""
+    a = (math.cos(angle) * xs + math.sin(angle) * ys) / period + phase[0]
+    b = (-math.sin(angle) * xs + math.cos(angle) * ys) / period + phase[1]
+    if kind in ("stripes", "stripes_h", "stripes_v"):
+        w = torch.sin(2 * math.pi * a)
+    elif kind == "checker":
+        w = 2 * torch.sin(2 * math.pi * a) * torch.sin(2 * math.pi * b)
+    elif kind == "dots":  # discs of radius period / 4 on a square lattice
+        da, db = a - torch.round(a), b - torch.round(b)
+        return _cov((torch.sqrt(da ** 2 + db ** 2 + 1e-12) - 0.25) * period)
+    else:
+        raise ValueError(f"pattern: unknown kind {kind!r}")
+    return torch.sigmoid(4.0 * w)
+
+
+def _mix(a, b, t: torch.Tensor) -> torch.Tensor:
+    """[..., H, W] weights -> [..., 3, H, W] colours a * (1 - t) + b * t."""
+    ca = torch.tensor(a, dtype=t.dtype).view(3, 1, 1)
+    cb = torch.tensor(b, dtype=t.dtype).view(3, 1, 1)
+    return ca * (1 - t.unsqueeze(-3)) + cb * t.unsqueeze(-3)
+
+
 def _background(ident: FaceIdentity, n: int) -> torch.Tensor:
+    fine = ident.fine
+    if fine is not None:
+        px = torch.arange(SIZE, dtype=torch.float32) + 0.5
+        t = _pattern(BACKGROUND_PATTERNS[fine.bg_pattern], px.view(1, SIZE), px.view(SIZE, 1),
+                     fine.bg_angle, fine.bg_period, fine.bg_phase)
+        return _mix(ident.bg_a, fine.bg_ink, t).expand(n, 3, SIZE, SIZE).clone()
+    if ident.texture == FLAT_BACKGROUND:
+        return torch.tensor(ident.bg_a).view(1, 3, 1, 1).expand(n, 3, SIZE, SIZE).clone()
     ys, xs = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
     f, ph = ident.tex_freq, ident.tex_phase
     kind = TEXTURES[ident.texture]
@@ -211,6 +318,18 @@ def _background(ident: FaceIdentity, n: int) -> torch.Tensor:
     a = torch.tensor(ident.bg_a).view(3, 1, 1)
     b = torch.tensor(ident.bg_b).view(3, 1, 1)
     return (a * (1 - t) + b * t).unsqueeze(0).expand(n, 3, SIZE, SIZE).clone()
+
+
+def _shirt_colour(ident: FaceIdentity, x: torch.Tensor, y: torch.Tensor,
+                  shift: torch.Tensor) -> torch.Tensor | tuple[float, float, float]:
+    """The shirt's colour: plain, or [T, 3, H, W] with the pattern moving with the torso."""
+    fine = ident.fine
+    if fine is None:
+        return ident.shirt
+    kind = SHIRT_PATTERNS[fine.shirt_pattern]
+    angle = math.pi / 2 if kind == "stripes_h" else 0.0
+    t = _pattern(kind, x - shift, y, angle, fine.shirt_period, (fine.shirt_phase, 0.25))
+    return _mix(ident.shirt, fine.shirt_b, t)
 
 
 def _pose(params: torch.Tensor):
@@ -242,9 +361,20 @@ def render(ident: FaceIdentity, params: torch.Tensor) -> tuple[torch.Tensor, tor
     ``params``: ``[T, 8]`` (``PARAM_NAMES``), float32 or float64. The frames are differentiable
     in ``params``. The mask covers the eyes, brows and mouth with a 2 px margin.
     """
+    img, mask, _ = _draw(ident, params)
+    return img, mask
+
+
+def _check_params(params: torch.Tensor) -> torch.Tensor:
     if params.ndim != 2 or params.shape[1] != N_PARAMS:
         raise ValueError(f"params: expected shape [T, {N_PARAMS}], got {tuple(params.shape)}")
-    params = params.float() if params.dtype not in (torch.float32, torch.float64) else params
+    return params.float() if params.dtype not in (torch.float32, torch.float64) else params
+
+
+def _draw(ident: FaceIdentity, params: torch.Tensor):
+    """(frames, expressive masks, coverage layers [T, H, W]: ``torso``, ``face_hair`` (hair,
+    ears, face), ``head`` (face_hair, neck and accessory), ``accessory``)."""
+    params = _check_params(params)
     n = params.shape[0]
     img = _background(ident, n).to(params.dtype)
     grid = torch.arange(SIZE, dtype=params.dtype) + 0.5
@@ -258,18 +388,29 @@ def render(ident: FaceIdentity, params: torch.Tensor) -> tuple[torch.Tensor, tor
     shade = tuple((skin * 0.82).tolist())
 
     # torso and neck follow the head partly
-    img = _paint(img, _cov(_ellipse(x - (32 + 0.3 * (cx - 32)), y - 70.0, 26.0, 18.0)), ident.shirt)
-    img = _paint(img, _cov(_segment(x, y, 32 + 0.6 * (cx - 32), cy + 0.6 * ry, 32.0, 56.0, 5.0)),
-                 shade)
+    torso_dx = 0.3 * (cx - 32)
+    torso = _cov(_ellipse(x - (32 + torso_dx), y - 70.0, 26.0, 18.0))
+    img = _paint(img, torso, _shirt_colour(ident, x, y, torso_dx))
+    neck = _cov(_segment(x, y, 32 + 0.6 * (cx - 32), cy + 0.6 * ry, 32.0, 56.0, 5.0))
+    img = _paint(img, neck, shade)
     hv = ident.hair_volume
     hair_back = _ellipse(u, v + 0.12 * ry, rx * hv, ry * hv)
     if ident.long_hair:
         hair_back = torch.minimum(hair_back, _segment(u, v, 0.0, 0.0, 0.0, 1.1 * ry, rx * hv))
     img = _paint(img, _cov(hair_back), ident.hair)
-    img = _paint(img, _cov(_ellipse(u.abs() - rx, v, 2.5, 4.0)), shade)  # ears
-    img = _paint(img, _cov(_ellipse(u, v, rx, ry)), ident.skin)
+    ears = _ellipse(u.abs() - rx, v, 2.5, 4.0)
+    img = _paint(img, _cov(ears), shade)
+    accessory = ACCESSORIES[ident.fine.accessory] if ident.fine is not None else None
+    acc_cov = torch.zeros_like(torso)
+    if accessory == "earrings":  # a ring hanging below each ear lobe
+        ring = (_ellipse(u.abs() - rx, v - 6.0, 2.4, 2.4).abs() - 0.8)
+        acc_cov = _cov(ring)
+        img = _paint(img, acc_cov, ident.fine.accessory_colour)
+    face = _ellipse(u, v, rx, ry)
+    img = _paint(img, _cov(face), ident.skin)
     fringe = torch.maximum(hair_back, v + ident.hairline * ry - 0.15 * u)
     img = _paint(img, _cov(fringe), ident.hair)
+    face_hair = _cov(torch.minimum(torch.minimum(hair_back, ears), face))
 
     masks = []
     for side, key in ((-1.0, "eye_ry_l"), (1.0, "eye_ry_r")):
@@ -286,6 +427,14 @@ def render(ident: FaceIdentity, params: torch.Tensor) -> tuple[torch.Tensor, tor
         img = _paint(img, _cov(brow), tuple(0.7 * ch for ch in ident.hair))
         masks += [_ellipse(eu, ev, erx + 2.0, 0.2 * ry + 2.0), brow - 2.0]
     img = _paint(img, _cov(_ellipse(u, v - 0.2 * ry, 1.6, 2.8)), shade)  # nose
+    if accessory == "glasses":  # round rims around both eyes and a bridge
+        rim = lay["eye_rx"] + 2.5
+        rims = [(_ellipse(u - side * lay["eye_dx"], v - lay["eye_y"], rim, rim)).abs() - 0.8
+                for side in (-1.0, 1.0)]
+        bridge = _segment(u, v, -lay["eye_dx"] + rim, lay["eye_y"], lay["eye_dx"] - rim,
+                          lay["eye_y"], 0.8)
+        acc_cov = _cov(torch.minimum(torch.minimum(*rims), bridge))
+        img = _paint(img, acc_cov, ident.fine.accessory_colour)
 
     mu = u
     mv = v - lay["mouth_y"] + lay["smile"] * 0.12 * ry * (mu / lay["mouth_rx"]).pow(2)
@@ -295,7 +444,15 @@ def render(ident: FaceIdentity, params: torch.Tensor) -> tuple[torch.Tensor, tor
     img = _paint(img, inside * (lay["mouth_ry"] > 0.6).to(img.dtype), MOUTH_INSIDE)
     masks.append(_ellipse(mu, mv, lay["mouth_rx"] + 3.0, 0.2 * ry + 3.0))
     mask = (torch.stack(masks).amin(0) < 0).to(params.dtype).unsqueeze(1)
-    return img.clamp(0.0, 1.0), mask
+    if accessory == "hat":  # a crown over the top of the hair and a brim above the brows
+        top = -0.55 * ry
+        crown = torch.maximum(_ellipse(u, v + 0.12 * ry, rx * hv + 1.0, ry * hv + 1.0), v - top)
+        brim = _segment(u, v, -1.2 * rx * hv, top, 1.2 * rx * hv, top, 1.5)
+        acc_cov = _cov(torch.minimum(crown, brim))
+        img = _paint(img, acc_cov, ident.fine.accessory_colour)
+    head = torch.maximum(torch.maximum(face_hair, neck), acc_cov)
+    layers = dict(torso=torso, face_hair=face_hair, head=head, accessory=acc_cov)
+    return img.clamp(0.0, 1.0), mask, layers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,11 +512,49 @@ def identity_embedding(source: torch.Tensor, grid: int = IDENTITY_GRID) -> torch
     return (small * 2 - 1).reshape(*lead, 3 * grid * grid)
 
 
-def make_video(identity_seed: int, motion_seed: int, frames: int) -> dict[str, torch.Tensor]:
+def global_condition(ident: FaceIdentity, params: torch.Tensor,
+                     grid: int = IDENTITY_GRID) -> torch.Tensor:
+    """The global condition G ``[T, 3 * grid * grid]`` of ``ident`` posed by ``params`` [T, 8]:
+    :func:`identity_embedding` of the :func:`coarse` rendering, so in the fine world it carries
+    palette, coarse layout, face and hair colours but none of the fine attributes (in the plain
+    world it equals ``identity_embedding(render(ident, params)[0])``)."""
+    return identity_embedding(render(coarse(ident), params)[0], grid)
+
+
+def _dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
+    return F.max_pool2d(mask.float(), 2 * px + 1, stride=1, padding=px) if px else mask.float()
+
+
+def region_masks(ident: FaceIdentity, params: torch.Tensor,
+                 margin: int = 1) -> dict[str, torch.Tensor]:
+    """Region masks of the clip ``render(ident, params)``, bool:
+
+    - ``face_hair`` [T, 1, 64, 64]: face, ears and hair of every frame (coverage >= 0.5) minus
+      the accessory: what G and the controls determine (the PSNR target region);
+    - ``background`` [1, 64, 64]: pixels that neither the head (hair, face, neck, accessory) nor
+      the torso touch in any frame of the clip, ``margin`` px away from them;
+    - ``shirt`` [1, 64, 64]: pixels fully inside the torso in every frame and ``margin`` px away
+      from anything the head touches in any frame.
+
+    ``background`` and ``shirt`` are the same pixels in every frame: a pose-invariant readout of
+    the appearance there needs no alignment.
+    """
+    _, _, layers = _draw(ident, params)
+    face_hair = (layers["face_hair"] >= 0.5) & (layers["accessory"] < 0.5)
+    head_ever = _dilate((layers["head"] > 0).any(0, keepdim=True)[None], margin)[0] > 0
+    torso_ever = _dilate((layers["torso"] > 0).any(0, keepdim=True)[None], margin)[0] > 0
+    torso_always = (layers["torso"] >= 1).all(0, keepdim=True)
+    shirt = -_dilate(-torso_always[None].float(), margin)[0] > 0  # eroded by margin
+    return dict(face_hair=face_hair.unsqueeze(1), background=~(head_ever | torso_ever),
+                shirt=shirt & ~head_ever)
+
+
+def make_video(identity_seed: int, motion_seed: int, frames: int,
+               world: str = "plain") -> dict[str, torch.Tensor]:
     """A whole clip: ``frames`` [N, 3, 64, 64] in [0, 1], ``masks`` [N, 1, 64, 64], ``params``
     [N, 8], ``controls`` [N, 40] (see ``landmarks``)."""
     params = sample_motion(motion_seed, frames)
-    video, masks = render(sample_identity(identity_seed), params)
+    video, masks = render(sample_identity(identity_seed, world), params)
     return dict(frames=video, masks=masks, params=params, controls=landmarks(params))
 
 
@@ -373,15 +568,19 @@ class ProceduralFaces(torch.utils.data.IterableDataset):
     ``frames`` [T, 3, 64, 64] in [-1, 1], ``control`` [T, 40] (``landmarks``), ``global``
     [3 * identity_grid ** 2] (``identity_embedding`` of the source frame), ``mask``
     [T, 1, 64, 64] (expressive regions).
+    ``world`` (``WORLDS``) picks the identities; G is :func:`global_condition` of the source
+    frame (in the plain world: ``identity_embedding`` of the source frame itself).
     With an ``autoencoder`` (e.g. :class:`avatar_models.data.patch_pca.PatchPCA`), ``frames``
     holds its latents ``autoencoder.encode(frames)`` instead of pixels.
     """
 
     def __init__(self, frames: int = 4, video_frames: int = 48, seed: int = 0,
                  identities: int = HELD_OUT_SEED_BASE, autoencoder=None,
-                 identity_grid: int = IDENTITY_GRID):
+                 identity_grid: int = IDENTITY_GRID, world: str = "plain"):
         super().__init__()
-        self.autoencoder, self.identity_grid = autoencoder, identity_grid
+        if world not in WORLDS:
+            raise ValueError(f"world: expected one of {WORLDS}, got {world!r}")
+        self.autoencoder, self.identity_grid, self.world = autoencoder, identity_grid, world
         if not 1 <= frames < video_frames:
             raise ValueError(f"frames: expected 1 <= frames < video_frames ({video_frames}), "
                              f"got {frames}")
@@ -399,21 +598,21 @@ class ProceduralFaces(torch.utils.data.IterableDataset):
         from avatar_models.data.samplers import nonuniform_indices
 
         seeds = torch.randint(0, 2 ** 31 - 1, (2,), generator=gen).tolist()
-        ident = sample_identity(seeds[0] % self.identities)
+        ident = sample_identity(seeds[0] % self.identities, self.world)
         params = sample_motion(seeds[1], self.video_frames)
         idx, src = nonuniform_indices(self.video_frames, self.frames, gen)
-        sel = torch.cat([idx, torch.tensor([src])])
-        frames, masks = render(ident, params[sel])
-        clip = frames[:-1] * 2 - 1
+        frames, masks = render(ident, params[idx])
+        clip = frames * 2 - 1
         if self.autoencoder is not None:
             clip = self.autoencoder.encode(clip)
-        return {"frames": clip, "control": landmarks(params[idx]),
-                "global": identity_embedding(frames[-1], self.identity_grid), "mask": masks[:-1]}
+        g = global_condition(ident, params[src][None], self.identity_grid)[0]
+        return {"frames": clip, "control": landmarks(params[idx]), "global": g, "mask": masks}
 
 
 def training_dataset(frames: int = 4, video_frames: int = 48, seed: int = 0,
                      autoencoder: str | None = None,
-                     identity_grid: int = IDENTITY_GRID) -> ProceduralFaces:
+                     identity_grid: int = IDENTITY_GRID, world: str = "plain"
+                     ) -> ProceduralFaces:
     """Factory for ``avatar-kernels train anchored --dataset
     avatar_models.data.procedural_faces:training_dataset --dataset-arg frames=4
     [--dataset-arg autoencoder=PATH]`` (PATH: a :class:`~avatar_models.data.patch_pca.PatchPCA`
@@ -424,14 +623,15 @@ def training_dataset(frames: int = 4, video_frames: int = 48, seed: int = 0,
 
         ae = PatchPCA.load(autoencoder)
     return ProceduralFaces(frames=frames, video_frames=video_frames, seed=seed, autoencoder=ae,
-                           identity_grid=identity_grid)
+                           identity_grid=identity_grid, world=world)
 
 
-def autoencoder_fit_frames(count: int = 1024, seed: int = 0) -> torch.Tensor:
+def autoencoder_fit_frames(count: int = 1024, seed: int = 0,
+                           world: str = "plain") -> torch.Tensor:
     """``count`` training frames [count, 3, 64, 64] in [-1, 1] (16 per identity, identities
     below ``HELD_OUT_SEED_BASE``) to fit a patch-PCA autoencoder on, deterministic per seed."""
     clips = []
     for i in range((count + 15) // 16):
-        ident = sample_identity((seed * 7919 + i) % HELD_OUT_SEED_BASE)
+        ident = sample_identity((seed * 7919 + i) % HELD_OUT_SEED_BASE, world)
         clips.append(render(ident, sample_motion(seed * 104729 + i + 1, 16))[0])
     return torch.cat(clips)[:count] * 2 - 1

@@ -7,6 +7,7 @@
     avatar-kernels sample anchored --checkpoint ckpt.safetensors --source face.png \\
         --driving drive.mp4 --out out.mp4 [--strategy anchored|multidiffusion] \\
         [--sampler ddim|ddpm] [--steps 50] [--guidance 1.0] [--vae DIR] [--clip DIR]
+        [--prompt TEXT (instead of --source) | --edit SOURCE_TEXT TARGET_TEXT [--edit-strength S]]
     avatar-kernels eval anchored --generated out.mp4 --driving drive.mp4 \\
         [--source face.png] [--clip DIR] [--json metrics.json]
     avatar-kernels demo [anchored] --out out   # what `make demo` runs
@@ -184,9 +185,15 @@ def video_training_dataset(args: argparse.Namespace):
 
 
 def clip_landmarks_conditioner(clip_dir, device="cpu", *, driving_name: str = "driving video",
-                               allow_missing_faces: bool = False):
+                               allow_missing_faces: bool = False, prompt: str | None = None,
+                               edit: tuple[str, str] | None = None, edit_strength: float = 1.0):
+    """G = the CLIP image embedding of the source; with ``prompt`` the CLIP text embedding of
+    the prompt instead (text-to-video, paper section 4.4; the source may then be None); with
+    ``edit`` = (source text, target text) the image embedding moved along the text direction
+    (:func:`avatar_models.conditioning.clip.edit_embedding`, ``edit_strength``)."""
     from avatar_models.anchored_diffusion import landmark_control
     from avatar_models.conditioning import CLIPEncoder, detect_landmarks
+    from avatar_models.conditioning.clip import edit_embedding
 
     if clip_dir is None:
         raise OptionError("this checkpoint's conditioner is clip-landmarks: pass --clip DIR")
@@ -194,9 +201,14 @@ def clip_landmarks_conditioner(clip_dir, device="cpu", *, driving_name: str = "d
 
     @torch.no_grad()
     def conditioner(source, driving, *, global_dim, control_dim):
-        src, _ = square_crop(source)
         drv, _ = square_crop(driving)
-        g = clip.encode_images(src).float().cpu()[0]
+        if prompt is not None:
+            g = clip.encode_text([prompt]).float().cpu()[0]
+        else:
+            g = clip.encode_images(square_crop(source)[0]).float().cpu()[0]
+        if edit is not None:
+            texts = clip.encode_text(list(edit)).float().cpu()
+            g = edit_embedding(g, texts[0], texts[1], edit_strength)
         lm = detect_landmarks(drv, video_mode=True, on_missing="nan")
         missing = check_faces(lm, driving_name, allow=allow_missing_faces,
                               option="--missing-faces fill")
@@ -248,6 +260,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="keyword argument for the --dataset factory (repeatable)")
     src.add_argument("--synthetic", type=positive_int, metavar="N", help="N procedural clips")
     parser.add_argument("--vae", type=Path, help="diffusers AutoencoderKL folder (--data)")
+    parser.add_argument("--codec", type=Path, metavar="FILE",
+                        help="patch-PCA codec (.safetensors, avatar_models.data.patch_pca) the "
+                             "--dataset's latents come from; recorded in the checkpoint (relative "
+                             "to its folder) so that `sample anchored` decodes with it")
     parser.add_argument("--clip", type=Path, help="CLIP vision model folder (--data)")
     parser.add_argument("--resolution", type=positive_int, default=256,
                         help="frame size for --data")
@@ -323,7 +339,36 @@ def validate_train_args(args: argparse.Namespace) -> dict:
         check_model_folder(args.clip, "--clip", "clip")
         if args.vae is not None:
             check_model_folder(args.vae, "--vae", "vae")
+    if args.codec is not None:
+        if args.vae is not None:
+            raise OptionError("--codec and --vae are two latent codecs: give one")
+        check_codec_file(args.codec, "--codec")
     return overrides
+
+
+def check_codec_file(path: Path, option: str) -> None:
+    """A patch-PCA codec file (FileNotFoundError / OptionError naming ``option``)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {str(path)!r}: patch-PCA codec file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise OptionError(f"{option} {str(path)!r}: not a safetensors file ({exc})") from None
+    if fmt != "avatar-kernels/patch-pca-1":
+        raise OptionError(f"{option} {str(path)!r}: expected a patch-PCA codec (format "
+                          f"'avatar-kernels/patch-pca-1'), got format {fmt!r}")
+
+
+def codec_entry(codec: Path, checkpoint: Path) -> dict:
+    """The checkpoint's ``codec`` entry: the file relative to the checkpoint's folder."""
+    import os
+
+    rel = os.path.relpath(Path(codec).resolve(), Path(checkpoint).resolve().parent)
+    return {"kind": "patch-pca", "file": rel}
 
 
 DEFAULT_CONFIG = "sdit-xl/2"
@@ -410,6 +455,8 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = validate_train_args(args)
     resumed = None if args.resume is None else resumed_config(args, overrides)
     dataset, extra = build_dataset(args)
+    if args.codec is not None:
+        extra["codec"] = codec_entry(args.codec, args.out)
     from torch.utils.data import IterableDataset
 
     indexable = hasattr(dataset, "__getitem__") and not isinstance(dataset, IterableDataset)
@@ -454,7 +501,18 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="a `train anchored` checkpoint (.safetensors); its metadata names "
                              "the conditioner and whether it works on VAE latents")
-    parser.add_argument("--source", type=image_file, required=True, help="source image")
+    parser.add_argument("--source", type=image_file, default=None,
+                        help="source image (required unless --prompt)")
+    parser.add_argument("--prompt", metavar="TEXT", default=None,
+                        help="text-to-video: G = the CLIP text embedding of TEXT instead of the "
+                             "source's image embedding (clip-landmarks checkpoints; --clip with "
+                             "a tokenizer)")
+    parser.add_argument("--edit", nargs=2, metavar=("SOURCE_TEXT", "TARGET_TEXT"), default=None,
+                        help="CLIP-guided editing: G = normalize(CLIP(source) + S * (CLIP(TARGET"
+                             "_TEXT) - CLIP(SOURCE_TEXT))), e.g. --edit 'a photo of a woman' "
+                             "'a photo of a woman with glasses'")
+    parser.add_argument("--edit-strength", type=non_negative_float, default=None, metavar="S",
+                        help="S of --edit (default 1.0)")
     parser.add_argument("--driving", type=Path, required=True,
                         help="driving video (at least 2 frames)")
     parser.add_argument("--out", type=output_file(".mp4"), required=True, help="output .mp4")
@@ -521,6 +579,7 @@ def validate_sample_args(args: argparse.Namespace) -> dict:
             raise OptionError(f"--stride {args.stride}: windows of T={t} frames must overlap or "
                               f"touch; use --stride 1 to {t}")
     check_video_file(args.driving, "--driving", min_frames=2)
+    check_text_options(args)
     spec = args.conditioner or meta["extra"].get("conditioner")
     if not spec:
         raise OptionError(f"--checkpoint {str(args.checkpoint)!r} does not record a conditioner "
@@ -529,15 +588,57 @@ def validate_sample_args(args: argparse.Namespace) -> dict:
     if spec == "clip-landmarks":
         if args.clip is None:
             raise OptionError("this checkpoint's conditioner is clip-landmarks: pass --clip DIR")
-        check_model_folder(args.clip, "--clip", "clip")
+        folder = check_model_folder(args.clip, "--clip", "clip")
+        if (args.prompt or args.edit) and not any(
+                (folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+            raise OptionError(f"--{'prompt' if args.prompt else 'edit'} needs a CLIP tokenizer: "
+                              f"--clip {str(args.clip)!r} has no tokenizer.json or vocab.json")
     else:
+        if args.prompt or args.edit:
+            raise OptionError(f"--{'prompt' if args.prompt else 'edit'} needs a checkpoint whose "
+                              f"G is a CLIP embedding (conditioner clip-landmarks); this one's "
+                              f"conditioner is {spec!r}")
         find_function(spec, "--conditioner")
-    if meta["extra"].get("vae") or meta["config"].get("in_channels") != 3:
+    codec = sample_codec(args.checkpoint, meta["extra"])
+    if codec is not None:
+        if args.vae is not None:
+            raise OptionError(f"--checkpoint {str(args.checkpoint)!r} decodes with its patch-PCA "
+                              f"codec ({codec}): drop --vae")
+        check_codec_file(codec, "the codec of --checkpoint")
+    elif meta["extra"].get("vae") or meta["config"].get("in_channels") != 3:
         if args.vae is None:
             raise OptionError(f"--checkpoint {str(args.checkpoint)!r} works on VAE latents: pass "
                               f"--vae DIR")
         check_model_folder(args.vae, "--vae", "vae")
     return meta
+
+
+def check_text_options(args: argparse.Namespace) -> None:
+    """--source / --prompt / --edit / --edit-strength combinations."""
+    if args.prompt is not None and args.edit is not None:
+        raise OptionError("--prompt and --edit exclude each other: --prompt replaces the "
+                          "source's G, --edit moves it")
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise OptionError("--prompt: expected a non-empty text")
+        if args.source is not None:
+            raise OptionError("--prompt replaces --source (G comes from the text): drop one")
+    elif args.source is None:
+        raise OptionError("give --source IMAGE (or --prompt TEXT for text-to-video)")
+    if args.edit is not None and not all(t.strip() for t in args.edit):
+        raise OptionError(f"--edit: expected two non-empty texts, got {args.edit}")
+    if args.edit_strength is not None and args.edit is None:
+        raise OptionError("--edit-strength is the strength of --edit: add --edit SOURCE_TEXT "
+                          "TARGET_TEXT or drop it")
+
+
+def sample_codec(checkpoint: Path, extra: dict) -> Path | None:
+    """The patch-PCA codec file a checkpoint records (``codec``, or the demo's older
+    ``autoencoder`` entry), resolved against the checkpoint's folder; None for VAE or pixel
+    checkpoints."""
+    codec = extra.get("codec") or {}
+    name = codec.get("file") if codec.get("kind") == "patch-pca" else extra.get("autoencoder")
+    return None if name is None else Path(checkpoint).parent / name
 
 
 def load_model(path: Path, weights: str = "ema", device="cpu", attention_backend=None):
@@ -568,9 +669,12 @@ def generate(args: argparse.Namespace, meta: dict):
 
     device = args.device
     spec = args.conditioner or meta["extra"]["conditioner"]
+    text = {} if spec != "clip-landmarks" else dict(
+        prompt=args.prompt, edit=None if args.edit is None else tuple(args.edit),
+        edit_strength=1.0 if args.edit_strength is None else args.edit_strength)
     conditioner = load_conditioner(spec, args.clip, device, driving_name=str(args.driving),
-                                   allow_missing_faces=args.missing_faces == "fill")
-    source = read_image(args.source)
+                                   allow_missing_faces=args.missing_faces == "fill", **text)
+    source = None if args.source is None else read_image(args.source)
     driving, fps = read_video(args.driving, with_audio=False)[:2]
     if args.max_frames:
         driving = driving[: args.max_frames]
@@ -584,7 +688,13 @@ def generate(args: argparse.Namespace, meta: dict):
     t = args.frames or cfg.frames
     latent = (cfg.in_channels, cfg.input_size, cfg.input_size)
     decode = None
-    if ckpt.extra.get("vae") or cfg.in_channels != 3:
+    codec = sample_codec(args.checkpoint, ckpt.extra)
+    if codec is not None:
+        from avatar_models.data.patch_pca import PatchPCA
+
+        pca = PatchPCA.load(codec)
+        decode = lambda z: pca.decode(z.float().cpu()).to(z.device)
+    elif ckpt.extra.get("vae") or cfg.in_channels != 3:
         from avatar_models.conditioning import FrameVAE
 
         vae = FrameVAE.from_pretrained(args.vae, device=device)
@@ -773,6 +883,17 @@ def _lengths(text: str) -> tuple[int, ...]:
     return values
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    from samplers.demo.pipeline import METHODS
+
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in METHODS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of "
+                                         f"{','.join(METHODS)}, got {text!r}")
+    return values
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from samplers.demo.pipeline import DemoOptions
     from samplers.demo.train import CHECKPOINT, DemoRecipe
@@ -787,8 +908,22 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=d.steps, help="DDIM steps")
     parser.add_argument("--guidance", type=float_range(0.0), default=d.guidance,
                         help="classifier-free guidance scale (1: off)")
-    parser.add_argument("--lengths", type=_lengths, default=d.lengths,
-                        help="video lengths of the consistency curve, e.g. 8,16,24,32,40,48")
+    parser.add_argument("--pairs", type=positive_int, default=d.pairs,
+                        help="held-out identity/driver pairs (intervals over pairs; the "
+                             "fixed evaluation protocol uses 8)")
+    parser.add_argument("--methods", type=_methods, default=d.methods,
+                        help="comma-separated long-video strategies, all with the same model, "
+                             "steps, seed and guidance")
+    parser.add_argument("--world", choices=("plain", "fine"), default=None,
+                        help="toy world of the held-out pairs (default: the checkpoint's; "
+                             "plain for checkpoints that record none)")
+    parser.add_argument("--context", type=non_negative_int, default=None,
+                        help="context frames of autoregressive chaining (default: T // 2)")
+    parser.add_argument("--lmse-stride", type=positive_int, default=d.lmse_stride,
+                        help="the control estimator fits every k-th frame")
+    parser.add_argument("--lengths", type=_lengths, default=None,
+                        help="also the Self-CSIM/CSIM-vs-length curve at these lengths, e.g. "
+                             "8,16,24,32,40,48 (off by default)")
     parser.add_argument("--curve-seeds", type=positive_int, default=d.curve_seeds,
                         help="noise seeds averaged per consistency-curve point")
     parser.add_argument("--fit-steps", type=positive_int, default=d.fit_steps,
@@ -803,6 +938,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=positive_int, default=r.batch_size, help="batch size")
     t.add_argument("--lr", type=positive_float, default=r.lr, help="peak learning rate")
     t.add_argument("--train-seed", type=int, default=r.seed, help="training seed")
+    t.add_argument("--train-world", choices=("plain", "fine"), default=r.world,
+                   help="toy world to train on")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -813,7 +950,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if args.checkpoint.suffix != ".safetensors":
             raise OptionError(f"--checkpoint {str(args.checkpoint)!r} must end in .safetensors")
         recipe = DemoRecipe(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
-                            seed=args.train_seed)
+                            seed=args.train_seed, world=args.train_world)
         train_demo(recipe, args.checkpoint, progress=not args.no_progress)
         return 0
 
@@ -823,9 +960,18 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {str(args.checkpoint)!r}: demo checkpoint not "
                                 f"found (run `make train-demo`, or pass --checkpoint)")
-    check_checkpoint_file(args.checkpoint, "--checkpoint", "anchored")
+    meta = check_checkpoint_file(args.checkpoint, "--checkpoint", "anchored")
+    t = int(meta["config"]["frames"])
+    if args.frames < 2 * t:
+        raise OptionError(f"--frames {args.frames}: the anchor-transfer diagnostic needs frames "
+                          f"T = {t} or more from the anchor; use --frames {2 * t} or more")
+    if args.context is not None and args.context >= min(t, args.frames):
+        raise OptionError(f"--context {args.context}: autoregressive windows have T={t} frames; "
+                          f"use --context 0 to {min(t, args.frames) - 1}")
     opts = DemoOptions(frames=args.frames, steps=args.steps, guidance=args.guidance,
-                       lengths=args.lengths, curve_seeds=args.curve_seeds,
+                       pairs=args.pairs, methods=args.methods, world=args.world,
+                       context=args.context, lmse_stride=args.lmse_stride,
+                       lengths=args.lengths or (), curve_seeds=args.curve_seeds,
                        fit_steps=args.fit_steps, seed=args.seed, checkpoint=args.checkpoint,
                        device=device, progress=not args.no_progress)
     paths = run_demo_pipeline(opts, args.out)

@@ -134,3 +134,180 @@ def landmark_error(params: torch.Tensor, driving_params: torch.Tensor) -> dict[s
 def fidelity(generated: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     mse = F.mse_loss(generated.double().clamp(0, 1), truth.double()).item()
     return dict(mse=mse, psnr_db=10 * math.log10(1.0 / max(mse, 1e-12)))
+
+
+# ----------------------------------------------------------------------------------------------
+# long-video metrics, fixed before any result was looked at (docs/demo.md, "Metrics (fixed
+# before results)"); every one compares the generated video with the ideal video of the same
+# pair, so what the toy world itself varies (pose, expression) cancels.
+
+READOUT_ABOUT = (
+    "regions: background and shirt pixels that the head never touches in the clip "
+    "(procedural_faces.region_masks), the same pixels in every frame. Pixel readout: the RGB "
+    "values there; pixel_spread = RMS over frames and region pixels of the deviation from the "
+    "temporal mean, pixel_anchor_distance = mean over frames of the RMS difference from the "
+    "anchor frame. Statistics readout (phase-blind): per region mean RGB, RGB standard "
+    "deviation and mean absolute difference of neighbouring pixels along x, y and both "
+    "diagonals (10 values); readout_spread / readout_anchor_distance: the same on them (L2)")
+DRIFT_ABOUT = (
+    "drift(d) = mean over frame pairs (i, j) with |i - j| = d of [cos_ideal(i, j) - "
+    "cos_generated(i, j)], cosines of the rgbhist4-hog9x8 embeddings; 0 for the ideal video, "
+    "positive when the generated frames grow apart faster than the ideal ones")
+FLICKER_ABOUT = ("mean |x_{t+1} - x_t| over pixels and consecutive frames (frames in [0, 1]) of "
+                 "the generated video minus the same of the ideal video")
+TRANSFER_ABOUT = (
+    "residual r_t = embed(generated_t) - embed(ideal_t) (what the model invented); transfer = "
+    "mean over the frames of sequences b != 0 (not the anchor) of cos(r_t, r_anchor) - "
+    "cos(r_t, r'_anchor), r'_anchor the anchor residual of an independent sample of the same "
+    "inputs (another noise seed); > 0 when the anchor passes what it invented to the other "
+    "sequences, 0 when it passes nothing")
+INTERVAL_ABOUT = ("95% Student-t interval of the mean over held-out identity/driver pairs: "
+                  "mean +- t_{0.975, n-1} * sd / sqrt(n)")
+
+
+def _pairwise_cos(e: torch.Tensor) -> torch.Tensor:
+    e = F.normalize(e.double(), dim=1)
+    return e @ e.T
+
+
+def drift_by_distance(generated: torch.Tensor, ideal: torch.Tensor) -> torch.Tensor:
+    """``drift[d]`` for d = 0 .. N-1 (float64 [N]; ``drift[0]`` is 0): see ``DRIFT_ABOUT``.
+    ``generated``, ``ideal``: [N, 3, H, W] in [0, 1], frame i of one is frame i of the other."""
+    if generated.shape != ideal.shape or generated.ndim != 4:
+        raise ValueError(f"generated, ideal: expected equal shapes [N, 3, H, W], got "
+                         f"{tuple(generated.shape)} and {tuple(ideal.shape)}")
+    gap = _pairwise_cos(embed(ideal)) - _pairwise_cos(embed(generated))
+    n = gap.shape[0]
+    return torch.stack([gap.diagonal(d).mean() for d in range(n)])
+
+
+def drift_curve(generated: torch.Tensor, ideal: torch.Tensor,
+                distances: tuple[int, ...]) -> list[float]:
+    """``drift_by_distance`` at each of ``distances`` (each must be < N)."""
+    d = drift_by_distance(generated, ideal)
+    if max(distances) >= d.shape[0] or min(distances) < 1:
+        raise ValueError(f"distances: expected values in 1..{d.shape[0] - 1}, got {distances}")
+    return [d[k].item() for k in distances]
+
+
+def _region_readout(frames: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """[N, 10] readout (see ``READOUT_ABOUT``) of ``frames`` [N, 3, H, W] over ``region``
+    [H, W] bool; texture terms only where both pixels of the pair lie in the region."""
+    x = frames.double().clamp(0, 1)
+    m = region.to(x.device)
+    if int(m.sum()) < 2:
+        raise ValueError(f"region: expected at least 2 pixels, got {int(m.sum())}")
+    px = x[:, :, m]                                                       # [N, 3, P]
+    parts = [px.mean(-1), px.std(-1)]
+    gray = x.mean(1)
+    h, w = gray.shape[-2:]
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):  # pixel (y, x) against (y + dy, x + dx)
+        x0, x1 = max(0, -dx), w - max(0, dx)
+        both = m[:h - dy, x0:x1] & m[dy:, x0 + dx:x1 + dx]
+        diff = (gray[:, :h - dy, x0:x1] - gray[:, dy:, x0 + dx:x1 + dx]).abs()[:, both]
+        parts.append(diff.mean(-1, keepdim=True) if both.any()
+                     else torch.zeros(x.shape[0], 1, dtype=x.dtype))
+    return torch.cat(parts, 1)
+
+
+def appearance_readout(frames: torch.Tensor, regions: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N, 10 * R] readout of ``frames`` [N, 3, H, W] over the regions [1, H, W] (or [H, W]) of
+    ``regions`` with at least 8 pixels, in the dict's order (``READOUT_ABOUT``)."""
+    used = [r.reshape(r.shape[-2:]) for r in regions.values() if int(r.sum()) >= 8]
+    if not used:
+        raise ValueError("regions: expected at least one region with >= 8 pixels")
+    return torch.cat([_region_readout(frames, r) for r in used], 1)
+
+
+def appearance_stability(generated: torch.Tensor, ideal: torch.Tensor,
+                         regions: dict[str, torch.Tensor], anchor: int) -> dict[str, float]:
+    """Spread over time and distance from the anchor frame of the appearance readout, for the
+    generated and the ideal video (``READOUT_ABOUT``)."""
+    out = {}
+    region = torch.zeros(generated.shape[-2:], dtype=torch.bool)
+    for r in regions.values():
+        region |= r.reshape(r.shape[-2:]).bool()
+    for name, video in (("", generated), ("_ideal", ideal)):
+        px = video.double().clamp(0, 1)[:, :, region]                        # [N, 3, P]
+        out["pixel_spread" + name] = (px - px.mean(0)).pow(2).mean().sqrt().item()
+        out["pixel_anchor_distance" + name] = (
+            (px - px[anchor]).pow(2).mean((1, 2)).sqrt().mean().item())
+        r = appearance_readout(video, regions)
+        out["readout_spread" + name] = (r - r.mean(0)).norm(dim=1).pow(2).mean().sqrt().item()
+        out["readout_anchor_distance" + name] = (r - r[anchor]).norm(dim=1).mean().item()
+    return out
+
+
+def flicker(generated: torch.Tensor, ideal: torch.Tensor) -> float:
+    """``FLICKER_ABOUT``; ``generated``, ``ideal``: [N, 3, H, W] (N >= 2) in [0, 1]."""
+    if generated.shape != ideal.shape or generated.shape[0] < 2:
+        raise ValueError(f"generated, ideal: expected equal shapes [N >= 2, 3, H, W], got "
+                         f"{tuple(generated.shape)} and {tuple(ideal.shape)}")
+
+    def step(v):
+        v = v.double().clamp(0, 1)
+        return (v[1:] - v[:-1]).abs().mean().item()
+
+    return step(generated) - step(ideal)
+
+
+def masked_psnr(generated: torch.Tensor, ideal: torch.Tensor, mask: torch.Tensor) -> float:
+    """PSNR (dB, peak 1) over the pixels of ``mask`` [N, 1, H, W] bool (e.g. face and hair)."""
+    m = mask.expand_as(generated)
+    if not m.any():
+        raise ValueError("mask: expected at least one pixel")
+    err = (generated.double().clamp(0, 1) - ideal.double())[m]
+    return 10 * math.log10(1.0 / max(err.pow(2).mean().item(), 1e-12))
+
+
+def anchor_transfer(generated: torch.Tensor, ideal: torch.Tensor, anchor: int,
+                    frames: torch.Tensor, other_anchor: torch.Tensor) -> dict[str, float]:
+    """The anchor-transfer diagnostic (``TRANSFER_ABOUT``).
+
+    ``generated``, ``ideal``: [N, 3, H, W]; ``anchor``: the anchor's frame index; ``frames``:
+    bool [N], the frames to average over (those of sequences b != 0, the anchor excluded);
+    ``other_anchor``: [3, H, W], the anchor frame of an independent sample of the same inputs.
+    """
+    if not frames.any() or frames[anchor]:
+        raise ValueError("frames: expected a non-empty mask without the anchor frame")
+    res = embed(generated).double() - embed(ideal).double()                # [N, E]
+    other = embed(other_anchor[None]).double()[0] - embed(ideal[anchor:anchor + 1]).double()[0]
+    own = F.cosine_similarity(res[frames], res[anchor][None], dim=1)
+    alien = F.cosine_similarity(res[frames], other[None], dim=1)
+    return dict(anchor_transfer=(own - alien).mean().item(), cos_to_anchor=own.mean().item(),
+                cos_to_other_anchor=alien.mean().item())
+
+
+def t_quantile(p: float, dof: int) -> float:
+    """Quantile of Student's t distribution (Simpson integration of the density, bisection)."""
+    if not 0.5 <= p < 1 or dof < 1:
+        raise ValueError(f"p, dof: expected 0.5 <= p < 1 and dof >= 1, got {p}, {dof}")
+    nu = float(dof)
+    log_c = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
+
+    def cdf(q: float) -> float:
+        x = torch.linspace(0, q, 4001, dtype=torch.float64)
+        y = torch.exp(log_c - (nu + 1) / 2 * torch.log1p(x ** 2 / nu))
+        w = torch.ones(4001, dtype=torch.float64)
+        w[1:-1:2], w[2:-1:2] = 4, 2
+        return 0.5 + (q / 4000 / 3) * float((w * y).sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def interval(values) -> dict[str, float]:
+    """Mean and 95% Student-t interval over pairs (``INTERVAL_ABOUT``); n = 1 gives a zero-width
+    interval flagged by ``n``."""
+    v = torch.as_tensor(list(values), dtype=torch.float64)
+    if v.numel() == 0:
+        raise ValueError("values: expected at least one value")
+    mean = v.mean().item()
+    half = 0.0 if v.numel() < 2 else (
+        t_quantile(0.975, v.numel() - 1) * v.std().item() / math.sqrt(v.numel()))
+    return dict(mean=mean, low=mean - half, high=mean + half, n=int(v.numel()))

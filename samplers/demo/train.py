@@ -1,9 +1,11 @@
-"""``make train-demo``: train the bundled demo model on procedural faces (CPU, minutes).
+"""``make train-demo``: train the demo model on procedural faces (CPU; about an hour for the
+fine-world recipe, an estimate).
 
 Two stages, both deterministic per seed:
 1. fit the tiny linear autoencoder (:class:`avatar_models.data.patch_pca.PatchPCA`: 8x8-pixel
-   tiles -> 32 PCA coefficients, so a 64x64 frame is a [32, 8, 8] latent) on training frames,
-   written as ``patch_pca.safetensors`` beside the checkpoint;
+   tiles -> ``pca_components`` PCA coefficients, so a 64x64 frame is a [k, 8, 8] latent; k = 48
+   in the fine-world recipe, 32 in the bundled plain one) on training frames of the recipe's
+   world, written as ``patch_pca.safetensors`` beside the checkpoint and recorded as its codec;
 2. train the sDiT on those latents with
    :func:`avatar_models.training.anchored.train_anchored`, the function behind ``avatar-kernels
    train anchored`` (:func:`train_command` prints the equivalent command line).
@@ -38,24 +40,32 @@ DATASET = "avatar_models.data.procedural_faces:training_dataset"
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """The demo model and its training run (the defaults are what the bundled file used)."""
+    """The demo model and its training run.
 
-    hidden: int = 128
-    depth: int = 4
-    heads: int = 4
+    The defaults are the fine-world recipe of ``make train-demo`` (docs/demo.md): frames 64x64
+    as [48, 8, 8] patch-PCA latents (one token per 8x8 tile, 256 tokens per 4-frame sequence),
+    a 160-wide, 6-deep sDiT (~2.3x the bundled model's compute per step), 6000 steps of batch 8
+    (about an hour on one CPU thread by scaling the bundled run's 17.6 min for 5000 steps).
+    ``PLAIN_RECIPE`` is the recipe of the bundled plain-world model, which records its own.
+    """
+
+    hidden: int = 160
+    depth: int = 6
+    heads: int = 5
     frames: int = 4
-    pca_components: int = 32              # latent channels
+    pca_components: int = 48              # latent channels
     pca_patch: int = 8                    # pixels per latent cell (one token per cell)
     pca_frames: int = 2048                # training frames the PCA is fitted on
     pca_whiten: bool = False              # one global scale: keeps the spectrum's shape
     identity_grid: int = pf.IDENTITY_GRID  # G = the source image averaged to grid x grid
-    steps: int = 5000
+    steps: int = 6000
     batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     ema_decay: float = 0.9999
     seed: int = 0
+    world: str = "fine"                   # procedural_faces.WORLDS
 
     def model_config(self):
         from avatar_models.anchored_diffusion import SDiTConfig
@@ -74,17 +84,25 @@ class DemoRecipe:
                            ema_decay=self.ema_decay, seed=self.seed)
 
 
+PLAIN_RECIPE = DemoRecipe(hidden=128, depth=4, heads=4, pca_components=32, steps=5000,
+                          world="plain")
+CONDITIONER = "samplers.demo.conditioner:procedural_conditioner"
+
+
 def train_command(recipe: DemoRecipe, out: Path) -> str:
     """The ``avatar-kernels train anchored`` line that trains the same model (stage 2), given
     the autoencoder file of stage 1 beside ``out``."""
     r = recipe
     return (f"avatar-kernels train anchored --dataset {DATASET} --dataset-arg frames={r.frames} "
             f"--dataset-arg seed={r.seed} --dataset-arg identity_grid={r.identity_grid} "
-            f"--dataset-arg autoencoder={Path(out).parent / AUTOENCODER} --config tiny "
+            f"--dataset-arg world={r.world} "
+            f"--dataset-arg autoencoder={Path(out).parent / AUTOENCODER} "
+            f"--codec {Path(out).parent / AUTOENCODER} --config tiny "
             f"--set hidden={r.hidden} --set depth={r.depth} --set heads={r.heads} --set patch=1 "
             f"--steps {r.steps} --batch-size {r.batch_size} --lr {r.lr:g} "
             f"--warmup-steps {r.warmup_steps} --min-lr-ratio {r.min_lr_ratio:g} "
-            f"--ema-decay {r.ema_decay:g} --seed {r.seed} --conditioner none --out {out}")
+            f"--ema-decay {r.ema_decay:g} --seed {r.seed} --conditioner {CONDITIONER} "
+            f"--out {out}")
 
 
 def plot_loss(losses: list[float], mse: list[float], path: Path, title: str) -> Path:
@@ -139,7 +157,7 @@ def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, 
     cfg = recipe.model_config()
     start = time.perf_counter()
     ae_path = checkpoint.parent / AUTOENCODER
-    fit = pf.autoencoder_fit_frames(recipe.pca_frames, recipe.seed)
+    fit = pf.autoencoder_fit_frames(recipe.pca_frames, recipe.seed, recipe.world)
     ae = PatchPCA.fit(fit, recipe.pca_components, recipe.pca_patch, recipe.pca_whiten)
     ae.save(ae_path)
     recon = ae.decode(ae.encode(fit)).clamp(-1, 1)
@@ -147,14 +165,16 @@ def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, 
     print(f"stage 1: {ae_path} ({recipe.pca_components} components of {recipe.pca_patch}x"
           f"{recipe.pca_patch} tiles, reconstruction PSNR {ae_psnr:.1f} dB on its fit frames)")
     dataset = pf.ProceduralFaces(frames=recipe.frames, seed=recipe.seed, autoencoder=ae,
-                                 identity_grid=recipe.identity_grid)
+                                 identity_grid=recipe.identity_grid, world=recipe.world)
     print("stage 2, equivalent to: " + train_command(recipe, checkpoint))
     mse: list[float] = []
     result = train_anchored(cfg, dataset, recipe.train_config(), device="cpu", out=checkpoint,
                             extra={"dataset": DATASET, "dataset_args": {
                                        "frames": recipe.frames, "seed": recipe.seed,
-                                       "identity_grid": recipe.identity_grid},
-                                   "autoencoder": AUTOENCODER, "demo_recipe": recipe.__dict__},
+                                       "identity_grid": recipe.identity_grid,
+                                       "world": recipe.world},
+                                   "codec": {"kind": "patch-pca", "file": AUTOENCODER},
+                                   "conditioner": CONDITIONER, "demo_recipe": recipe.__dict__},
                             progress=progress,
                             callback=lambda step, terms: mse.append(terms["mse"]))
     wall = time.perf_counter() - start

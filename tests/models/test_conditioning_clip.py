@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import inspect
-import json
-import string
-
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel
 
 from avatar_models.conditioning.clip import CLIPEncoder, edit_embedding, mix_embeddings
 
 IMAGE_SIZE = 32
 
 
-def _tiny_tokenizer(tmp_path) -> CLIPTokenizer:
-    """A character-level CLIP BPE tokenizer (no merges) built offline."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers >= 5
-        return CLIPTokenizer(vocab=vocab, merges=[])
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(vocab_file=str(tmp_path / "vocab.json"),
-                         merges_file=str(tmp_path / "merges.txt"))
-
-
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
+def clip_dir(tmp_path_factory, clip_tokenizer_saver):
     torch.manual_seed(0)
     text = dict(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
@@ -41,7 +23,7 @@ def clip_dir(tmp_path_factory):
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
     path = tmp_path_factory.mktemp("clip")
     model.save_pretrained(path, safe_serialization=True)
-    _tiny_tokenizer(tmp_path_factory.mktemp("tok")).save_pretrained(path)
+    clip_tokenizer_saver(path)
     return path
 
 

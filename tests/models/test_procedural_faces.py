@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -166,3 +168,66 @@ def test_bad_arguments_raise_with_names():
         pf.identity_embedding(torch.zeros(3, 32, 32))
     with pytest.raises(ValueError, match="frames: expected 1 <= frames < video_frames"):
         pf.ProceduralFaces(frames=8, video_frames=8)
+
+
+# ---- the fine world: appearance that G does not carry ----
+
+def test_fine_world_keeps_the_coarse_attributes_and_adds_fine_ones():
+    plain, fine = pf.sample_identity(21), pf.sample_identity(21, "fine")
+    assert plain.fine is None and fine.fine == pf.sample_fine_attributes(21)
+    assert pf.coarse(fine) == dataclasses.replace(plain, texture=pf.FLAT_BACKGROUND)
+    kinds = {pf.ACCESSORIES[pf.sample_fine_attributes(s).accessory] for s in range(40)}
+    assert kinds == set(pf.ACCESSORIES)
+    frames_plain = pf.render(plain, _neutral())[0]
+    frames_fine = pf.render(fine, _neutral())[0]
+    assert (frames_plain - frames_fine).abs().mean() > 0.02
+
+
+def test_global_condition_is_invariant_to_fine_attributes_only():
+    a = pf.sample_identity(3, "fine")
+    b = dataclasses.replace(a, fine=pf.sample_fine_attributes(4))  # other fine attributes
+    assert a.fine != b.fine
+    p = _neutral(2)
+    p[1, 0] = 0.8
+    fa, fb = pf.render(a, p)[0], pf.render(b, p)[0]
+    assert (fa - fb).abs().amax(1).gt(0.1).float().mean() > 0.2  # the frames differ a lot
+    assert torch.equal(pf.global_condition(a, p), pf.global_condition(b, p))
+    # ... but G still tells identities apart and follows the coarse layout (pose)
+    other = pf.sample_identity(5, "fine")
+    assert (pf.global_condition(a, p) - pf.global_condition(other, p)).abs().max() > 0.2
+    g = pf.global_condition(a, p)
+    assert (g[0] - g[1]).abs().max() > 0.05
+    # in the plain world G is the thumbnail of the source frame itself
+    plain = pf.sample_identity(3)
+    assert torch.allclose(pf.global_condition(plain, p),
+                          pf.identity_embedding(pf.render(plain, p)[0]))
+
+
+def test_region_masks_never_touch_the_head_and_cover_face_and_hair():
+    ident = pf.sample_identity(2, "fine")
+    params = pf.sample_motion(9, 24)
+    frames, _, layers = pf._draw(ident, params)
+    m = pf.region_masks(ident, params)
+    assert m["face_hair"].shape == (24, 1, 64, 64) and m["background"].shape == (1, 64, 64)
+    assert m["background"].sum() > 500 and m["shirt"].sum() > 50
+    assert not (m["background"] & m["shirt"]).any()
+    head = layers["head"] > 0
+    assert not (head & (m["background"] | m["shirt"])).any()
+    # the readout regions show the same pixels in every frame of the clip
+    still = (frames - frames[:1]).abs().amax(1) < 1e-6  # [T, H, W]
+    assert still[:, m["background"][0]].all()
+    # face and hair: the skin colour dominates, no accessory pixel counted
+    assert not (m["face_hair"][:, 0] & (layers["accessory"] >= 0.5)).any()
+    skin = (frames - torch.tensor(ident.skin).view(1, 3, 1, 1)).abs().amax(1) < 0.01
+    assert skin.sum() > 24 * 200
+    assert (skin & m["face_hair"][:, 0]).sum() == skin.sum()  # all skin lies in face_hair
+
+
+def test_fine_dataset_uses_the_coarse_global_condition():
+    ds = pf.ProceduralFaces(frames=3, video_frames=12, world="fine")
+    item = ds.sample(torch.Generator().manual_seed(0))
+    assert item["global"].shape == (pf.IDENTITY_DIM,) and item["frames"].shape == (3, 3, 64, 64)
+    with pytest.raises(ValueError, match="world"):
+        pf.ProceduralFaces(world="noir")
+    with pytest.raises(ValueError, match="world"):
+        pf.sample_identity(1, "noir")

@@ -18,8 +18,10 @@ def test_plan_covers_every_frame_once(n, t, mode):
     plan = nonuniform_plan(n, t, mode=mode, generator=torch.Generator().manual_seed(n))
     b = plan.batch
     assert plan.indices.shape == (b, t) and b == max(1, -(-(n - 1) // (t - 1)))
-    assert (plan.indices.diff(dim=1) >= 0).all()                      # sorted in time
-    assert (plan.indices[torch.arange(b), plan.anchor_pos] == n // 2).all()
+    others = torch.cat([plan.indices[:, :t // 2], plan.indices[:, t // 2 + 1:]], 1)
+    assert (others.diff(dim=1) >= 0).all()                            # sorted in time
+    assert (plan.anchor_pos == t // 2).all()                          # one column (Eq. 1)
+    assert (plan.indices[:, t // 2] == n // 2).all()
     assert ((plan.indices == n // 2) & plan.owner).sum() == 1         # anchor kept once
     assert plan.owner[0, plan.anchor_pos[0]]                          # ... from sequence 0
     kept = plan.indices[plan.owner]
@@ -28,6 +30,25 @@ def test_plan_covers_every_frame_once(n, t, mode):
         assert plan.owner.sum() == n and plan.owner.sum(1).tolist()[1:] == [t - 1] * (b - 1)
     video = reorder(plan.indices.float()[..., None] * 10, plan)       # tag slots by frame index
     assert video[:, 0].tolist() == [10.0 * i for i in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["random", "strided"])
+def test_anchor_slot_is_the_same_column_in_every_sequence(mode):
+    """Eq. 1 and 3: the anchor sits in one common column, so the anchor tokens that the override
+    copies from sequence 0 carry the temporal encoding of the slot they land in; the other
+    frames of each sequence stay sorted around it."""
+    for slot in (0, 2, 4):
+        plan = nonuniform_plan(23, 5, mode=mode, anchor_slot=slot,
+                               generator=torch.Generator().manual_seed(slot))
+        assert plan.anchor_pos.tolist() == [slot] * plan.batch
+        assert plan.indices[:, slot].tolist() == [11] * plan.batch
+        rest = torch.cat([plan.indices[:, :slot], plan.indices[:, slot + 1:]], 1)
+        assert (rest.diff(dim=1) >= 0).all() and not (rest == 11).any()
+        x = torch.randn(plan.batch, 5, 2)
+        y = override_anchor(x, plan.anchor_pos)
+        assert torch.equal(y[:, slot], x[:1, slot].expand(plan.batch, 2))
+    with pytest.raises(ValueError, match=r"anchor_slot must be in \[0, 5\), got 5"):
+        nonuniform_plan(23, 5, anchor_slot=5)
 
 
 def test_strided_sequences_span_the_video():
