@@ -106,6 +106,13 @@ def _size(draw, name: str, zeroed: str | None, lo: int, hi: int) -> int:
     return 0 if name == zeroed else draw(st.integers(lo, hi))
 
 
+def _batch_tokens_heads(draw, zero: str | None, max_tokens: int,
+                        min_tokens: int = 1) -> tuple[int, int, int]:
+    """B, N, H of [B, N, H, D] inputs, the one named by ``zero`` ("B", "N" or "H") set to 0."""
+    return (_size(draw, "B", zero, 1, 2), _size(draw, "N", zero, min_tokens, max_tokens),
+            _size(draw, "H", zero, 1, 2))
+
+
 def _head_dim(draw) -> int:
     return draw(st.sampled_from((8, 16, 40)))
 
@@ -115,7 +122,7 @@ def _head_dim(draw) -> int:
 
 def gen_adaln(draw, backend, zero):
     dtype = _dtype(draw, backend)
-    z = zero  # one of "B", "N", "C", or None
+    z = zero  # "B", "N", "C" or None
     frames = draw(st.integers(1, 3))
     b, c = _size(draw, "B", z, 1, 3), _size(draw, "C", z, 1, 40)
     n = 0 if z == "N" else frames * draw(st.integers(1, 3))
@@ -149,9 +156,7 @@ def _grid_positions(draw, n: int) -> torch.Tensor:
 
 def gen_attention(draw, backend, zero, anchor=False):
     dtype = _dtype(draw, backend)
-    z = zero  # one of "B", "N", "H", or None
-    b, h = _size(draw, "B", z, 1, 2), _size(draw, "H", z, 1, 2)
-    n = _size(draw, "N", z, 1 if not anchor else 4, 20)
+    b, n, h = _batch_tokens_heads(draw, zero, 20, min_tokens=4 if anchor else 1)
     d = _head_dim(draw)
     t = {name: _randn(draw, b, n, h, d, dtype=dtype) for name in ("q", "k", "v")}
     rope = draw(st.booleans()) or anchor
@@ -191,8 +196,7 @@ def gen_anchor(draw, backend, zero):
 
 def gen_rope(draw, backend, zero):
     dtype = _dtype(draw, backend)
-    z = zero  # one of "B", "N", "H", or None
-    b, n, h = _size(draw, "B", z, 1, 2), _size(draw, "N", z, 1, 9), _size(draw, "H", z, 1, 2)
+    b, n, h = _batch_tokens_heads(draw, zero, 9)
     d = _head_dim(draw)
     t = {"x": _randn(draw, b, n, h, d, dtype=dtype), "positions": _grid_positions(draw, n)}
     scalars = {"rope_dims": None if draw(st.booleans()) else (d - 4, 2, 2), "rope_theta": 1e4}
@@ -211,7 +215,7 @@ def gen_rope(draw, backend, zero):
 
 def gen_warp_occlusion(draw, backend, zero, plain=False):
     dtype = _dtype(draw, backend)
-    z = zero  # one of "B", "H", "W", "C", or None
+    z = zero  # "B", "H", "W", "C" or None
     b, hh = _size(draw, "B", z, 1, 2), _size(draw, "H", z, 1, 6)
     w, c = _size(draw, "W", z, 1, 6), _size(draw, "C", z, 1, 5)
     flow_dtype = draw(st.sampled_from((dtype, torch.float32)))
@@ -240,8 +244,7 @@ def gen_warp(draw, backend, zero):
 
 def gen_performer(draw, backend, zero):
     dtype = _dtype(draw, backend)
-    z = zero  # one of "B", "N", "H", or None
-    b, n, h = _size(draw, "B", z, 1, 2), _size(draw, "N", z, 1, 19), _size(draw, "H", z, 1, 2)
+    b, n, h = _batch_tokens_heads(draw, zero, 19)
     d, m = draw(st.sampled_from((8, 16))), draw(st.integers(1, 24))
     t = {name: _randn(draw, b, n, h, d, dtype=dtype, scale=0.7) for name in ("q", "k", "v")}
     t["features"] = kernels.orthogonal_features(
@@ -258,8 +261,7 @@ def gen_performer(draw, backend, zero):
 
 def gen_frame_causal(draw, backend, zero):
     dtype = _dtype(draw, backend)
-    z = zero  # one of "B", "N", "H", or None
-    b, n, h = _size(draw, "B", z, 1, 2), _size(draw, "N", z, 1, 19), _size(draw, "H", z, 1, 2)
+    b, n, h = _batch_tokens_heads(draw, zero, 19)
     d = _head_dim(draw)
     t = {name: _randn(draw, b, n, h, d, dtype=dtype) for name in ("q", "k", "v")}
     per_frame = draw(st.integers(1, 5))
