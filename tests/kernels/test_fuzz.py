@@ -833,18 +833,25 @@ def test_item2_performer_causal_does_not_read_future_tokens(request, backend, po
     torch.testing.assert_close(out[:, :7], prefix, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("t", [1e6, 1e7])
+@pytest.mark.parametrize("op, t", [("rope3d", 1e6), ("rope3d", 1e7), ("attention3d", 1e7)])
 @pytest.mark.xfail(strict=True, reason="issue 13 item 3, branch attn")
-def test_item3_rope3d_large_positions_agree_or_are_refused(triton_device, t):
-    x = torch.randn(1, 4, 1, 16, dtype=torch.float32)
+def test_item3_large_positions_agree_across_backends_or_are_refused(triton_device, op, t):
+    """Positions of 1e6 and 1e7: both backends compute the same function (whatever the angle
+    precision the docstring promises), or the position is refused as out of range."""
+    x = torch.randn(1, 4, 1, 16)
     pos = torch.tensor([[t, 0, 0], [t + 1, 1, 0], [t + 2, 0, 1], [t + 3, 1, 1]])
+    if op == "rope3d":
+        def call(backend):
+            return kernels.rope3d(x, pos, backend=backend)
+    else:
+        def call(backend):
+            return kernels.attention3d(x, x, x, positions=pos, backend=backend)
     try:
-        tri = kernels.rope3d(x, pos, backend="triton")
+        tri = call("triton")
     except ValueError as exc:
         assert _names_an_argument(str(exc), ("positions",)), exc
         return
-    exact = rope3d_ref(x.double(), pos.double()[None], default_rope_dims(16), 1e4)
-    assert (tri.double() - exact).abs().max() < 1e-3
+    assert (tri - call("ref")).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
