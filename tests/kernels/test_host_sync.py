@@ -84,8 +84,10 @@ def _case_attention(anchor: bool):
     q, k, v = (_leaf(2, 12, 2, 16) for _ in range(3))
     pos = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(2), torch.arange(2),
                                      indexing="ij"), -1).reshape(12, 3)
-    starts = torch.tensor([4, 8])
-    a = kernels.Anchor(starts=starts, length=4, source=0) if anchor else None
+    # starts as a Python list: no tensor may be built from it per call (a host-to-device copy on
+    # a GPU). A CPU tensor of starts is host memory on a GPU machine too, so reading it is no
+    # sync; device-resident starts are the GPU lane's to check (CUDA-graph capture).
+    a = kernels.Anchor(starts=[4, 8], length=4, source=0) if anchor else None
     return lambda: kernels.attention3d(q, k, v, positions=pos, anchor=a, backend="triton")
 
 
