@@ -347,8 +347,8 @@ SCALARS: dict[str, list[tuple[str, Callable, tuple, tuple]]] = {
     ],
 }
 
-# Index / device mutations per op: (label, mutate(call, draw) -> call). All must raise naming
-# an argument of the call.
+# Index / device mutations per op: (label, arguments the error may name, mutate(call, draw) ->
+# call). All must raise.
 
 
 def _anchor_starts(value_fn):
@@ -399,7 +399,8 @@ BAD_INDEX: dict[str, list[tuple[str, tuple[str, ...], Callable]]] = {
 }
 
 # ----------------------------------------------------------------------------------------------
-# Cases that fail on main and are fixed on other branches: (op, backend or "*", class) -> reason.
+# Classes that fail on main, each with its issue item and the branch fixing it (or "NEW ...
+# unassigned"): (op, backend or "*", class) -> reason. Remove an entry when its test XPASSes.
 
 PENDING: dict[tuple[str, str, str], str] = {
     ("attention3d", "*", "numpy"): "issue 13 item 7 (numpy ints/np.float32 refused), branch attn",
