@@ -57,10 +57,15 @@ avatar::WarpShape shape_of(const Shape4& s) {
   for (int64_t v : s) {
     if (v < 0) throw std::invalid_argument("shape must be non-negative [B, H, W, C]");
   }
-  // int32 pixel indices (Triton kernels, the deterministic plan) and int grid sizes
+  // int32 pixel indices (Triton kernels) and int grid sizes
   if (s[0] * s[1] * s[2] >= (int64_t{1} << 31)) {
     throw std::invalid_argument("B*H*W must be below 2**31, got " +
                                 std::to_string(s[0] * s[1] * s[2]));
+  }
+  // int32 footprint keys of the deterministic plan, n_keys = B*(H+1)*(W+1) included
+  if (s[0] * (s[1] + 1) * (s[2] + 1) >= (int64_t{1} << 31) - 1) {
+    throw std::invalid_argument("B*(H+1)*(W+1) must be below 2**31 - 1, got " +
+                                std::to_string(s[0] * (s[1] + 1) * (s[2] + 1)));
   }
   return {s[0], s[1], s[2], s[3]};
 }
@@ -124,20 +129,20 @@ void bwd(int device, std::uintptr_t stream, const Shape4& shape, int dtype, std:
          const Strides3& dout_strides, std::uintptr_t h, const Strides3& h_strides,
          std::uintptr_t flow, const Strides4& flow_strides, int flow_dtype, std::uintptr_t occ,
          const Strides3& occ_strides, std::uintptr_t dh_accum, std::uintptr_t dflow,
-         std::uintptr_t docc, std::uintptr_t plan_tgt, std::uintptr_t plan_wt) {
+         std::uintptr_t docc, std::uintptr_t plan_key, std::uintptr_t plan_wt) {
   const avatar::WarpInputs in =
       inputs(shape, dtype, h, h_strides, flow, flow_strides, flow_dtype, occ, occ_strides);
   require(dout, "dout");
   require(dflow, "dflow");
   require(docc, "docc");
-  if ((plan_tgt == 0) != (plan_wt == 0)) {
-    throw std::invalid_argument("plan_tgt and plan_wt must both be given or both be 0");
+  if ((plan_key == 0) != (plan_wt == 0)) {
+    throw std::invalid_argument("plan_key and plan_wt must both be given or both be 0");
   }
   DeviceGuard guard(device);
   check_cuda(avatar::warp_occlusion_bwd(in, ptr<const void>(dout),
                                         {dout_strides[0], dout_strides[1], dout_strides[2]},
                                         ptr<float>(dh_accum), ptr<void>(dflow), ptr<void>(docc),
-                                        ptr<int32_t>(plan_tgt), ptr<float>(plan_wt),
+                                        ptr<int32_t>(plan_key), ptr<float>(plan_wt),
                                         avatar::as_stream(stream)),
              "warp_occlusion_bwd");
 }
@@ -172,7 +177,7 @@ void bind(py::module_& m) {
         py::arg("dout"), py::arg("dout_strides"), py::arg("h"), py::arg("h_strides"),
         py::arg("flow"), py::arg("flow_strides"), py::arg("flow_dtype"), py::arg("occ"),
         py::arg("occ_strides"), py::arg("dh_accum"), py::arg("dflow"), py::arg("docc"),
-        py::arg("plan_tgt"), py::arg("plan_wt"));
+        py::arg("plan_key"), py::arg("plan_wt"));
   m.def("warp_occlusion_gather", &gather,
         "deterministic dh from the sorted plan (order, plan_wt, row_ptr)", py::arg("device"),
         py::arg("stream"), py::arg("shape"), py::arg("dtype"), py::arg("dout"),

@@ -48,16 +48,18 @@ cudaError_t warp_occlusion_fwd(const WarpInputs& in, void* out, bool residual,
 // non-finite) and docc (contiguous [N], dtype; written even when occ is nullptr). Then either
 //   dh_accum != nullptr: fp32 atomics add occ*w_k*dout into dh_accum (contiguous [N, C], which
 //                        the caller initialised to dout or zeros), or
-//   plan_tgt/plan_wt != nullptr: writes each (pixel, tap)'s source row (N when outside the image
-//                        or the flow is non-finite) and weight occ*w_k, [4N] each, for
-//                        warp_occlusion_gather after a stable sort by target.
+//   plan_key/plan_wt != nullptr: writes each pixel's footprint key ([N]; B*(H+1)*(W+1) when no
+//                        tap is inside the image or the flow is non-finite; see
+//                        kernels/flow_warp/plan.py) and its 4 tap weights occ*w_k ([4N]), for
+//                        warp_occlusion_gather after a stable sort of the keys.
 cudaError_t warp_occlusion_bwd(const WarpInputs& in, const void* dout, PixelStrides dout_strides,
-                               float* dh_accum, void* dflow, void* docc, int32_t* plan_tgt,
+                               float* dh_accum, void* dflow, void* docc, int32_t* plan_key,
                                float* plan_wt, cudaStream_t stream);
 
-// Deterministic dh (contiguous [N, C], dtype): for each source pixel s,
-//   dh[s] = (dout[s] if residual) + sum over j in [row_ptr[s], row_ptr[s+1]) in increasing j of
-//           plan_wt[e] * dout[e / 4],  e = order[j].
+// Deterministic dh (contiguous [N, C], dtype): for each source pixel s = (b, y, x) and tap
+// k = (dy, dx) in order 00, 01, 10, 11, with f = (b*(H+1) + y + 1 - dy)*(W+1) + x + 1 - dx,
+//   dh[s] = (dout[s] if residual) + sum over k, then j in [row_ptr[f], row_ptr[f+1]) in
+//           increasing j, of plan_wt[4q + k] * dout[q],  q = order[j].
 cudaError_t warp_occlusion_gather(WarpShape shape, DType dtype, const void* dout,
                                   PixelStrides dout_strides, const int64_t* order,
                                   const float* plan_wt, const int64_t* row_ptr, void* dh,

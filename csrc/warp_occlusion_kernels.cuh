@@ -3,11 +3,20 @@
 // test (tests/kernels/cuda_emulation/), which runs these exact kernels thread by thread without a
 // GPU. Keep it free of host-launch syntax.
 //
-// One warp per pixel: the 32 lanes stride over the pixel's C channels, VEC contiguous channels
-// per lane (16-byte loads when C, the strides and the pointers allow it, scalar loads otherwise).
-// The per-pixel reductions of the backward (dflow, docc) are a lane-local sum followed by a
-// butterfly shuffle: a fixed order, so they are reproducible. The coordinate math, tap order and
-// weights are those of kernels/flow_warp/triton_impl.py, line for line.
+// A group of `lanes` lanes (a power of two <= 32, chosen by lanes_per_pixel from C) per pixel, so a
+// warp serves 32 / lanes pixels: the lanes stride over the pixel's C channels, VEC contiguous
+// channels per lane (16-byte loads when C, the strides and the pointers allow it, scalar loads
+// otherwise). Small C no longer leaves most of a warp idle (C = 64 bf16: 8 lanes, 4 pixels per
+// warp; C = 320 bf16: 8 lanes, 5 full passes instead of 2 passes at 62% occupancy). The
+// per-pixel reductions of the backward (dflow, docc) are a lane-local sum followed by a butterfly
+// shuffle within the group: a fixed order, so they are reproducible. The coordinate math, tap
+// order and weights are those of kernels/flow_warp/triton_impl.py, line for line.
+//
+// dh scatter (default backward): fp32 atomics whose lanes cover consecutive channels. With
+// vector access on sm_90 each lane issues float4 atomicAdds (AVATAR_VECTOR_ATOMICS), so a
+// warp-wide atomic covers 16 contiguous bytes per lane; elsewhere the launcher runs the atomic
+// backward with scalar access, so each warp-wide scalar atomic covers 32 consecutive floats
+// (VEC consecutive scalar atomics per lane would touch addresses VEC floats apart).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,7 +31,17 @@ namespace avatar {
 namespace warp_detail {
 
 constexpr int kWarpSize = 32;
-constexpr int kPixelsPerBlock = 8;  // blockDim = (32, 8): warp threadIdx.y owns one pixel
+constexpr int kWarpsPerBlock = 8;  // blockDim = (32, 8): warp threadIdx.y serves 32 / lanes pixels
+
+// float4 atomicAdd exists on sm_90 and newer (global memory). The CPU emulation defines the
+// macro itself to run the vector path.
+#ifndef AVATAR_VECTOR_ATOMICS
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define AVATAR_VECTOR_ATOMICS 1
+#else
+#define AVATAR_VECTOR_ATOMICS 0
+#endif
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // element conversion and vector access
@@ -68,12 +87,42 @@ __device__ __forceinline__ void store_f32(T* ptr, const float (&src)[VEC]) {
   *reinterpret_cast<Pack<T, VEC>*>(ptr) = pack;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+// Sum over the `lanes` lanes of one pixel's group (aligned, power of two): every lane of the warp
+// must call it, with the same `lanes`.
+__device__ __forceinline__ float group_sum(float v, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset >>= 1) {
     v += __shfl_xor_sync(0xffffffffu, v, offset);
   }
   return v;
+}
+
+// dst[i] += w * d[i] for i < VEC with fp32 atomics: float4 atomics where available.
+template <int VEC>
+__device__ __forceinline__ void scatter_add(float* dst, float w, const float (&d)[VEC]) {
+  constexpr bool kFloat4 = AVATAR_VECTOR_ATOMICS && VEC % 4 == 0;
+  if constexpr (kFloat4) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      atomicAdd(reinterpret_cast<float4*>(dst + i),
+                make_float4(w * d[i], w * d[i + 1], w * d[i + 2], w * d[i + 3]));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, w * d[i]);
+  }
+}
+
+// The pixel this thread's lane group serves and the lane's index within the group.
+struct LaneSlot {
+  int64_t pix;
+  int64_t lane;
+};
+
+__device__ __forceinline__ LaneSlot lane_slot(int lanes) {
+  const int64_t pixels_per_warp = kWarpSize / lanes;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
+  return {warp * pixels_per_warp + threadIdx.x / static_cast<unsigned>(lanes),
+          static_cast<int64_t>(threadIdx.x % static_cast<unsigned>(lanes))};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -103,6 +152,7 @@ struct Taps {
   float fx, fy;       // fractional parts of the sampling coordinate
   int64_t t00;        // flat source pixel of tap 00, (b*H + y0)*W + x0 (garbage when outside)
   int64_t off00;      // element offset of tap 00 in h
+  int64_t corner;     // footprint key of the deterministic plan (plan.py), if any tap is inside
   bool m[4];          // tap k = (00, 01, 10, 11) lies inside the image (and valid)
 };
 
@@ -134,6 +184,7 @@ __device__ __forceinline__ Taps bilinear_taps(const TF* flow, const FlowStrides&
   t.m[2] = in_y1 && in_x0;
   t.m[3] = in_y1 && in_x1;
   t.t00 = (p.b * s.height + y0) * s.width + x0;
+  t.corner = (p.b * (s.height + 1) + y0 + 1) * (s.width + 1) + x0 + 1;
   t.off00 = p.b * hs.b + y0 * hs.y + x0 * hs.x;
   return t;
 }
@@ -152,14 +203,16 @@ struct FwdParams {
   PixelStrides os;
   T* out;        // contiguous
   bool residual;
+  int lanes;     // lanes per pixel (lanes_per_pixel)
 };
 
 template <typename T, typename TF, int VEC>
-__global__ void __launch_bounds__(kWarpSize * kPixelsPerBlock)
+__global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
     warp_occlusion_fwd_kernel(FwdParams<T, TF> p) {
   const int64_t n_pix = p.shape.batch * p.shape.height * p.shape.width;
-  const int64_t pix = static_cast<int64_t>(blockIdx.x) * kPixelsPerBlock + threadIdx.y;
-  if (pix >= n_pix) return;
+  const LaneSlot slot = lane_slot(p.lanes);
+  if (slot.pix >= n_pix) return;  // no shuffles below: lanes may leave independently
+  const int64_t pix = slot.pix;
   const int64_t channels = p.shape.channels;
   const Pixel px = split_pixel(pix, p.shape);
   const Taps t = bilinear_taps(p.flow, p.fs, px, p.shape, p.hs);
@@ -173,8 +226,7 @@ __global__ void __launch_bounds__(kWarpSize * kPixelsPerBlock)
   const T* tap11 = tap10 + p.hs.x;
   const T* self = p.h + pixel_offset(px, p.hs);
   T* out = p.out + pix * channels;
-  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < channels;
-       c += kWarpSize * VEC) {
+  for (int64_t c = slot.lane * VEC; c < channels; c += p.lanes * VEC) {
     float v00[VEC], v01[VEC], v10[VEC], v11[VEC], res[VEC];
     load_f32<T, VEC>(tap00 + c, t.m[0], v00);
     load_f32<T, VEC>(tap01 + c, t.m[1], v01);
@@ -204,17 +256,20 @@ struct BwdParams {
   float* dh_accum;    // contiguous [N, C] or nullptr
   TF* dflow;          // contiguous [N, 2]
   T* docc;            // contiguous [N]
-  int32_t* plan_tgt;  // [4N] or nullptr
+  int32_t* plan_key;  // [N] or nullptr
   float* plan_wt;     // [4N] or nullptr
+  int lanes;          // lanes per pixel (lanes_per_pixel)
 };
 
 template <typename T, typename TF, int VEC>
-__global__ void __launch_bounds__(kWarpSize * kPixelsPerBlock)
+__global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
     warp_occlusion_bwd_kernel(BwdParams<T, TF> p) {
   const int64_t n_pix = p.shape.batch * p.shape.height * p.shape.width;
-  const int64_t pix = static_cast<int64_t>(blockIdx.x) * kPixelsPerBlock + threadIdx.y;
-  if (pix >= n_pix) return;  // uniform per warp, so the shuffles below see all 32 lanes
-  const int64_t channels = p.shape.channels;
+  const LaneSlot slot = lane_slot(p.lanes);
+  // Lanes of a pixel past the end stay (with no channels to visit) for the group shuffles.
+  const bool active = slot.pix < n_pix;
+  const int64_t pix = active ? slot.pix : 0;
+  const int64_t channels = active ? p.shape.channels : 0;
   const int64_t width = p.shape.width;
   const Pixel px = split_pixel(pix, p.shape);
   const Taps t = bilinear_taps(p.flow, p.fs, px, p.shape, p.hs);
@@ -231,8 +286,7 @@ __global__ void __launch_bounds__(kWarpSize * kPixelsPerBlock)
   const T* tap11 = tap10 + p.hs.x;
   const T* dself = p.dout + pixel_offset(px, p.ds);
   float docc = 0.0f, dsx = 0.0f, dsy = 0.0f;
-  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < channels;
-       c += kWarpSize * VEC) {
+  for (int64_t c = slot.lane * VEC; c < channels; c += p.lanes * VEC) {
     float d[VEC], v00[VEC], v01[VEC], v10[VEC], v11[VEC];
     load_f32<T, VEC>(dself + c, true, d);
     load_f32<T, VEC>(tap00 + c, t.m[0], v00);
@@ -250,26 +304,24 @@ __global__ void __launch_bounds__(kWarpSize * kPixelsPerBlock)
     if (p.dh_accum != nullptr) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        if (!t.m[k]) continue;
-        float* dst = p.dh_accum + tgt[k] * channels + c;
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, ow[k] * d[i]);
+        if (t.m[k]) scatter_add<VEC>(p.dh_accum + tgt[k] * p.shape.channels + c, ow[k], d);
       }
     }
   }
-  docc = warp_sum(docc);
-  dsx = warp_sum(dsx);
-  dsy = warp_sum(dsy);
-  if (threadIdx.x != 0) return;
+  docc = group_sum(docc, p.lanes);
+  dsx = group_sum(dsx, p.lanes);
+  dsy = group_sum(dsy, p.lanes);
+  if (!active || slot.lane != 0) return;
   p.dflow[2 * pix] = from_f32<TF>(t.valid ? dsx : 0.0f);
   p.dflow[2 * pix + 1] = from_f32<TF>(t.valid ? dsy : 0.0f);
   p.docc[pix] = from_f32<T>(docc);
-  if (p.plan_tgt != nullptr) {
+  if (p.plan_key != nullptr) {
+    // one footprint key per pixel (n_keys, which sorts last, when no tap is inside)
+    const int64_t n_keys = p.shape.batch * (p.shape.height + 1) * (p.shape.width + 1);
+    const bool any_inside = t.m[0] || t.m[1] || t.m[2] || t.m[3];
+    p.plan_key[pix] = static_cast<int32_t>(any_inside ? t.corner : n_keys);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      p.plan_tgt[4 * pix + k] = static_cast<int32_t>(t.m[k] ? tgt[k] : n_pix);
-      p.plan_wt[4 * pix + k] = ow[k];
-    }
+    for (int k = 0; k < 4; ++k) p.plan_wt[4 * pix + k] = ow[k];
   }
 }
 
@@ -278,35 +330,48 @@ struct GatherParams {
   WarpShape shape;
   const T* dout;
   PixelStrides ds;
-  const int64_t* order;
-  const float* wt;
-  const int64_t* row_ptr;
-  T* dh;  // contiguous
+  const int64_t* order;    // [N]: pixels grouped by footprint (plan.gather_plan)
+  const float* wt;         // [4N]
+  const int64_t* row_ptr;  // [B (H+1) (W+1) + 1]
+  T* dh;                   // contiguous
   bool residual;
+  int lanes;               // lanes per pixel (lanes_per_pixel)
 };
 
+// dh[s] = (dout[s] if residual) + for tap k = (dy, dx) in order 00, 01, 10, 11, for each pixel q
+// of footprint group (y - dy, x - dx) front to back: wt[4q + k] * dout[q]. Fixed order: bitwise
+// reproducible.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kWarpSize * kPixelsPerBlock)
+__global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
     warp_occlusion_gather_kernel(GatherParams<T> p) {
   const int64_t n_pix = p.shape.batch * p.shape.height * p.shape.width;
-  const int64_t src = static_cast<int64_t>(blockIdx.x) * kPixelsPerBlock + threadIdx.y;
-  if (src >= n_pix) return;
+  const LaneSlot slot = lane_slot(p.lanes);
+  if (slot.pix >= n_pix) return;
+  const int64_t src = slot.pix;
   const int64_t channels = p.shape.channels;
-  const int64_t start = p.row_ptr[src];
-  const int64_t end = p.row_ptr[src + 1];
-  const T* dself = p.dout + pixel_offset(split_pixel(src, p.shape), p.ds);
+  const Pixel px = split_pixel(src, p.shape);
+  const T* dself = p.dout + pixel_offset(px, p.ds);
   T* dh = p.dh + src * channels;
-  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < channels;
-       c += kWarpSize * VEC) {
+  int64_t begin[4], end[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {  // footprint whose tap (k / 2, k % 2) is this source pixel
+    const int64_t group = (px.b * (p.shape.height + 1) + px.y + 1 - k / 2) * (p.shape.width + 1) +
+                          px.x + 1 - k % 2;
+    begin[k] = p.row_ptr[group];
+    end[k] = p.row_ptr[group + 1];
+  }
+  for (int64_t c = slot.lane * VEC; c < channels; c += p.lanes * VEC) {
     float acc[VEC], d[VEC];
     load_f32<T, VEC>(dself + c, p.residual, acc);
-    for (int64_t j = start; j < end; ++j) {  // fixed order: bitwise reproducible
-      const int64_t entry = p.order[j];
-      const float w = p.wt[entry];
-      const T* row = p.dout + pixel_offset(split_pixel(entry / 4, p.shape), p.ds);
-      load_f32<T, VEC>(row + c, true, d);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += w * d[i];
+    for (int k = 0; k < 4; ++k) {
+      for (int64_t j = begin[k]; j < end[k]; ++j) {
+        const int64_t q = p.order[j];
+        const float w = p.wt[4 * q + k];
+        load_f32<T, VEC>(p.dout + pixel_offset(split_pixel(q, p.shape), p.ds) + c, true, d);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] += w * d[i];
+      }
     }
     store_f32<T, VEC>(dh + c, acc);
   }
@@ -356,6 +421,35 @@ bool can_vectorize(int64_t channels, std::initializer_list<const void*> ptrs,
 }
 
 inline int64_t pixel_count(const WarpShape& s) { return s.batch * s.height * s.width; }
+
+// Lanes per pixel for C channels read VEC at a time: among 8, 16 and 32 lanes (at least 8, so a
+// pass over a row still covers >= 8 * 16 contiguous bytes with vectors) the one that leaves the
+// fewest lanes idle in the last pass, the larger on ties; fewer than 8 when the whole row has
+// fewer than 8 vectors.
+inline int lanes_per_pixel(int64_t channels, int vec) {
+  const int64_t vectors = (channels + vec - 1) / vec;
+  if (vectors < 8) {
+    int lanes = 1;
+    while (lanes < vectors) lanes *= 2;
+    return lanes;
+  }
+  int best = kWarpSize;
+  int64_t best_idle = (kWarpSize - vectors % kWarpSize) % kWarpSize;
+  for (int lanes = kWarpSize / 2; lanes >= 8; lanes /= 2) {
+    const int64_t idle = (lanes - vectors % lanes) % lanes;
+    if (idle < best_idle) {
+      best = lanes;
+      best_idle = idle;
+    }
+  }
+  return best;
+}
+
+// Blocks of kWarpsPerBlock warps for n_pix pixels at `lanes` lanes per pixel.
+inline int64_t block_count(int64_t n_pix, int lanes) {
+  const int64_t per_block = kWarpsPerBlock * (kWarpSize / lanes);
+  return (n_pix + per_block - 1) / per_block;
+}
 
 }  // namespace warp_detail
 }  // namespace avatar

@@ -111,3 +111,61 @@ def run_compiled_mode(script: str, *args: str, timeout: float = 600):
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                           env=env, cwd=root, timeout=timeout, check=False)
+
+
+def forbid_host_syncs(package: str = "kernels"):
+    """Context manager: inside it, code of ``package`` (not torch, triton or the test itself)
+    that reads tensor values on the host (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``,
+    ``int(t)``, ``float(t)``, ``bool(t)``) or builds a tensor from Python data
+    (``torch.tensor``) raises AssertionError naming the call. Such calls stall the stream on
+    every launch and break CUDA-graph capture; on CPU tensors this catches them without a GPU."""
+    import contextlib
+    import sys
+
+    @contextlib.contextmanager
+    def guard():
+        def from_package() -> str | None:
+            name = sys._getframe(2).f_globals.get("__name__", "")
+            return name if name == package or name.startswith(package + ".") else None
+
+        def wrap(owner, attr):
+            original = getattr(owner, attr)
+
+            def checked(*args, **kwargs):
+                caller = from_package()
+                if caller is not None:
+                    raise AssertionError(f"host sync: {attr} called from {caller}")
+                return original(*args, **kwargs)
+
+            return original, checked
+
+        methods = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__")
+        saved = [(torch.Tensor, m, *wrap(torch.Tensor, m)) for m in methods]
+        saved.append((torch, "tensor", *wrap(torch, "tensor")))
+        for owner, attr, _, checked in saved:
+            setattr(owner, attr, checked)
+        try:
+            yield
+        finally:
+            for owner, attr, original, _ in saved:
+                setattr(owner, attr, original)
+
+    return guard()
+
+
+def eager_and_graph_replay(step):
+    """Run ``step()`` (a function returning a tuple of CUDA tensors) once eagerly on a side
+    stream (warm-up: autotuning and one-time caches happen outside the capture), then capture it
+    in a CUDA graph and replay it. Returns (eager outputs, replayed outputs). Capture fails if
+    ``step`` synchronises with the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager, captured

@@ -8,9 +8,18 @@ PyTorch and needs neither.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-from kernels._validation import check_same, check_shape, check_tensor, modulation_frames
+from kernels._validation import (
+    _dtype_name,
+    check_same,
+    check_shape,
+    check_tensor,
+    modulation_frames,
+)
 from kernels.adaln.ref import adaln_modulate_ref, gated_residual_ref
 from kernels.registry import CallInfo, registry, resolve
 
@@ -31,26 +40,29 @@ def _triton():
 
 @torch.library.custom_op("avatar_kernels::adaln_modulate_fwd", mutates_args=())
 def _modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                  weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton().adaln_modulate_fwd(x, shift, scale, eps)
+    return _triton().adaln_modulate_fwd(x, shift, scale, weight, bias, eps)
 
 
 @_modulate_fwd.register_fake
-def _(x, shift, scale, eps):
+def _(x, shift, scale, weight, bias, eps):
     rows = x.shape[0] * x.shape[1]
     stats = x.new_empty(rows, dtype=torch.float32)
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("avatar_kernels::adaln_modulate_bwd", mutates_args=())
-def _modulate_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+def _modulate_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                  weight: torch.Tensor | None, mean: torch.Tensor,
                   rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton().adaln_modulate_bwd(dy, x, scale, mean, rstd)
+    return _triton().adaln_modulate_bwd(dy, x, scale, weight, mean, rstd)
 
 
 @_modulate_bwd.register_fake
-def _(dy, x, scale, mean, rstd):
-    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
+def _(dy, x, scale, weight, mean, rstd):
+    sums = scale.new_empty(scale.shape, dtype=torch.float32)
+    return torch.empty_like(x), sums, torch.empty_like(sums)
 
 
 @torch.library.custom_op("avatar_kernels::gated_residual_fwd", mutates_args=())
@@ -75,19 +87,33 @@ def _(dout, y, gate):
 
 
 class AdaLNModulateFunction(torch.autograd.Function):
-    """Triton adaLN: inputs x [B, N, C], shift/scale [B, T, C], all contiguous."""
+    """Triton adaLN: x [B, N, C], shift/scale [B, T, C], weight/bias [C] or None, contiguous."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        y, mean, rstd = _modulate_fwd(x, shift, scale, eps)
-        ctx.save_for_backward(x, scale, mean, rstd)
+    def forward(ctx, x, shift, scale, weight, bias, eps):
+        y, mean, rstd = _modulate_fwd(x, shift, scale, weight, bias, eps)
+        ctx.save_for_backward(x, scale, weight, bias, mean, rstd)
+        ctx.shift_dtype = shift.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, scale, mean, rstd = ctx.saved_tensors
-        dx, dshift, dscale = _modulate_bwd(dy.contiguous(), x, scale, mean, rstd)
-        return dx, dshift, dscale, None
+        x, scale, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, sum_dy, sum_dy_xhat = _modulate_bwd(dy.contiguous(), x, scale, weight, mean, rstd)
+        # Per frame, with h = x_hat * w + b and y = h * (1 + scale) + shift:
+        #   d shift = sum dy,  d scale = sum dy * h = w * sum(dy x_hat) + b * sum(dy),
+        #   d w = sum over frames of (1 + scale) * sum(dy x_hat), d b likewise with sum(dy).
+        # The kernel only accumulates the two sums; the rest is [B, T, C]-sized.
+        one_plus_scale = 1.0 + scale.float()
+        dscale = sum_dy_xhat if weight is None else weight.float() * sum_dy_xhat
+        if bias is not None:
+            dscale = dscale + bias.float() * sum_dy
+        dweight = dbias = None
+        if weight is not None:
+            dweight = (one_plus_scale * sum_dy_xhat).sum(dim=(0, 1)).to(weight.dtype)
+        if bias is not None:
+            dbias = (one_plus_scale * sum_dy).sum(dim=(0, 1)).to(bias.dtype)
+        return dx, sum_dy.to(ctx.shift_dtype), dscale.to(scale.dtype), dweight, dbias, None
 
 
 class GatedResidualFunction(torch.autograd.Function):
@@ -115,22 +141,22 @@ def _as_frames(mod: torch.Tensor) -> torch.Tensor:
     return (mod[:, None, :] if mod.dim() == 2 else mod).contiguous()
 
 
-def _modulate_triton(x, shift, scale, eps):
-    y = AdaLNModulateFunction.apply(x.contiguous(), _as_frames(shift), _as_frames(scale), eps)
-    return y
+def _modulate_triton(x, shift, scale, eps, weight, bias):
+    return AdaLNModulateFunction.apply(
+        x.contiguous(), _as_frames(shift), _as_frames(scale),
+        None if weight is None else weight.contiguous(),
+        None if bias is None else bias.contiguous(), eps)
 
 
 def _gated_triton(x, y, gate):
-    frames = _as_frames(gate)
-    out = GatedResidualFunction.apply(x.contiguous(), y.contiguous(), frames)
-    return out
+    return GatedResidualFunction.apply(x.contiguous(), y.contiguous(), _as_frames(gate))
 
 
 def _channel_limit(call: CallInfo) -> list[str]:
     from kernels.adaln.triton_impl import MAX_C
 
     c = call.facts.get("C", 0)
-    return [] if c <= MAX_C else [f"C={c} exceeds the single-block limit C <= {MAX_C}"]
+    return [] if c <= MAX_C else [f"C={c} exceeds the register-tile limit C <= {MAX_C}"]
 
 
 for _op, _ref, _tri in ((OP_MODULATE, adaln_modulate_ref, _modulate_triton),
@@ -144,25 +170,58 @@ for _op, _ref, _tri in ((OP_MODULATE, adaln_modulate_ref, _modulate_triton),
 # Public functions
 
 
-def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *,
-                   eps: float = 1e-6, backend: str | None = None) -> torch.Tensor:
-    """Fused adaLN modulation: ``LayerNorm(x) * (1 + scale) + shift``.
+def _check_eps(eps: object) -> float:
+    """eps must be a real number (not bool), finite and > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number (float), got {type(eps).__name__} {eps!r}")
+    value = float(eps)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {value}")
+    return value
 
-    LayerNorm runs over the last dim without affine parameters; statistics in fp32.
+
+def _check_modulation_dtype(name: str, mod: torch.Tensor, x: torch.Tensor) -> None:
+    if mod.dtype not in (x.dtype, torch.float32):
+        want = ("float32 (that of x)" if x.dtype == torch.float32
+                else f"the dtype of x ({_dtype_name(x.dtype)}) or float32")
+        raise TypeError(f"{name} must have {want}, got {_dtype_name(mod.dtype)}")
+
+
+def _check_affine(name: str, value: torch.Tensor | None, x: torch.Tensor) -> None:
+    if value is None:
+        return
+    check_tensor(name, value, ndim=1)
+    check_shape(name, value, (x.shape[-1],), " ([C] of x)")
+    check_same(("x", name), (x, value), dtype=False)
+    _check_modulation_dtype(name, value, x)
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *,
+                   eps: float = 1e-6, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Fused adaLN modulation: ``(LayerNorm(x) * weight + bias) * (1 + scale) + shift``.
+
+    LayerNorm runs over the last dim with biased variance; statistics in fp32, overflow-safe
+    (rows of any finite fp32 magnitude normalise correctly). ``weight``/``bias`` are LayerNorm's
+    optional affine parameters (CogVideoX); without them it is DiT's affine-free LayerNorm.
 
     Args:
         x: [B, N, C] tokens; float32, float16 or bfloat16.
         shift, scale: [B, C] (one vector per sample) or [B, T, C] (one per frame: N must be a
-            multiple of T, and frame t owns tokens [t*N/T, (t+1)*N/T)). Same dtype and device as x.
-        eps: added to the variance.
+            multiple of T, and frame t owns tokens [t*N/T, (t+1)*N/T)). Same device as x; x's
+            dtype or float32 (Wan keeps its modulation in fp32), both the same.
+        eps: added to the variance; a finite number > 0.
+        weight, bias: [C] or None; x's dtype or float32.
         backend: "triton" or "ref" to force one; default per :mod:`kernels.registry`.
 
     Returns:
-        [B, N, C] in x's dtype. Differentiable in x, shift and scale.
+        [B, N, C] in x's dtype (empty for zero-size x). Differentiable in x, shift, scale,
+        weight and bias; each gradient comes back in its input's dtype.
 
     Raises:
-        TypeError: non-tensor input, unsupported dtype, dtypes that differ.
-        ValueError: wrong rank or shape, N not a multiple of T, tensors on different devices.
+        TypeError: non-tensor input, unsupported dtype, dtypes that differ, non-numeric eps.
+        ValueError: wrong rank or shape, N not a multiple of T, tensors on different devices,
+            eps not finite or not > 0.
     """
     check_tensor("x", x, ndim=3)
     batch, tokens, channels = x.shape
@@ -171,11 +230,14 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *,
     if shift.shape != scale.shape:
         raise ValueError(f"shift and scale must have the same shape, got shift {list(shift.shape)}"
                          f" and scale {list(scale.shape)} (T={t_shift} vs T={t_scale})")
-    check_same(("x", "shift", "scale"), (x, shift, scale))
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_same(("x", "shift", "scale"), (x, shift, scale), dtype=False)
+    _check_modulation_dtype("shift", shift, x)
+    check_same(("shift", "scale"), (shift, scale), device=False)
+    _check_affine("weight", weight, x)
+    _check_affine("bias", bias, x)
+    eps = _check_eps(eps)
     impl = resolve(OP_MODULATE, x, backend, C=channels)
-    return impl.fn(x, shift, scale, float(eps))
+    return impl.fn(x, shift, scale, eps, weight, bias)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
@@ -185,11 +247,11 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
     Args:
         x, y: [B, N, C]; float32, float16 or bfloat16, same dtype and device.
         gate: [B, C] or [B, T, C], broadcast over tokens exactly like ``shift`` in
-            :func:`adaln_modulate`.
+            :func:`adaln_modulate`; x's dtype or float32.
         backend: "triton" or "ref" to force one; default per :mod:`kernels.registry`.
 
     Returns:
-        [B, N, C] in x's dtype. Differentiable in x, y and gate.
+        [B, N, C] in x's dtype (empty for zero-size x). Differentiable in x, y and gate.
 
     Raises:
         TypeError / ValueError: as :func:`adaln_modulate`.
@@ -199,6 +261,8 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
     check_shape("y", y, tuple(x.shape), " (same as x)")
     batch, tokens, channels = x.shape
     modulation_frames("gate", gate, batch, tokens, channels)
-    check_same(("x", "y", "gate"), (x, y, gate))
+    check_same(("x", "y"), (x, y))
+    check_same(("x", "gate"), (x, gate), dtype=False)
+    _check_modulation_dtype("gate", gate, x)
     impl = resolve(OP_GATED, x, backend, C=channels)
     return impl.fn(x, y, gate)

@@ -26,7 +26,9 @@ class Anchor:
 
     Args:
         starts: first token of the anchor frame in each sequence: a list of B ints or an integer
-            tensor [B] (read on the host once per call).
+            tensor [B]. A CPU tensor or list is range-checked on the host. A tensor on q's device
+            is never read on the host (no synchronisation: CUDA-graph safe); its values are not
+            range-checked, and the Triton kernels clamp each start to [0, N - length].
         length: number of tokens of one frame (> 0).
         source: the sequence whose anchor frame every other sequence reads (0 <= source < B).
 
@@ -50,6 +52,12 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def _check_rope_dims(rope_dims: object, head_dim: int) -> tuple[int, int, int]:
     if rope_dims is None:
         return default_rope_dims(head_dim)
@@ -62,9 +70,10 @@ def _check_rope_dims(rope_dims: object, head_dim: int) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
-def _check_positions(name: str, pos: object, batch: int, tokens: int,
-                     device: torch.device) -> torch.Tensor:
-    """[N, 3] or [B, N, 3], int or float -> [B, N, 3] (a broadcast view, dtype kept)."""
+def _check_positions(name: str, pos: object, batch: int, tokens: int, device: torch.device,
+                     owner: str = "q") -> torch.Tensor:
+    """[N, 3] or [B, N, 3], int or float -> [B, N, 3] (a broadcast view, dtype kept). Finiteness
+    is checked for CPU tensors only (eagerly): on a GPU the check would synchronise."""
     check_tensor(name, pos, ndim=(2, 3), dtypes=_POS_DTYPES)
     if pos.dim() == 2:
         check_shape(name, pos, (tokens, 3), " ([N, 3] of (t, y, x) per token)")
@@ -72,7 +81,13 @@ def _check_positions(name: str, pos: object, batch: int, tokens: int,
     else:
         check_shape(name, pos, (batch, tokens, 3), " ([B, N, 3] of (t, y, x) per token)")
     if pos.device != device:
-        raise ValueError(f"{name} must be on the same device as q ({device}), got {pos.device}")
+        raise ValueError(f"{name} must be on the same device as {owner} ({device}), got "
+                         f"{pos.device}")
+    # (skipped while torch.compile traces: a data-dependent branch would break the graph)
+    if (pos.device.type == "cpu" and pos.is_floating_point()
+            and not torch.compiler.is_compiling() and not torch.isfinite(pos).all()):
+        bad = pos[~torch.isfinite(pos)][0].item()
+        raise ValueError(f"{name} must be finite, got a {bad} entry")
     return pos
 
 
@@ -86,7 +101,8 @@ def _check_scalar(name: str, value: object, *, positive: bool) -> float:
     return value
 
 
-def _check_anchor(anchor: object, batch: int, nq: int, nk: int) -> tuple[list[int], int, int]:
+def _check_anchor(anchor: object, batch: int, nq: int, nk: int,
+                  device: torch.device) -> tuple[list[int] | torch.Tensor, int, int]:
     if not isinstance(anchor, Anchor):
         raise TypeError(f"anchor must be a kernels.Anchor or None, got {type(anchor).__name__}")
     if nq != nk:
@@ -102,6 +118,15 @@ def _check_anchor(anchor: object, batch: int, nq: int, nk: int) -> tuple[list[in
     starts = anchor.starts
     if isinstance(starts, torch.Tensor):
         check_tensor("anchor.starts", starts, ndim=1, dtypes=_INT_DTYPES)
+        if starts.device.type != "cpu" and (starts.device != device or device.type == "meta"):
+            raise ValueError(f"anchor.starts must be a tensor on the CPU or on q's device "
+                             f"({device}), got one on {starts.device}")
+        if len(starts) != batch:
+            raise ValueError(f"anchor.starts must have B={batch} entries, got {len(starts)}")
+        if starts.device.type != "cpu":
+            # left on the device: reading it here would synchronise; the kernels clamp each
+            # start to [0, N - length]
+            return starts, length, source
         starts = starts.tolist()
     elif isinstance(starts, (list, tuple)):
         starts = [_check_int("anchor.starts", s) for s in starts]
@@ -118,8 +143,9 @@ def _check_anchor(anchor: object, batch: int, nq: int, nk: int) -> tuple[list[in
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library custom ops (the units torch.compile sees). The anchor travels as
-# (starts: list[int], length, source) with an empty starts list meaning "no anchor".
+# torch.library custom ops (the units torch.compile sees). The anchor travels as (starts: list[int],
+# starts_t: int tensor [B] on q's device or None, length, source); length 0 means "no anchor", and
+# starts_t, when given, replaces the list (device-resident starts are never read on the host).
 
 
 def _triton():
@@ -129,21 +155,26 @@ def _triton():
     return triton_impl
 
 
-def _anchor_tuple(starts: list[int], length: int, source: int):
-    return (list(starts), length, source) if starts else None
+def _anchor_tuple(starts: list[int], starts_t: torch.Tensor | None, length: int, source: int):
+    if length == 0:
+        return None
+    return (list(starts) if starts_t is None else starts_t, length, source)
 
 
 @torch.library.custom_op("avatar_kernels::attention3d_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
                    k_pos: torch.Tensor | None, rope_dims: list[int], rope_theta: float,
-                   starts: list[int], length: int, source: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _triton().attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta,
-                                     _anchor_tuple(starts, length, source), scale)
+                   starts: list[int], starts_t: torch.Tensor | None, length: int,
+                   source: int, scale: float,
+                   interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    anchor = _anchor_tuple(starts, starts_t, length, source)
+    return _triton().attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
+                                     interleaved)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scale):
+def _(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, starts_t, length, source, scale,
+      interleaved):
     batch, n_q, heads, head_dim = q.shape
     return (q.new_empty(batch, n_q, heads, head_dim),
             q.new_empty(batch, heads, n_q, dtype=torch.float32))
@@ -153,26 +184,28 @@ def _(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scal
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, q_pos: torch.Tensor | None,
                    k_pos: torch.Tensor | None, rope_dims: list[int], rope_theta: float,
-                   starts: list[int], length: int, source: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   starts: list[int], starts_t: torch.Tensor | None, length: int,
+                   source: int, scale: float,
+                   interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    anchor = _anchor_tuple(starts, starts_t, length, source)
     return _triton().attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims,
-                                     rope_theta, _anchor_tuple(starts, length, source), scale)
+                                     rope_theta, anchor, scale, interleaved)
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta, starts, length, source,
-      scale):
+def _(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta, starts, starts_t, length,
+      source, scale, interleaved):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 @torch.library.custom_op("avatar_kernels::rope3d_fwd", mutates_args=())
 def _rope_fwd(x: torch.Tensor, positions: torch.Tensor, rope_dims: list[int], rope_theta: float,
-              inverse: bool) -> torch.Tensor:
-    return _triton().rope3d_fwd(x, positions, rope_dims, rope_theta, inverse)
+              inverse: bool, interleaved: bool) -> torch.Tensor:
+    return _triton().rope3d_fwd(x, positions, rope_dims, rope_theta, inverse, interleaved)
 
 
 @_rope_fwd.register_fake
-def _(x, positions, rope_dims, rope_theta, inverse):
+def _(x, positions, rope_dims, rope_theta, inverse, interleaved):
     return x.new_empty(x.shape)
 
 
@@ -180,62 +213,71 @@ class Attention3DFunction(torch.autograd.Function):
     """Triton attention3d: q [B, Nq, H, D], k/v [B, Nk, H, D] with a unit head-dim stride."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scale):
+    def forward(ctx, q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, starts_t, length,
+                source, scale, interleaved):
         k_pos = q_pos if k_pos is None else k_pos  # None: the same positions as q
-        out, lse = _attention_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length,
-                                  source, scale)
-        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos)
-        ctx.args = (rope_dims, rope_theta, starts, length, source, scale)
+        out, lse = _attention_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, starts_t,
+                                  length, source, scale, interleaved)
+        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, starts_t)
+        ctx.args = (rope_dims, rope_theta, starts, length, source, scale, interleaved)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, q_pos, k_pos = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, q_pos, k_pos, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        q, k, v, out, lse, q_pos, k_pos, starts_t = ctx.saved_tensors
+        rope_dims, rope_theta, starts, length, source, scale, interleaved = ctx.args
+        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta,
+                                    starts, starts_t, length, source, scale, interleaved)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 class Rope3DFunction(torch.autograd.Function):
     """Triton rope3d: x [B, N, H, D], positions [B, N, 3]."""
 
     @staticmethod
-    def forward(ctx, x, positions, rope_dims, rope_theta):
+    def forward(ctx, x, positions, rope_dims, rope_theta, interleaved):
         ctx.save_for_backward(positions)
         ctx.args = (rope_dims, rope_theta)
-        return _rope_fwd(x, positions, rope_dims, rope_theta, False)
+        ctx.interleaved = interleaved
+        return _rope_fwd(x, positions, rope_dims, rope_theta, False, interleaved)
 
     @staticmethod
     def backward(ctx, dy):
         (positions,) = ctx.saved_tensors
-        return _rope_fwd(dy, positions, *ctx.args, True), None, None, None
+        return _rope_fwd(dy, positions, *ctx.args, True, ctx.interleaved), None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
-# Backend implementations. Signature: (q, k, v, q_pos, k_pos, rope_dims, theta, anchor, scale)
-# with q_pos/k_pos [B, N, 3] or None and anchor (starts list, length, source) or None.
+# Backend implementations. Signature: (q, k, v, q_pos, k_pos, rope_dims, theta, anchor, scale,
+# interleaved) with q_pos/k_pos [B, N, 3] or None and anchor (starts list, length, source) or None.
 
 
-def _attention_ref(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale):
+def _attention_ref(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale, interleaved):
+    if anchor is not None and isinstance(anchor[0], torch.Tensor):
+        anchor = (anchor[0].tolist(), *anchor[1:])  # the reference reads starts on the host
     return attention3d_ref(q, k, v, q_pos=q_pos, k_pos=k_pos, rope_dims=rope_dims,
-                           rope_theta=rope_theta, anchor=anchor, scale=scale)
+                           rope_theta=rope_theta, anchor=anchor, scale=scale,
+                           interleaved=interleaved)
 
 
-def _attention_triton(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale):
+def _attention_triton(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale, interleaved):
     starts, length, source = anchor if anchor is not None else ([], 0, 0)
+    starts_t = starts if isinstance(starts, torch.Tensor) else None  # device-resident, unread
+    starts = [] if starts_t is not None else starts
     # autograd.Function under torch.compile rejects one tensor passed as two inputs
     k = k.view_as(k) if k is q else k
     v = v.view_as(v) if v is q or v is k else v
     k_pos = None if k_pos is q_pos else k_pos
     return Attention3DFunction.apply(q, k, v, q_pos, k_pos, list(rope_dims), rope_theta,
-                                     list(starts), length, source, scale)
+                                     list(starts), starts_t, length, source, scale, interleaved)
 
 
-def _rope_ref(x, positions, rope_dims, rope_theta):
-    return rope3d_ref(x, positions, rope_dims, rope_theta)
+def _rope_ref(x, positions, rope_dims, rope_theta, interleaved):
+    return rope3d_ref(x, positions, rope_dims, rope_theta, interleaved)
 
 
-def _rope_triton(x, positions, rope_dims, rope_theta):
-    return Rope3DFunction.apply(x, positions, list(rope_dims), rope_theta)
+def _rope_triton(x, positions, rope_dims, rope_theta, interleaved):
+    return Rope3DFunction.apply(x, positions, list(rope_dims), rope_theta, interleaved)
 
 
 registry.register(OP_ATTENTION, "ref", _attention_ref, devices=("cpu", "cuda"))
@@ -253,7 +295,7 @@ def attention3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 positions: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
                 rope_dims: Sequence[int] | None = None, rope_theta: float = 10000.0,
                 anchor: Anchor | None = None, scale: float | None = None,
-                backend: str | None = None) -> torch.Tensor:
+                interleaved: bool = False, backend: str | None = None) -> torch.Tensor:
     """Full (unmasked) multi-head attention with optional in-kernel 3D RoPE and anchor override.
 
     ``out = softmax(RoPE(q) RoPE(k)^T * scale) v`` per (batch, head); statistics in fp32.
@@ -266,7 +308,11 @@ def attention3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             dim splits into contiguous parts of sizes rope_dims = (dt, dy, dx); in a part of size d
             with coordinate p, for i < d/2, angle = p * rope_theta^(-2i/d) (fp32) and the pair
             (x_i, x_{i+d/2}) becomes (x_i cos - x_{i+d/2} sin, x_{i+d/2} cos + x_i sin).
-            Positions may be fractional and arbitrarily large (e.g. t = 10000).
+            Positions may be fractional and large (t = 1e4 is tested): the fp32 angle is the spec,
+            and both backends evaluate cos/sin of it exactly at any magnitude; adjacent positions
+            merge only where the fp32 angle itself cannot separate them (|p f| >= 2^24). Must be
+            finite: checked for CPU tensors (ValueError); not checked for CUDA tensors, where the
+            check would synchronise.
         rope_dims: (dt, dy, dx), non-negative even ints with sum <= D (columns past the sum are
             not rotated); default (D - 4*(D//6), 2*(D//6), 2*(D//6)).
         rope_theta: RoPE base, > 0.
@@ -276,6 +322,10 @@ def attention3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             output rows of every b != source are copied from source. Gradients follow: replaced
             rows of b get zero gradient, source's rows accumulate every reader's gradient.
         scale: softmax scale, default 1/sqrt(D).
+        interleaved: False (default): rotate-half pairs (x_i, x_{i+d/2}) within each part.
+            True: adjacent pairs (x_{2i}, x_{2i+1}) within each part, the convention of diffusers'
+            Wan, CogVideoX and HunyuanVideo (``apply_rotary_emb(..., use_real_unbind_dim=-1)``);
+            the frequencies are the same, theta^(-2i/d) for pair i.
         backend: "triton" or "ref" to force one; default per :mod:`kernels.registry`.
 
     Returns:
@@ -284,8 +334,9 @@ def attention3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Raises:
         TypeError: non-tensor input, unsupported dtype, dtypes that differ, anchor not an Anchor.
         ValueError: wrong rank or shape, D not a multiple of 8 or above 256, positions of the wrong
-            shape or device, bad rope_dims / rope_theta / scale, anchor with Nq != Nk, anchor
-            starts out of range or running past the end, length <= 0, source outside [0, B).
+            shape or device or (CPU) not finite, bad rope_dims / rope_theta / scale, anchor with
+            Nq != Nk, anchor starts out of range or running past the end (list or CPU tensor),
+            starts on a device other than the CPU or q's, length <= 0, source outside [0, B).
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
@@ -315,19 +366,21 @@ def attention3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                              f"attention (Nq={nq} != Nk={nk}), got a single "
                              f"{type(positions).__name__}")
         q_pos = k_pos = _check_positions("positions", positions, batch, nq, q.device)
-    anchor_n = None if anchor is None else _check_anchor(anchor, batch, nq, nk)
+    anchor_n = None if anchor is None else _check_anchor(anchor, batch, nq, nk, q.device)
+    inter = _check_bool("interleaved", interleaved)
     impl = resolve(OP_ATTENTION, q, backend, D=head_dim)
-    return impl.fn(q, k, v, q_pos, k_pos, dims, theta, anchor_n, scale)
+    return impl.fn(q, k, v, q_pos, k_pos, dims, theta, anchor_n, scale, inter)
 
 
 def rope3d(x: torch.Tensor, positions: torch.Tensor, *, rope_dims: Sequence[int] | None = None,
-           rope_theta: float = 10000.0, backend: str | None = None) -> torch.Tensor:
+           rope_theta: float = 10000.0, interleaved: bool = False,
+           backend: str | None = None) -> torch.Tensor:
     """3D rotary embedding of x, exactly the rotation :func:`attention3d` applies on load.
 
     Args:
         x: [B, N, H, D]; float32, float16 or bfloat16; D a multiple of 8, at most 256.
         positions: (t, y, x) per token, int or float, [N, 3] or [B, N, 3], on x's device.
-        rope_dims, rope_theta: as :func:`attention3d`.
+        rope_dims, rope_theta, interleaved: as :func:`attention3d`.
         backend: "triton" or "ref" to force one; default per :mod:`kernels.registry`.
 
     Returns:
@@ -339,8 +392,9 @@ def rope3d(x: torch.Tensor, positions: torch.Tensor, *, rope_dims: Sequence[int]
     check_tensor("x", x, ndim=4)
     batch, tokens, _, head_dim = x.shape
     check_head_dim("x", head_dim)
-    pos = _check_positions("positions", positions, batch, tokens, x.device)
+    pos = _check_positions("positions", positions, batch, tokens, x.device, owner="x")
     dims = _check_rope_dims(rope_dims, head_dim)
     theta = _check_scalar("rope_theta", rope_theta, positive=True)
+    inter = _check_bool("interleaved", interleaved)
     impl = resolve(OP_ROPE, x, backend, D=head_dim)
-    return impl.fn(x, pos, dims, theta)
+    return impl.fn(x, pos, dims, theta, inter)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels._cuda_types import DTYPE_CODES
-from kernels.flow_warp.plan import gather_plan, pixel_grad_buffers
+from kernels.flow_warp.plan import footprint_count, gather_plan, pixel_grad_buffers
 from kernels.registry import cuda_extension
 
 
@@ -71,14 +71,14 @@ def warp_occlusion_bwd(dout: torch.Tensor, h: torch.Tensor, flow: torch.Tensor,
     if not deterministic:
         base = dout if residual else torch.zeros(h.shape, dtype=h.dtype, device=h.device)
         dh_acc = base.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        ext.warp_occlusion_bwd(**common, **grads, dh_accum=dh_acc.data_ptr(), plan_tgt=0,
+        ext.warp_occlusion_bwd(**common, **grads, dh_accum=dh_acc.data_ptr(), plan_key=0,
                                plan_wt=0)
         return dh_acc.to(h.dtype), dflow, docc
-    tgt = torch.empty(n_pix * 4, dtype=torch.int32, device=h.device)
+    key = torch.empty(n_pix, dtype=torch.int32, device=h.device)
     wt = torch.empty(n_pix * 4, dtype=torch.float32, device=h.device)
-    ext.warp_occlusion_bwd(**common, **grads, dh_accum=0, plan_tgt=tgt.data_ptr(),
+    ext.warp_occlusion_bwd(**common, **grads, dh_accum=0, plan_key=key.data_ptr(),
                            plan_wt=wt.data_ptr())
-    order, row_ptr = gather_plan(tgt, n_pix)
+    order, row_ptr = gather_plan(key, footprint_count(batch, height, width))
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     ext.warp_occlusion_gather(
         device=common["device"], stream=common["stream"], shape=common["shape"],

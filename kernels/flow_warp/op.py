@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels._validation import check_same, check_shape, check_tensor
+from kernels.flow_warp.plan import MAX_KEYS, footprint_count
 from kernels.flow_warp.ref import warp_occlusion_ref
 from kernels.registry import CallInfo, registry, resolve
 
@@ -120,8 +121,13 @@ def _warp_cuda(h, flow, occlusion, residual, deterministic):
 
 def _pixel_limit(call: CallInfo) -> list[str]:
     pixels = call.facts.get("pixels", 0)
-    return [] if pixels <= MAX_PIXELS else [
+    footprints = call.facts.get("footprints", 0)
+    reasons = [] if pixels <= MAX_PIXELS else [
         f"B*H*W={pixels} exceeds the int32 pixel-index limit {MAX_PIXELS}"]
+    if footprints > MAX_KEYS:
+        reasons.append(f"B*(H+1)*(W+1)={footprints} exceeds the int32 footprint-key limit "
+                       f"{MAX_KEYS} of the backward plan")
+    return reasons
 
 
 registry.register(OP, "ref", _warp_ref, devices=("cpu", "cuda"))
@@ -135,7 +141,7 @@ registry.register(OP, "cuda", _warp_cuda, devices=("cuda",), needs_cuda_ext=True
 # Validation and public functions
 
 _LAYOUT = ("h must be channels-last [B, H, W, C] and contiguous (channel stride 1), the layout "
-           "WarpCA gets when it reshapes attention output; a channels-first x [B, C, H, W] "
+           "WarpCA gets when it reshapes its tokens; a channels-first x [B, C, H, W] "
            "becomes one with x.permute(0, 2, 3, 1).contiguous()")
 
 
@@ -199,7 +205,8 @@ def warp_occlusion(h: torch.Tensor, flow: torch.Tensor, occlusion: torch.Tensor 
     """
     _validate(h, flow, occlusion, residual, deterministic)
     batch, height, width, channels = h.shape
-    impl = resolve(OP, h, backend, C=channels, pixels=batch * height * width)
+    impl = resolve(OP, h, backend, C=channels, pixels=batch * height * width,
+                   footprints=footprint_count(batch, height, width))
     return impl.fn(h, flow, occlusion, residual, deterministic)
 
 

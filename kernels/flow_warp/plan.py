@@ -1,29 +1,43 @@
 """Backward-pass pieces shared by the Triton and CUDA backends: the per-pixel gradient buffers
 and the deterministic backward's gather plan.
 
-The backward kernel writes, for each output pixel p and bilinear tap k, the flat index of the
-source pixel that tap reads (``tgt[4p + k]``, or N when the tap is outside the image or the flow is
-non-finite) and its weight ``occ[p] * w_k(p)``. Inverting that scatter into a gather needs, for each
-source pixel s, the list of entries e = 4p + k with tgt[e] == s, in an order that never changes:
-a stable sort by target gives exactly that (equal targets keep increasing e), a CSR row pointer
-delimits each source pixel's list, and the gather kernels sum each list front to back.
+Output pixel p reads a 2x2 footprint of source pixels whose top-left tap is (y0, x0), with
+y0 in [-1, H-1] and x0 in [-1, W-1] whenever any tap lies inside the image. The backward kernel
+writes ONE key per pixel, the index of that footprint on the (H+1) x (W+1) grid of possible
+top-left corners,
 
-Cost: one radix sort of 4N int32 keys and one binary search over N + 1 boundaries, where N is the
-pixel count (B*H*W), independent of the channel count C: for C >= 64 that is a few percent of the
-dh traffic.
+    key[p] = (b * (H + 1) + y0 + 1) * (W + 1) + x0 + 1          (n_keys = B (H+1) (W+1) when
+                                                                 no tap is inside / flow NaN)
+
+and its four occlusion-scaled tap weights wt[4p + k]. A stable sort of the N keys groups the
+pixels by footprint (equal keys keep increasing p) and a CSR row pointer delimits each group.
+Source pixel s = (b, y, x) is tap k = (dy, dx) of exactly the pixels in group (y - dy, x - dx),
+so the gather kernels visit, for each s, those four groups in tap order and each group front to
+back: a fixed order, bitwise reproducible, with no per-tap entries at all.
+
+Cost: one sort of N int32 keys (the earlier plan sorted 4N) and a binary search over
+n_keys + 1 ~ N (1 + 1/H + 1/W) boundaries, independent of the channel count C.
 """
 
 from __future__ import annotations
 
 import torch
 
+# footprint keys are int32 on both compiled backends
+MAX_KEYS = 2**31 - 2
 
-def gather_plan(tgt: torch.Tensor, n_pix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """tgt [4N] int32 -> (order [4N] int64: entries grouped by target, increasing within a
-    group; row_ptr [N + 1] int64: source pixel s owns order[row_ptr[s]:row_ptr[s + 1]])."""
-    keys, order = torch.sort(tgt, stable=True)
-    bounds = torch.arange(n_pix + 1, dtype=tgt.dtype, device=tgt.device)
-    row_ptr = torch.searchsorted(keys, bounds)
+
+def footprint_count(batch: int, height: int, width: int) -> int:
+    """Number of possible 2x2 footprints (top-left corners on the (H+1) x (W+1) grid)."""
+    return batch * (height + 1) * (width + 1)
+
+
+def gather_plan(key: torch.Tensor, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """key [N] int32 -> (order [N] int64: pixels grouped by footprint, increasing within a group;
+    row_ptr [n_keys + 1] int64: footprint f owns order[row_ptr[f]:row_ptr[f + 1]])."""
+    sorted_keys, order = torch.sort(key, stable=True)
+    bounds = torch.arange(n_keys + 1, dtype=key.dtype, device=key.device)
+    row_ptr = torch.searchsorted(sorted_keys, bounds)
     return order, row_ptr
 
 

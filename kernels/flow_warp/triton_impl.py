@@ -14,10 +14,12 @@ per-pixel reductions over C stay in registers:
     dflow = sum_c occ * dout * dS/d(sx, sy)
     dh[tap] += occ * w_tap * dout       for the 4 taps (a scatter)
 The scatter is done one of two ways (flags of the same kernel):
-    ATOMIC_DH:  fp32 atomics into an fp32 buffer (default; fast, order not reproducible);
-    WRITE_PLAN: write each (pixel, tap)'s target row and weight instead; the caller sorts the
-                targets stably and _warp_occlusion_gather_kernel sums, for each source pixel, the
-                contributions in that fixed order: bitwise reproducible, no float atomics.
+    ATOMIC_DH:  relaxed fp32 atomics into an fp32 buffer (default; fast, order not
+                reproducible);
+    WRITE_PLAN: write each pixel's footprint key and its 4 tap weights instead; the caller sorts
+                the N keys stably (plan.py) and _warp_occlusion_gather_kernel sums, for each
+                source pixel, the contributions of its 4 footprint groups in that fixed order:
+                bitwise reproducible, no float atomics.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.flow_warp.plan import gather_plan, pixel_grad_buffers
+from kernels.flow_warp.plan import footprint_count, gather_plan, pixel_grad_buffers
 from kernels.registry import interpreter_enabled
 
 TILE = 2048  # elements per program tile (pixels x channels)
@@ -41,8 +43,9 @@ def _block_c(channels: int, cap: int) -> int:
 @triton.jit
 def _bilinear_taps(flow_ptr, pix, pmask, height, width,
                    stride_f_b, stride_f_y, stride_f_x, stride_f_c):
-    """Per pixel: valid (finite flow), fractions fx, fy, the flat target row of tap 00 and the
-    in-image mask of each tap (all False for invalid or masked-off pixels)."""
+    """Per pixel: valid (finite flow), fractions fx, fy, the flat target row of tap 00, the
+    in-image mask of each tap (all False for invalid or masked-off pixels) and the footprint key
+    of the deterministic plan (see plan.py)."""
     hw = height * width
     b = pix // hw
     rem = pix - b * hw
@@ -70,7 +73,10 @@ def _bilinear_taps(flow_ptr, pix, pmask, height, width,
     in_y0 = valid & (y0 >= 0) & (y0 < height)
     in_y1 = valid & (y0 + 1 >= 0) & (y0 + 1 < height)
     t00 = (b * height + y0) * width + x0
-    return valid, fx, fy, t00, in_y0 & in_x0, in_y0 & in_x1, in_y1 & in_x0, in_y1 & in_x1
+    # footprint key of the deterministic plan (plan.py); meaningful when any tap is inside
+    corner = (b * (height + 1) + y0 + 1) * (width + 1) + x0 + 1
+    return (valid, fx, fy, t00, in_y0 & in_x0, in_y0 & in_x1, in_y1 & in_x0, in_y1 & in_x1,
+            corner)
 
 
 @triton.jit
@@ -102,12 +108,12 @@ def _warp_occlusion_fwd_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pmask = pix < n_pix
     cmask = cols[None, :] < channels
-    valid, fx, fy, t00, m00, m01, m10, m11 = _bilinear_taps(
+    valid, fx, fy, t00, m00, m01, m10, m11, _ = _bilinear_taps(
         flow_ptr, pix, pmask, height, width, stride_f_b, stride_f_y, stride_f_x, stride_f_c)
     occ = _load_occlusion(occ_ptr, pix, pmask, height, width, stride_o_b, stride_o_y,
                           stride_o_x, HAS_OCC)
     r00 = t00.to(tl.int64) * channels
-    r10 = r00 + width * channels
+    r10 = (t00.to(tl.int64) + width) * channels
     c2 = cols[None, :]
     v00 = tl.load(h_ptr + r00[:, None] + c2, mask=m00[:, None] & cmask, other=0.0).to(tl.float32)
     v01 = tl.load(h_ptr + (r00 + channels)[:, None] + c2, mask=m01[:, None] & cmask,
@@ -129,7 +135,7 @@ def _warp_occlusion_fwd_kernel(
 
 @triton.jit
 def _warp_occlusion_bwd_kernel(
-    dout_ptr, h_ptr, flow_ptr, occ_ptr, dh_acc_ptr, dflow_ptr, docc_ptr, tgt_ptr, wt_ptr,
+    dout_ptr, h_ptr, flow_ptr, occ_ptr, dh_acc_ptr, dflow_ptr, docc_ptr, key_ptr, wt_ptr,
     n_pix, height, width, channels,
     stride_f_b, stride_f_y, stride_f_x, stride_f_c, stride_o_b, stride_o_y, stride_o_x,
     HAS_OCC: tl.constexpr, ATOMIC_DH: tl.constexpr, WRITE_PLAN: tl.constexpr,
@@ -137,7 +143,7 @@ def _warp_occlusion_bwd_kernel(
 ):
     pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = pix < n_pix
-    valid, fx, fy, t00, m00, m01, m10, m11 = _bilinear_taps(
+    valid, fx, fy, t00, m00, m01, m10, m11, corner = _bilinear_taps(
         flow_ptr, pix, pmask, height, width, stride_f_b, stride_f_y, stride_f_x, stride_f_c)
     occ = _load_occlusion(occ_ptr, pix, pmask, height, width, stride_o_b, stride_o_y,
                           stride_o_x, HAS_OCC)
@@ -149,7 +155,7 @@ def _warp_occlusion_bwd_kernel(
     ow10 = occ * gx * fy
     ow11 = occ * fx * fy
     r00 = t00.to(tl.int64) * channels
-    r10 = r00 + width * channels
+    r10 = (t00.to(tl.int64) + width) * channels
     pix64 = pix.to(tl.int64)  # 4 * pix overflows int32 beyond 2**29 pixels
     self_row = pix64 * channels
     docc = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -175,23 +181,26 @@ def _warp_occlusion_bwd_kernel(
         dsx += tl.sum(g * (gy[:, None] * (v01 - v00) + fy[:, None] * (v11 - v10)), axis=1)
         dsy += tl.sum(g * (gx[:, None] * (v10 - v00) + fx[:, None] * (v11 - v01)), axis=1)
         if ATOMIC_DH:
-            tl.atomic_add(dh_acc_ptr + r00[:, None] + c2, ow00[:, None] * dout, mask=k00)
+            # relaxed: only the final sums matter (read after the kernel ends), so no ordering
+            # is needed; the default acq_rel adds a fence (MEMBAR.GPU) per atomic
+            tl.atomic_add(dh_acc_ptr + r00[:, None] + c2, ow00[:, None] * dout, mask=k00,
+                          sem="relaxed")
             tl.atomic_add(dh_acc_ptr + (r00 + channels)[:, None] + c2, ow01[:, None] * dout,
-                          mask=k01)
-            tl.atomic_add(dh_acc_ptr + r10[:, None] + c2, ow10[:, None] * dout, mask=k10)
+                          mask=k01, sem="relaxed")
+            tl.atomic_add(dh_acc_ptr + r10[:, None] + c2, ow10[:, None] * dout, mask=k10,
+                          sem="relaxed")
             tl.atomic_add(dh_acc_ptr + (r10 + channels)[:, None] + c2, ow11[:, None] * dout,
-                          mask=k11)
+                          mask=k11, sem="relaxed")
     tl.store(dflow_ptr + 2 * pix64, tl.where(valid, dsx, 0.0).to(dflow_ptr.dtype.element_ty),
              mask=pmask)
     tl.store(dflow_ptr + 2 * pix64 + 1, tl.where(valid, dsy, 0.0).to(dflow_ptr.dtype.element_ty),
              mask=pmask)
     tl.store(docc_ptr + pix64, docc.to(docc_ptr.dtype.element_ty), mask=pmask)
     if WRITE_PLAN:
-        # target row of each (pixel, tap), or n_pix (sorts last, never read) when outside/invalid
-        tl.store(tgt_ptr + 4 * pix64, tl.where(m00, t00, n_pix), mask=pmask)
-        tl.store(tgt_ptr + 4 * pix64 + 1, tl.where(m01, t00 + 1, n_pix), mask=pmask)
-        tl.store(tgt_ptr + 4 * pix64 + 2, tl.where(m10, t00 + width, n_pix), mask=pmask)
-        tl.store(tgt_ptr + 4 * pix64 + 3, tl.where(m11, t00 + width + 1, n_pix), mask=pmask)
+        # one footprint key per pixel (n_keys, which sorts last, when no tap is inside) and the
+        # four tap weights
+        n_keys = (n_pix // (height * width)) * (height + 1) * (width + 1)
+        tl.store(key_ptr + pix64, tl.where(m00 | m01 | m10 | m11, corner, n_keys), mask=pmask)
         tl.store(wt_ptr + 4 * pix64, ow00, mask=pmask)
         tl.store(wt_ptr + 4 * pix64 + 1, ow01, mask=pmask)
         tl.store(wt_ptr + 4 * pix64 + 2, ow10, mask=pmask)
@@ -201,34 +210,41 @@ def _warp_occlusion_bwd_kernel(
 @triton.jit
 def _warp_occlusion_gather_kernel(
     dout_ptr, order_ptr, wt_ptr, row_ptr_ptr, dh_ptr,
-    n_pix, channels,
+    n_pix, height, width, channels,
     RESIDUAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dh[s] = (dout[s] if RESIDUAL) + sum over j in [row_ptr[s], row_ptr[s+1]) of
-    wt[e] * dout[e // 4] with e = order[j], in increasing j: a fixed order, so bitwise
-    reproducible."""
+    """dh[s] = (dout[s] if RESIDUAL) + for tap k = (dy, dx) in order 00, 01, 10, 11, for each
+    pixel p of footprint group (y - dy, x - dx) front to back: wt[4p + k] * dout[p]. A fixed
+    order, so bitwise reproducible (plan.py)."""
     src = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c2 = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
     smask = src < n_pix
     cmask = c2 < channels
-    start = tl.load(row_ptr_ptr + src, mask=smask, other=0)
-    count = tl.load(row_ptr_ptr + src + 1, mask=smask, other=0) - start
+    hw = height * width
+    b = src // hw
+    rem = src - b * hw
+    y = rem // width
+    x = rem - y * width
     self_off = src.to(tl.int64)[:, None] * channels + c2
     iomask = smask[:, None] & cmask
     if RESIDUAL:
         acc = tl.load(dout_ptr + self_off, mask=iomask, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    # Runtime bound (the longest list in the tile): nothing constexpr can bound a gather list.
-    # The interpreter accepts it with numpy < 2.4 only (DESIGN.md pitfall; a DeprecationWarning).
-    for j in range(0, tl.max(count, axis=0)):
-        live = j < count
-        entry = tl.load(order_ptr + start + j, mask=live, other=0)
-        w = tl.load(wt_ptr + entry, mask=live, other=0.0)
-        row = (entry // 4).to(tl.int64) * channels
-        d = tl.load(dout_ptr + row[:, None] + c2, mask=live[:, None] & cmask,
-                    other=0.0).to(tl.float32)
-        acc += w[:, None] * d
+    for tap in tl.static_range(4):
+        # footprint whose tap (tap // 2, tap % 2) is this source pixel
+        group = (b * (height + 1) + y + 1 - tap // 2) * (width + 1) + x + 1 - tap % 2
+        start = tl.load(row_ptr_ptr + group, mask=smask, other=0)
+        count = tl.load(row_ptr_ptr + group + 1, mask=smask, other=0) - start
+        # Runtime bound (the longest group in the tile): nothing constexpr bounds a group. The
+        # interpreter accepts it with numpy < 2.4 only (DESIGN.md pitfall; a DeprecationWarning).
+        for j in range(0, tl.max(count, axis=0)):
+            live = j < count
+            pixel = tl.load(order_ptr + start + j, mask=live, other=0)
+            w = tl.load(wt_ptr + 4 * pixel + tap, mask=live, other=0.0)
+            d = tl.load(dout_ptr + pixel[:, None] * channels + c2, mask=live[:, None] & cmask,
+                        other=0.0).to(tl.float32)
+            acc += w[:, None] * d
     tl.store(dh_ptr + self_off, acc.to(dh_ptr.dtype.element_ty), mask=iomask)
 
 
@@ -280,30 +296,30 @@ def warp_occlusion_bwd(dout: torch.Tensor, h: torch.Tensor, flow: torch.Tensor,
         return (dout.clone() if residual else torch.zeros_like(h)), dflow.zero_(), docc.zero_()
     if deterministic:
         dh_acc = None
-        tgt = torch.empty(n_pix * 4, dtype=torch.int32, device=h.device)
+        key = torch.empty(n_pix, dtype=torch.int32, device=h.device)
         wt = torch.empty(n_pix * 4, dtype=torch.float32, device=h.device)
     else:
         base = dout if residual else torch.zeros_like(h)
         dh_acc = base.to(torch.float32, copy=True)
-        tgt = wt = None
+        key = wt = None
     block_c = _block_c(channels, 128)
     # one program reduces all of C for its pixels, so the grid is pixel tiles only
     block_p = _pixels_per_program(n_pix, 1, TILE // block_c // 2)
     unused = docc  # stands in for pointers a variant never touches
     _warp_occlusion_bwd_kernel[(triton.cdiv(n_pix, block_p),)](
         dout, h, flow, h if occ is None else occ, unused if dh_acc is None else dh_acc, dflow,
-        docc, unused if tgt is None else tgt, unused if wt is None else wt,
+        docc, unused if key is None else key, unused if wt is None else wt,
         n_pix, height, width, channels, *flow.stride(), *_occ_strides(occ),
         HAS_OCC=occ is not None, ATOMIC_DH=not deterministic, WRITE_PLAN=deterministic,
         BLOCK_P=block_p, BLOCK_C=block_c, NUM_C_BLOCKS=triton.cdiv(channels, block_c),
         num_warps=4)
     if not deterministic:
         return dh_acc.to(h.dtype), dflow, docc
-    order, row_ptr = gather_plan(tgt, n_pix)
+    order, row_ptr = gather_plan(key, footprint_count(batch, height, width))
     dh = torch.empty_like(h)
     block_p = _pixels_per_program(n_pix, triton.cdiv(channels, block_c), 1024 // block_c)
     grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c))
     _warp_occlusion_gather_kernel[grid](
-        dout, order, wt, row_ptr, dh, n_pix, channels,
+        dout, order, wt, row_ptr, dh, n_pix, height, width, channels,
         RESIDUAL=residual, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     return dh, dflow, docc

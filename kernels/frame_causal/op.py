@@ -155,22 +155,6 @@ def _check_frame_ids(frame_ids: object, batch: int, tokens: int,
     return ids.contiguous()
 
 
-def _needs_permutation(ids: torch.Tensor) -> bool:
-    """One host sync: min over (first id, successive differences) is >= 0 iff the ids are sorted
-    and non-negative (the common case). Raises on negative ids. Under torch.compile the values
-    cannot be inspected without a graph break: the check is skipped and the always-correct
-    permuted path is taken."""
-    if torch.compiler.is_compiling():
-        return True
-    lowest = torch.cat((ids[:, :1], torch.diff(ids, dim=-1)), dim=-1).amin()
-    if int(lowest) >= 0:
-        return False
-    smallest = int(ids.amin())
-    if smallest < 0:
-        raise ValueError(f"frame_ids must be >= 0, got a minimum of {smallest}")
-    return True
-
-
 def _check_float(name: str, value: object, *, positive: bool) -> float | None:
     if value is None:
         return None
@@ -206,7 +190,8 @@ def frame_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Args:
         q, k, v: [B, N, H, D], float32/float16/bfloat16, same shape, dtype and device; D a
             multiple of 8 up to 256. Any strides (a non-unit stride in D costs a copy).
-        frame_ids: integer tensor, [N] (shared by the batch) or [B, N]; values >= 0.
+        frame_ids: integer tensor, [N] (shared by the batch) or [B, N]; any values (negative
+            ids order before 0 and rotate by negative angles). Never read on the host.
         rope_theta: RoPE base (e.g. 10000.0), or None for no rotary embedding.
         scale: softmax scale, default 1/sqrt(D).
         backend: "triton" or "ref" to force one; default per :mod:`kernels.registry`.
@@ -217,11 +202,11 @@ def frame_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Raises:
         TypeError: non-tensor input, float or bool frame_ids, unsupported or mixed dtypes,
             non-numeric rope_theta/scale.
-        ValueError: wrong rank or shape, frame_ids of the wrong length or batch, negative frame
-            ids, tensors on different devices, bad head dim, rope_theta <= 0, non-finite scale.
+        ValueError: wrong rank or shape, frame_ids of the wrong length or batch, tensors on
+            different devices, bad head dim, rope_theta <= 0, non-finite scale.
 
-    Under ``torch.compile`` the value checks on frame_ids (negativity) are skipped, since they
-    need a host sync, and the kernel takes its permuted path (correct for any order).
+    No host synchronisation: the Triton path sorts the ids on the device (a no-op permutation
+    for sorted ids), so a call can be captured in a CUDA graph.
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
@@ -238,5 +223,6 @@ def frame_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     scale = _check_float("scale", scale, positive=False)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     impl = resolve(OP, q, backend, D=head_dim)
-    permute = _needs_permutation(ids)  # also the negativity check, on every backend
-    return impl.fn(q, k, v, ids, rope_theta, scale, permute)
+    # Always through the (stable) sort: deciding that the ids are already sorted would need
+    # their values on the host, a sync per call that also breaks CUDA-graph capture.
+    return impl.fn(q, k, v, ids, rope_theta, scale, True)

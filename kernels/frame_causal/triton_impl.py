@@ -1,11 +1,12 @@
 """Triton kernels for frame-causal attention (forward, backward), its metadata and frame RoPE.
 
 Token i sees token j iff f[j] <= f[i]. The kernels work in *frame order*: tokens sorted by frame id
-(stably). When the caller's ids are already sorted (the usual case: frames in order, the teacher-
-forcing frame first) that order is the identity and rows load contiguously; otherwise the launcher
-sorts once and the kernels read and write rows through the permutation (flag PERMUTED), so the
-output never needs a separate gather/scatter pass. In frame order the visible keys of query n are
-the prefix [0, kv_end[n]) and the queries that see key j are the suffix [q_begin[j], N), with
+(stably). The op always sorts on the device (no host check of the order); for the usual sorted
+ids the permutation is the identity and rows still load contiguously. The kernels read and write
+rows through the permutation (flag PERMUTED; off for callers that pass sorted ids directly), so
+the output never needs a separate gather/scatter pass. In frame order the visible keys of
+query n are the prefix [0, kv_end[n]) and the queries that see key j are the suffix
+[q_begin[j], N), with
 
     kv_end[n]  = #{m : f[m] <= f[n]}      q_begin[j] = #{m : f[m] < f[j]}
 
@@ -14,8 +15,9 @@ the prefix [0, kv_end[n]) and the queries that see key j are the suffix [q_begin
     partial tiles        [.., kv_end[e-1]) (masked by  key < kv_end[row])
     skipped              the rest          (never loaded).
 The dk/dv pass does the same over query tiles with q_begin. Softmax statistics are fp32, scores use
-exp2 with log2(e) folded into the scale; the backward is FlashAttention-2 style with no atomics
-(deterministic): one launch for dk/dv (a program owns a key tile), one for dq (owns a query tile).
+exp2 with log2(e) folded into the scale; the backward is FlashAttention-2 style: a program owns
+a key tile and computes dk, dv and its share of dq (fp32 atomics), five products per tile pair;
+in deterministic mode dq gets its own launch (a program owns a query tile) instead.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ def _configs(interpret_blocks: tuple[int, int], gpu: list[tuple[int, int, int, i
 _FWD_CONFIGS = _configs((32, 16), [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3),
                                    (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
 # dk/dv programs own BLOCK_N keys, dq programs own BLOCK_M queries.
-_BWD_CONFIGS = _configs((16, 32), [(64, 128, 8, 2), (32, 128, 4, 3), (128, 64, 8, 2),
+# (32, 128, 4 warps) is left out: its [128, D] dk, dv accumulators over 128 threads make ptxas
+# serialise the wgmma (C7515 at D=64, C7512 at D=128).
+_BWD_CONFIGS = _configs((16, 32), [(64, 128, 8, 2), (128, 64, 8, 2),
                                    (128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 8, 2), (32, 32, 4, 2)])
 _KEY = ["tokens", "HEAD_DIM", "PERMUTED"]
 
@@ -91,8 +95,9 @@ def _frame_causal_meta_kernel(ids_ptr, kv_end_ptr, q_begin_ptr, tokens, stride_i
         c_lt = lt + step
         v_lt = tl.load(ids + c_lt - 1, mask=c_lt <= tokens, other=0)
         lt = tl.where((c_lt <= tokens) & (v_lt < x), c_lt, lt)
-    tl.store(kv_end_ptr + row * tokens + offs, le, mask=ok)
-    tl.store(q_begin_ptr + row * tokens + offs, lt, mask=ok)
+    out = row.to(tl.int64) * tokens + offs
+    tl.store(kv_end_ptr + out, le, mask=ok)
+    tl.store(q_begin_ptr + out, lt, mask=ok)
 
 
 @triton.jit
@@ -106,7 +111,7 @@ def _frame_causal_rope_kernel(
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
+    h = (pid_bh % heads).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
     offs_d = tl.arange(0, BLOCK_D)
     first_half = offs_d < half
@@ -120,11 +125,12 @@ def _frame_causal_rope_kernel(
                        mask=offs_d < HEAD_DIM, other=0.0)
     pos = tl.load(ids_ptr + b * stride_ids_b + offs_t, mask=t_ok, other=0).to(tl.float32)
     angle = pos[:, None] * inv_freq[None, :]
-    x_row = x_ptr + b * stride_x_b + h * stride_x_h + offs_t[:, None] * stride_x_n
+    rows = offs_t.to(tl.int64)[:, None]
+    x_row = x_ptr + b * stride_x_b + h * stride_x_h + rows * stride_x_n
     x = tl.load(x_row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(x_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
     y = x * tl.cos(angle) + sign[None, :] * xp * tl.sin(angle)
-    y_row = y_ptr + b * stride_y_b + h * stride_y_h + offs_t[:, None] * stride_y_n
+    y_row = y_ptr + b * stride_y_b + h * stride_y_h + rows * stride_y_n
     tl.store(y_row + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -133,7 +139,7 @@ def _rows(perm_ptr, idx, ok, PERMUTED: tl.constexpr):
     """Frame-order positions -> token rows of the caller's tensors."""
     if PERMUTED:
         idx = tl.load(perm_ptr + idx, mask=ok, other=0)
-    return idx
+    return idx.to(tl.int64)  # row * stride_n in 64 bits: N * stride may pass 2^31
 
 
 @triton.jit
@@ -175,7 +181,7 @@ def _frame_causal_fwd_kernel(
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # most keys first: better tail balance
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
+    h = (pid_bh % heads).to(tl.int64)
     meta = b * stride_meta_b
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -215,16 +221,19 @@ def _frame_causal_fwd_kernel(
 
 @triton.jit
 def _frame_causal_bwd_preprocess_kernel(
-    o_ptr, do_ptr, delta_ptr, perm_ptr,
-    stride_o_b, stride_o_n, stride_o_h, stride_do_b, stride_do_n, stride_do_h, stride_meta_b,
+    o_ptr, do_ptr, delta_ptr, perm_ptr, dq_acc_ptr,
+    stride_o_b, stride_o_n, stride_o_h, stride_do_b, stride_do_n, stride_do_h,
+    stride_acc_b, stride_acc_n, stride_acc_h, stride_meta_b,
     tokens, heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, BLOCK: tl.constexpr,
+    ZERO_DQ: tl.constexpr,
 ):
-    """delta = rowsum(o * do) in fp32, stored in frame order."""
+    """delta = rowsum(o * do) in fp32, stored in frame order; with ZERO_DQ also zeroes the fp32
+    dq accumulator rows (no separate memset launch)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
+    h = (pid_bh % heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     ok = offs < tokens
     mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -234,12 +243,17 @@ def _frame_causal_bwd_preprocess_kernel(
     do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + tok[:, None] * stride_do_n
                  + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(delta_ptr + pid_bh.to(tl.int64) * tokens + offs, tl.sum(o * do, 1), mask=ok)
+    if ZERO_DQ:
+        tl.store(dq_acc_ptr + b * stride_acc_b + h * stride_acc_h + tok[:, None] * stride_acc_n
+                 + offs_d[None, :], tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32), mask=mask)
 
 
 @triton.jit
-def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, stride_q_n, stride_do_n, lse_row, delta_row,
-                   perm, start_m, offs_m, offs_d, d_ok, q_begin_n, tokens, qk_scale,
-                   MASKED: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_acc_base, stride_q_n, stride_do_n,
+                   stride_acc_n, lse_row, delta_row, perm, start_m, offs_m, offs_d, d_ok,
+                   q_begin_n, tokens, qk_scale, sm_scale,
+                   MASKED: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   DQ_ATOMIC: tl.constexpr):
     rows = start_m + offs_m
     row_ok = rows < tokens
     tok_m = _rows(perm, rows, row_ok, PERMUTED)
@@ -255,8 +269,12 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, stride_q_n, stride_do_n, lse_r
     p_t = tl.exp2(s_t - lse[None, :])  # padded query rows: q = do = 0, so they add nothing
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(ds_t, q, input_precision=INPUT_PRECISION)
+    if DQ_ATOMIC:  # the fifth product: this key tile's share of dq, summed in fp32 by atomics
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=INPUT_PRECISION) * sm_scale
+        tl.atomic_add(dq_acc_base + tok_m[:, None] * stride_acc_n + offs_d[None, :], dq,
+                      mask=mask, sem="relaxed")
     return dk, dv
 
 
@@ -283,8 +301,9 @@ def _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_k_n, stride_v_n, 
     return dq
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["DQ_PASS"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["stats_ptr"])
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["DQ_PASS", "DQ_ATOMIC"],
+                 prune_configs_by={"early_config_prune": _prune},
+                 reset_to_zero=["stats_ptr", "dq_ptr"])  # dq: the atomic accumulator
 @triton.jit
 def _frame_causal_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
@@ -295,14 +314,17 @@ def _frame_causal_bwd_kernel(
     tokens, heads, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr,
     COUNT_TILES: tl.constexpr, INPUT_PRECISION: tl.constexpr, DQ_PASS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DQ_PASS=False: a program owns BLOCK_N keys and sweeps the query tiles that see them
-    (dk, dv). DQ_PASS=True: a program owns BLOCK_M queries and sweeps their keys (dq). The
-    gradient tensors dq/dk/dv are contiguous [B, N, H, D] and share stride_g_*."""
+    (dk, dv); with DQ_ATOMIC it also adds each tile's dS^T K to dq (then an fp32 accumulator,
+    zeroed by the preprocess kernel) with relaxed fp32 atomics: five products per tile pair, as
+    FlashAttention-2, and no dq launch. DQ_PASS=True: a program owns BLOCK_M queries and sweeps
+    their keys (dq; the deterministic mode, seven products per tile pair in all). The gradient
+    tensors dq/dk/dv are contiguous [B, N, H, D] and share stride_g_*."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
+    h = (pid_bh % heads).to(tl.int64)
     meta = b * stride_meta_b
     perm = perm_ptr + meta
     offs_m = tl.arange(0, BLOCK_M)
@@ -359,14 +381,19 @@ def _frame_causal_bwd_kernel(
         full_start = tl.cdiv(full_from, BLOCK_M) * BLOCK_M
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for start_m in range(q_start, full_start, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, stride_q_n, stride_do_n,
-                                    lse_row, delta_row, perm, start_m, offs_m, offs_d, d_ok,
-                                    q_begin_n, tokens, qk_scale, True, PERMUTED, INPUT_PRECISION)
+        dq_acc = dq_ptr + g_off  # fp32 accumulator when DQ_ATOMIC
+        # Fully visible query tiles first, then the masked ones: in the opposite order ptxas
+        # serialises the wgmma of this loop (warning C7515) in every tile configuration.
         for start_m in range(full_start, tokens, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, stride_q_n, stride_do_n,
-                                    lse_row, delta_row, perm, start_m, offs_m, offs_d, d_ok,
-                                    q_begin_n, tokens, qk_scale, False, PERMUTED, INPUT_PRECISION)
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_acc, stride_q_n,
+                                    stride_do_n, stride_g_n, lse_row, delta_row, perm, start_m,
+                                    offs_m, offs_d, d_ok, q_begin_n, tokens, qk_scale, sm_scale,
+                                    False, PERMUTED, INPUT_PRECISION, DQ_ATOMIC)
+        for start_m in range(q_start, full_start, BLOCK_M):
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_acc, stride_q_n,
+                                    stride_do_n, stride_g_n, lse_row, delta_row, perm, start_m,
+                                    offs_m, offs_d, d_ok, q_begin_n, tokens, qk_scale, sm_scale,
+                                    True, PERMUTED, INPUT_PRECISION, DQ_ATOMIC)
         if COUNT_TILES:
             tl.atomic_add(stats_ptr, tl.cdiv(tl.maximum(tokens - full_start, 0), BLOCK_M))
             tl.atomic_add(stats_ptr + 1, (full_start - q_start) // BLOCK_M)
@@ -425,8 +452,16 @@ def frame_rope(x: torch.Tensor, frame_ids: torch.Tensor, theta: float,
     return y
 
 
-def _dummy_stats(device: torch.device) -> torch.Tensor:
-    return torch.zeros(2, dtype=torch.int32, device=device)
+_UNUSED_STATS: dict[str, torch.Tensor] = {}
+
+
+def _unused_stats(device: torch.device) -> torch.Tensor:
+    """The stats argument when COUNT_TILES is off (never read or written by the kernel): one
+    buffer per device for the process, not an allocation and memset per call."""
+    key = str(device)
+    if key not in _UNUSED_STATS:
+        _UNUSED_STATS[key] = torch.zeros(4, dtype=torch.int32, device=device)
+    return _UNUSED_STATS[key]
 
 
 def frame_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_end: torch.Tensor,
@@ -445,7 +480,7 @@ def frame_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_end: 
 
     _frame_causal_fwd_kernel[grid](
         q, k, v, o, lse, kv_end, perm if permuted else kv_end,
-        _dummy_stats(q.device) if stats is None else stats,
+        _unused_stats(q.device) if stats is None else stats,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         meta_stride, tokens, heads, scale * LOG2E,
@@ -457,26 +492,35 @@ def frame_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_end: 
 def frame_causal_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      o: torch.Tensor, lse: torch.Tensor, kv_end: torch.Tensor,
                      q_begin: torch.Tensor, perm: torch.Tensor, scale: float,
-                     stats: torch.Tensor | None = None
+                     stats: torch.Tensor | None = None, deterministic: bool | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv), contiguous [B, N, H, D] in q's dtype. ``stats`` (int32 [4], optional)
     accumulates (full, partial) query tiles of the dk/dv pass, then (full, partial) key tiles of
-    the dq pass."""
+    the dq pass (zero in the atomic mode, which has none). ``deterministic`` (default:
+    ``torch.are_deterministic_algorithms_enabled()``) computes dq in its own pass instead of by
+    fp32 atomics: bitwise reproducible, two more products per tile pair."""
     batch, tokens, heads, head_dim = q.shape
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     permuted = perm.shape[-1] > 0
     perm_arg = perm if permuted else kv_end
     meta_stride = _meta_stride(kv_end)
     block_d = _block_d(head_dim)
     delta = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device)
+    dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
+    # The atomic mode sums dq in fp32: the output itself for fp32 inputs, else a buffer.
+    dq_dtype = q.dtype if deterministic else torch.float32
+    dq = torch.empty(q.shape, dtype=dq_dtype, device=q.device)
     block = 16 if interpreter_enabled() else 64
     _frame_causal_bwd_preprocess_kernel[(triton.cdiv(tokens, block), batch * heads)](
-        o, do, delta, perm_arg, o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), meta_stride, tokens, heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PERMUTED=permuted, BLOCK=block)
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+        o, do, delta, perm_arg, dq, o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        meta_stride, tokens, heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PERMUTED=permuted, BLOCK=block,
+        ZERO_DQ=not deterministic)
     count = stats is not None
-    stats = torch.zeros(4, dtype=torch.int32, device=q.device) if stats is None else stats
-    for dq_pass in (False, True):
+    stats = _unused_stats(q.device) if stats is None else stats
+    for dq_pass in (False, True) if deterministic else (False,):
         def grid(meta, _dq=dq_pass):
             return (triton.cdiv(tokens, meta["BLOCK_M" if _dq else "BLOCK_N"]), batch * heads)
 
@@ -488,8 +532,9 @@ def frame_causal_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             dq.stride(0), dq.stride(1), dq.stride(2), meta_stride,
             tokens, heads, scale * LOG2E, scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, PERMUTED=permuted, COUNT_TILES=count,
-            INPUT_PRECISION=_input_precision(q.dtype), DQ_PASS=dq_pass)
-    return dq, dk, dv
+            INPUT_PRECISION=_input_precision(q.dtype), DQ_PASS=dq_pass,
+            DQ_ATOMIC=not deterministic)
+    return dq.to(q.dtype), dk, dv
 
 
 def tile_config(kernel: str) -> dict:

@@ -29,27 +29,33 @@ def _triton():
 
 @torch.library.custom_op("avatar_kernels::performer_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: torch.Tensor,
-         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
     return _triton().performer_fwd(q, k, v, features, causal)
 
 
 @_fwd.register_fake
 def _(q, k, v, features, causal):
-    batch, seq_len, heads, _ = q.shape
-    lse = q.new_empty(batch, heads, seq_len, dtype=torch.float32)
-    cmax = q.new_empty(0 if causal else batch * heads, features.shape[0], dtype=torch.float32)
-    return q.new_empty(q.shape), lse, cmax
+    batch, seq_len, heads, head_dim = q.shape
+    n_features, keep = features.shape[0], 0 if causal else batch * heads
+    f32 = torch.float32
+    return (q.new_empty(q.shape), q.new_empty(batch, heads, seq_len, dtype=f32),
+            q.new_empty(keep, n_features, head_dim, dtype=f32),
+            q.new_empty(2, keep, n_features, dtype=f32),
+            q.new_empty(2 if causal else 0, batch * heads, seq_len, dtype=f32))
 
 
 @torch.library.custom_op("avatar_kernels::performer_bwd", mutates_args=())
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         features: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cmax: torch.Tensor,
-         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton().performer_bwd(do, q, k, v, features, out, lse, cmax, causal)
+         features: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, state: torch.Tensor,
+         feature_stats: torch.Tensor, row_max: torch.Tensor, causal: bool
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton().performer_bwd(do, q, k, v, features, out, lse, state, feature_stats,
+                                   row_max, causal)
 
 
 @_bwd.register_fake
-def _(do, q, k, v, features, out, lse, cmax, causal):
+def _(do, q, k, v, features, out, lse, state, feature_stats, row_max, causal):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
@@ -59,20 +65,20 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 class PerformerFunction(torch.autograd.Function):
     """Triton FAVOR+: q, k, v [B, N, H, D] with unit last stride, features [M, D] contiguous.
-    Saves q, k, v, out and the fp32 row log-normaliser lse [B, H, N] (plus the per-feature key
-    maxima [B*H, M] when non-causal); no feature map and no per-chunk state is saved."""
+    Saves q, k, v, out, the fp32 row log-normaliser lse [B, H, N] and O(M D + N) fp32 per head:
+    non-causal the key state S [B*H, M, D] with z, c [2, B*H, M]; causal the per-row logit
+    maxima [2, B*H, N]. No feature map and no per-chunk state is saved."""
 
     @staticmethod
     def forward(ctx, q, k, v, features, causal):
-        out, lse, cmax = _fwd(q, k, v, features, causal)
-        ctx.save_for_backward(q, k, v, features, out, lse, cmax)
+        out, *saved = _fwd(q, k, v, features, causal)
+        ctx.save_for_backward(q, k, v, features, out, *saved)
         ctx.causal = causal
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, features, out, lse, cmax = ctx.saved_tensors
-        dq, dk, dv = _bwd(_unit_last_stride(dout), q, k, v, features, out, lse, cmax, ctx.causal)
+        dq, dk, dv = _bwd(_unit_last_stride(dout), *ctx.saved_tensors, ctx.causal)
         return dq, dk, dv, None, None
 
 
@@ -142,8 +148,11 @@ def orthogonal_features(num_features: int, head_dim: int, *,
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got "
                         f"{type(generator).__name__}")
+    names = ", ".join(str(d) for d in REF_DTYPES)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, one of ({names}), got "
+                        f"{type(dtype).__name__} {dtype!r}")
     if dtype not in REF_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in REF_DTYPES)
         raise TypeError(f"dtype must be one of ({names}), got {dtype}")
     return orthogonal_features_ref(num_features, head_dim, generator=generator, device=device,
                                    dtype=dtype)
@@ -162,7 +171,8 @@ def performer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     in global memory: the sequence is scanned in chunks carrying the state sum_j phi(k_j) v_j^T
     [M, D] and sum_j phi(k_j) [M] in fp32. Internally stabilised by running maxima of the
     exponents (they cancel exactly in the ratio), so fp16/bf16 inputs with large row norms do not
-    overflow; in the causal case output i is bitwise independent of every token after i.
+    overflow; in the causal case output i is bitwise independent of every token after i, also
+    when a later token holds NaN or inf (a non-finite v_j makes outputs i >= j non-finite).
 
     Args:
         q, k, v: [B, N, H, D]; float32, float16 or bfloat16 (float64 on the ref backend); same

@@ -100,11 +100,16 @@ def _causal(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         sigma = torch.maximum(c, prefix)                                        # row stabiliser
         # exp of a masked exponent (not a masked exp) keeps inf out of the gradient.
         pair = torch.exp(torch.where(tri, sc[:, :, None, :] - sigma[..., None], float("-inf")))
-        intra = (qc @ kc.transpose(2, 3)) * pair                                # [B, H, C, C]
+        # Select (never multiply) by the mask, and multiply only finite values: 0 * NaN = NaN,
+        # so a non-finite future k_j or v_j would otherwise reach every row of the chunk.
+        intra = torch.where(tri, (qc @ kc.transpose(2, 3)) * pair, 0.0)         # [B, H, C, C]
         inter = torch.exp(c - sigma)                                            # [B, H, C]
-        num = (qc @ state) * inter[..., None] + intra @ vc
+        v_ok = torch.isfinite(vc).all(-1)                                       # [B, H, C]
+        num = (qc @ state) * inter[..., None] + intra @ torch.where(v_ok[..., None], vc, 0.0)
         den = (qc @ norm[..., None])[..., 0] * inter + intra.sum(-1)
-        outs.append(num / den[..., None])
+        # A non-finite v_j makes every row i >= j non-finite (NaN), as it would without masking.
+        poisoned = (tri & ~v_ok[:, :, None, :]).any(-1)                          # [B, H, C]
+        outs.append(torch.where(poisoned[..., None], float("nan"), num / den[..., None]))
         c_new = torch.maximum(c, sc.amax(-1, keepdim=True))
         kw = kc * torch.exp(sc - c_new)[..., None]                              # [B, H, C, M]
         decay = torch.exp(c - c_new)

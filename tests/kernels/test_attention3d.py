@@ -25,22 +25,24 @@ def _grid_positions(frames, height, width, t0=0.0):
     return torch.stack([t + t0, y, x], dim=-1).reshape(-1, 3)  # [T*h*w, 3]
 
 
-def _rotate_complex(x, pos, dims, theta):
-    """Independent RoPE: each (x_i, x_{i+d/2}) pair as a complex number times exp(i*angle)."""
+def _rotate_complex(x, pos, dims, theta, interleaved=False):
+    """Independent RoPE: each (x_i, x_{i+d/2}) pair (or (x_{2i}, x_{2i+1}) when interleaved) as a
+    complex number times exp(i*angle)."""
     out = x.clone()
     col = 0
     for axis, d in enumerate(dims):
         half = d // 2
         for i in range(half):
+            j1, j2 = (col + 2 * i, col + 2 * i + 1) if interleaved else (col + i, col + half + i)
             angle = pos[..., axis].double() * theta ** (-2.0 * i / d)            # [B, N]
-            z = torch.complex(x[..., col + i], x[..., col + half + i])           # [B, N, H]
+            z = torch.complex(x[..., j1], x[..., j2])                            # [B, N, H]
             z = z * torch.polar(torch.ones_like(angle), angle)[..., None]
-            out[..., col + i], out[..., col + half + i] = z.real, z.imag
+            out[..., j1], out[..., j2] = z.real, z.imag
         col += d
     return out
 
 
-def _independent_attention(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
+def _independent_attention(q, k, v, q_pos, k_pos, dims, theta, anchor, scale, interleaved=False):
     k, v = k.clone(), v.clone()
     if anchor is not None:
         starts, length, src = anchor
@@ -51,7 +53,8 @@ def _independent_attention(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
                 k[b].index_copy_(0, rows, k[src].index_select(0, src_rows))
                 v[b].index_copy_(0, rows, v[src].index_select(0, src_rows))
     if q_pos is not None:
-        q, k = _rotate_complex(q, q_pos, dims, theta), _rotate_complex(k, k_pos, dims, theta)
+        q = _rotate_complex(q, q_pos, dims, theta, interleaved)
+        k = _rotate_complex(k, k_pos, dims, theta, interleaved)
     s = (q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1)) * scale                  # [B, H, Nq, Nk]
     e = torch.exp(s - s.max(dim=-1, keepdim=True).values)
     out = ((e / e.sum(dim=-1, keepdim=True)) @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
@@ -203,7 +206,7 @@ def _batched(pos, batch):
     return None if pos is None else (pos if pos.dim() == 3 else pos[None].expand(batch, -1, -1))
 
 
-def _plain_torch(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
+def _plain_torch(q, k, v, q_pos, k_pos, dims, theta, anchor, scale, interleaved=False):
     """Baseline for the tolerance rule: what a user writes today, in q's precision: index copy,
     eager RoPE (fp32 inside, rounded to q's dtype), SDPA, index copy."""
     from kernels.attention.ref import anchor_override
@@ -211,14 +214,15 @@ def _plain_torch(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
     if anchor is not None:
         k, v = anchor_override(k, *anchor), anchor_override(v, *anchor)
     if q_pos is not None:
-        q, k = rope3d_ref(q, q_pos, dims, theta), rope3d_ref(k, k_pos, dims, theta)
+        q = rope3d_ref(q, q_pos, dims, theta, interleaved)
+        k = rope3d_ref(k, k_pos, dims, theta, interleaved)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
     return out if anchor is None else anchor_override(out, *anchor)
 
 
 def _check_triton(q, k, v, *, positions=None, anchor=None, rope_dims=None, scale=None,
-                  theta=10000.0, layouts=None):
+                  theta=10000.0, layouts=None, interleaved=False):
     """layouts: optional (f_q, f_k, f_v), differentiable same-value views given to the kernels."""
     batch, _, _, dim = q.shape
     dims = default_rope_dims(dim) if rope_dims is None else rope_dims
@@ -229,16 +233,16 @@ def _check_triton(q, k, v, *, positions=None, anchor=None, rope_dims=None, scale
     inputs = leaves if layouts is None else [f(t) for f, t in zip(layouts, leaves)]
     out = kernels.attention3d(*inputs, positions=positions, rope_dims=rope_dims, scale=scale,
                               rope_theta=theta, anchor=None if anchor is None else Anchor(*anchor),
-                              backend="triton")
+                              interleaved=interleaved, backend="triton")
     assert out.dtype == q.dtype and out.shape == q.shape
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = _leaves(q.double(), k.double(), v.double())
     ref = attention3d_ref(*ref_leaves, q_pos=qp, k_pos=kp, rope_dims=dims, rope_theta=theta,
-                          anchor=anchor, scale=scale_v)
+                          anchor=anchor, scale=scale_v, interleaved=interleaved)
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
     low_leaves = _leaves(q, k, v)
-    low = _plain_torch(*low_leaves, qp, kp, dims, theta, anchor, scale_v)
+    low = _plain_torch(*low_leaves, qp, kp, dims, theta, anchor, scale_v, interleaved)
     low_grads = torch.autograd.grad(low, low_leaves, dout)
     assert_within_tolerance(out, ref, low, name="out")
     for name, g, rg, lg in zip("qkv", grads, ref_grads, low_grads):
@@ -251,7 +255,7 @@ def _frames_positions(frames, h, w, t0=0.0, batch=None):
 
 
 TRITON_CASES = {
-    # odd length, D=40 (padded to 64), integer positions shared by the batch
+    # odd length, D=40 (32 + 16 columns), integer positions shared by the batch
     "n113_d40_intpos": lambda dt, dev: (_qkv(2, 113, 113, 1, 40, dt, dev),
                                         {"positions": _grid_positions(1, 113, 1).to(dev)}),
     # cross-attention 113 x 203, D=64, fractional positions with t = 1e4 on the keys (lookahead)
@@ -268,6 +272,11 @@ TRITON_CASES = {
     # anchor in the last frame of every sequence, source 0, no RoPE, rope_dims/scale given
     "anchor_last_norope_d40": lambda dt, dev: (
         _qkv(2, 68, 68, 2, 40, dt, dev), {"anchor": ([51, 51], 17, 0), "scale": 0.2}),
+    # D=96: the forward's 64 + 32 column blocks, cross-attention, fractional positions
+    "cross_20x33_d96": lambda dt, dev: (
+        _qkv(1, 20, 33, 1, 96, dt, dev),
+        {"positions": ((_grid_positions(1, 20, 1) * 0.5).to(dev),
+                       (_grid_positions(1, 33, 1) + 0.25).to(dev))}),
     # B=1 with an anchor (no-op), D=128, a partial rope split with an unrotated tail
     "b1_anchor_d128": lambda dt, dev: (
         _qkv(1, 45, 45, 1, 128, dt, dev),
@@ -305,7 +314,8 @@ def _misaligned(t):
 def test_triton_alignment_flag_and_generic_path(triton_device):
     """ALIGNED_8 (16-byte tile rows: vector loads, async copies) is chosen per launch: packed
     views of a contiguous projection take it; a head-padded view (head stride 44) or a data
-    pointer off 16 bytes takes the generic path, which must give the same results."""
+    pointer off 16 bytes takes the generic path, which must give the same results. (With RoPE the
+    backward reads the rotated copies of q and k, which are contiguous: v decides there.)"""
     from kernels.attention import triton_impl
 
     assert triton_impl.aligned_8(40, *torch.randn(3, 2, 30, 2, 40).unbind(0))
@@ -316,33 +326,50 @@ def test_triton_alignment_flag_and_generic_path(triton_device):
     _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor)  # packed views: aligned
     assert triton_impl.LAUNCH_STATS["fwd_aligned_8"] and triton_impl.LAUNCH_STATS["bwd_aligned_8"]
     _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor,
-                  layouts=(_head_padded, _misaligned, lambda t: t))
+                  layouts=(_head_padded, lambda t: t, _misaligned))
     assert not triton_impl.LAUNCH_STATS["fwd_aligned_8"]
     assert not triton_impl.LAUNCH_STATS["bwd_aligned_8"]
 
 
-def test_anchor_skip_launches_no_query_work(triton_device):
-    """Structural check: no program for the anchor rows of b != source, in forward and dq."""
+@pytest.mark.parametrize("starts_on_device", [False, True])
+def test_anchor_skip_launches_no_query_work(triton_device, monkeypatch, starts_on_device):
+    """Structural check: no query work for the anchor rows of b != source. The forward launches
+    source's tiles plus cdiv(N - length, BLOCK_M) + 1 slots per other sequence (mapped to row
+    ranges on the device from starts, so a device tensor of starts works without a sync), and
+    the rows it skips are never computed: their log-sum-exp stays unwritten (NaN here). The
+    backward's key-tile programs visit B*N - (B-1)*length query rows."""
     from kernels.attention import triton_impl
 
     batch, frames, per_frame = 4, 4, 32
     n = frames * per_frame
-    starts = [0, 2 * per_frame, 3 * per_frame, per_frame]
+    starts = [0, 2 * per_frame, 3 * per_frame - 5, per_frame - 3]  # two not tile aligned
     q, k, v = _leaves(*_qkv(batch, n, n, 1, 16, torch.float32, triton_device))
-    out = kernels.attention3d(q, k, v, anchor=Anchor(starts, per_frame, source=2),
-                              backend="triton")
+    anchor_starts = torch.tensor(starts, device=triton_device) if starts_on_device else starts
+    real_empty = torch.empty
+    monkeypatch.setattr(triton_impl.torch, "empty", lambda *shape, dtype=None, device=None, **kw:
+                        nan_empty(*shape, dtype=dtype or torch.float32, device=device or "cpu"))
+    out, lse = triton_impl.attention3d_fwd(q.detach(), k.detach(), v.detach(), None, None,
+                                           (8, 4, 4), 1e4, (anchor_starts, per_frame, 2), 0.25)
+    monkeypatch.setattr(triton_impl.torch, "empty", real_empty)
     stats = dict(triton_impl.LAUNCH_STATS)
     block_m = stats["fwd_block_m"]
     assert per_frame % block_m == 0
-    # cost scales with B*(T-1)+1 frames, not B*T
-    assert stats["fwd_query_tiles"] == (batch * (frames - 1) + 1) * per_frame // block_m
+    # cost scales with B*(T-1)+1 frames (+ one slot per other sequence), not B*T
+    frames_done = batch * (frames - 1) + 1
+    assert stats["fwd_query_tiles"] == frames_done * per_frame // block_m + batch - 1
     assert stats["fwd_dense_query_tiles"] == batch * frames * per_frame // block_m
-    tiles = triton_impl.query_tiles(batch, n, block_m, (starts, per_frame, 2), q.device).cpu()
-    for b, lo, hi in tiles.tolist():
+    for b in range(batch):
+        skipped = torch.zeros(n, dtype=torch.bool)
         if b != 2:
-            assert hi <= starts[b] or lo >= starts[b] + per_frame, (b, lo, hi)
-    out.sum().backward()
-    assert triton_impl.LAUNCH_STATS["bwd_query_tiles"] < batch * n // block_m
+            skipped[starts[b]:starts[b] + per_frame] = True
+        assert torch.isnan(lse[b, :, skipped]).all() and torch.isfinite(lse[b, :, ~skipped]).all()
+    assert torch.isfinite(out).all()
+    expected = attention3d_ref(q, k, v, anchor=(starts, per_frame, 2), scale=0.25)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    kernels.attention3d(q, k, v, anchor=Anchor(anchor_starts, per_frame, source=2),
+                        backend="triton").sum().backward()
+    assert triton_impl.LAUNCH_STATS["bwd_query_rows"] == batch * n - (batch - 1) * per_frame
+    assert triton_impl.LAUNCH_STATS["bwd_dense_query_rows"] == batch * n
 
 
 def test_triton_writes_every_element(triton_device, monkeypatch):
@@ -369,22 +396,209 @@ def test_triton_writes_every_element(triton_device, monkeypatch):
     monkeypatch.setattr(triton_impl.torch, "empty", real_empty)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_rope3d_matches_reference(triton_device, dtype):
+def test_triton_rope3d_matches_reference(triton_device, dtype, interleaved):
     x = torch.randn(2, 37, 3, 40, dtype=dtype, device=triton_device)
     pos = (_frames_positions(37, 1, 1, t0=1e4, batch=2) * 0.7).to(triton_device)
     (leaf,) = _leaves(x)
-    y = kernels.rope3d(leaf, pos, backend="triton")
+    y = kernels.rope3d(leaf, pos, interleaved=interleaved, backend="triton")
     dy = torch.randn_like(y)
     (grad,) = torch.autograd.grad(y, leaf, dy)
     (ref_leaf,) = _leaves(x.double())
-    ref = rope3d_ref(ref_leaf, pos, default_rope_dims(40))
+    ref = rope3d_ref(ref_leaf, pos, default_rope_dims(40), interleaved=interleaved)
     (ref_grad,) = torch.autograd.grad(ref, ref_leaf, dy.double())
     (low_leaf,) = _leaves(x)
-    low = rope3d_ref(low_leaf, pos, default_rope_dims(40))
+    low = rope3d_ref(low_leaf, pos, default_rope_dims(40), interleaved=interleaved)
     (low_grad,) = torch.autograd.grad(low, low_leaf, dy)
     assert_within_tolerance(y, ref, low, name="rope3d")
     assert_within_tolerance(grad, ref_grad, low_grad, factor=3.0, name="drope3d")
+
+
+# ----------------------------------------------------------------------------------------------
+# Interleaved RoPE (diffusers' Wan / CogVideoX / HunyuanVideo convention)
+
+
+def _diffusers_style_cos_sin(pos, dims, theta, head_dim):
+    """[N, D] cos / sin tables the way diffusers' Wan builds them: per part, the angles of pair i
+    repeated twice (repeat_interleave), parts concatenated; an unrotated tail gets cos 1, sin 0."""
+    cos, sin = [], []
+    for axis, d in enumerate(dims):
+        freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)          # [d/2]
+        angle = pos[:, axis, None].double() * freqs                                # [N, d/2]
+        cos.append(angle.cos().repeat_interleave(2, dim=1))
+        sin.append(angle.sin().repeat_interleave(2, dim=1))
+    tail = head_dim - sum(dims)
+    cos.append(torch.ones(pos.shape[0], tail, dtype=torch.float64))
+    sin.append(torch.zeros(pos.shape[0], tail, dtype=torch.float64))
+    return torch.cat(cos, dim=1), torch.cat(sin, dim=1)
+
+
+def test_interleaved_ref_matches_independent_and_diffusers():
+    x = torch.randn(2, 12, 3, 40, dtype=torch.float64)
+    pos = _grid_positions(3, 2, 2).double() * 0.37 + torch.tensor([1e3, 0.5, -2.25],
+                                                                  dtype=torch.float64)
+    dims = (16, 8, 12)  # unequal parts and an unrotated tail of 4 columns
+    pos_b = pos[None].expand(2, -1, -1)
+    out = rope3d_ref(x, pos_b, dims, 500.0, interleaved=True)
+    torch.testing.assert_close(out, _rotate_complex(x, pos_b, dims, 500.0, interleaved=True),
+                               rtol=0, atol=1e-12)
+    # the default stays rotate-half, which differs
+    assert (rope3d_ref(x, pos_b, dims, 500.0) - out).abs().max() > 0.1
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    cos, sin = _diffusers_style_cos_sin(pos, dims, 500.0, 40)
+    theirs = embeddings.apply_rotary_emb(x.transpose(1, 2), (cos, sin), use_real=True,
+                                         use_real_unbind_dim=-1).transpose(1, 2)
+    torch.testing.assert_close(out, theirs, rtol=0, atol=1e-6)  # (diffusers rotates in fp32)
+    pub = kernels.rope3d(x.float(), pos, rope_dims=dims, rope_theta=500.0, interleaved=True,
+                         backend="ref")
+    torch.testing.assert_close(pub.double(), theirs, rtol=0, atol=2e-4)
+
+
+def test_interleaved_attention_ref_matches_independent():
+    q, k, v = _qkv(3, 12, 12, 2, 40)
+    pos = _grid_positions(3, 2, 2).double() + 0.25
+    pos_b = pos[None].expand(3, -1, -1)
+    anchor = ([0, 8, 4], 4, 1)
+    out = attention3d_ref(q, k, v, q_pos=pos_b, k_pos=pos_b, anchor=anchor, interleaved=True)
+    exp = _independent_attention(q, k, v, pos_b, pos_b, default_rope_dims(40), 10000.0, anchor,
+                                 1 / math.sqrt(40), interleaved=True)
+    torch.testing.assert_close(out, exp, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_interleaved_attention(triton_device, dtype):
+    """Interleaved pairs through the fused path: anchor (redirected keys rotated with b's
+    positions), D = 72 (three parts of 24), fractional positions; output and every gradient."""
+    q, k, v = _qkv(3, 45, 45, 2, 72, dtype, triton_device)
+    pos = (_frames_positions(3, 5, 3, batch=3) * 1.5 + 0.25).to(triton_device)
+    _check_triton(q, k, v, positions=pos, anchor=([0, 30, 15], 15, 1), interleaved=True)
+
+
+def test_interleaved_must_be_bool():
+    x = torch.randn(1, 4, 1, 8)
+    with pytest.raises(TypeError, match="interleaved must be a bool, got int"):
+        kernels.rope3d(x, torch.zeros(4, 3), interleaved=1)
+    with pytest.raises(TypeError, match="interleaved must be a bool, got str"):
+        kernels.attention3d(x, x, x, interleaved="yes")
+
+
+# ----------------------------------------------------------------------------------------------
+# Edge cases of issue 13: huge positions, non-finite positions, zero sizes, named errors
+
+
+def test_triton_rope_keeps_accuracy_at_huge_positions(triton_device):
+    """t up to 3e7: the angle p * f is rounded to fp32 by both backends (the spec); the Triton
+    tables then evaluate cos / sin of exactly that fp32 angle, so the backends agree to fp32
+    rounding, where a two-constant in-kernel reduction was off by 0.07 at 1e6 and 1.3 at 1e7."""
+    t = torch.tensor([0.0, 1e6, 1e6 + 0.5, 1e7, 1e7 + 3.0, 3e7, -2e7, 12345.678])
+    pos = torch.stack([t, t * 0.5, -t], dim=-1).to(triton_device)                   # [8, 3]
+    x = torch.randn(2, 8, 3, 40, device=triton_device)
+    for interleaved in (False, True):
+        tri = kernels.rope3d(x, pos, interleaved=interleaved, backend="triton")
+        ref = kernels.rope3d(x, pos, interleaved=interleaved, backend="ref")
+        torch.testing.assert_close(tri, ref, rtol=0, atol=1e-5)
+    q, k, v = _qkv(1, 8, 8, 2, 40, torch.float32, triton_device)
+    tri = kernels.attention3d(q, k, v, positions=pos, backend="triton")
+    ref = kernels.attention3d(q, k, v, positions=pos, backend="ref")
+    torch.testing.assert_close(tri, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_positions_are_named(bad):
+    x = torch.randn(1, 4, 1, 16)
+    pos = torch.zeros(4, 3)
+    pos[2, 1] = bad
+    with pytest.raises(ValueError, match=f"positions must be finite, got a {bad} entry"):
+        kernels.attention3d(x, x, x, positions=pos)
+    with pytest.raises(ValueError, match="k_positions must be finite"):
+        kernels.attention3d(x, x, x, positions=(torch.zeros(4, 3), pos))
+    with pytest.raises(ValueError, match="positions must be finite"):
+        kernels.rope3d(x, pos[None])
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2, 16), (2, 0, 2, 16), (2, 5, 0, 16)])
+def test_rope3d_zero_size_same_on_both_backends(triton_device, shape):
+    x = torch.randn(*shape, device=triton_device, requires_grad=True)
+    pos = torch.zeros(shape[1], 3, device=triton_device)
+    outs = []
+    for backend in ("ref", "triton"):
+        y = kernels.rope3d(x, pos, backend=backend)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        assert y.shape == x.shape and grad.shape == x.shape
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2, 16), (2, 5, 0, 16)])
+def test_attention3d_zero_batch_or_heads_same_on_both_backends(triton_device, shape):
+    q = torch.randn(*shape, device=triton_device, requires_grad=True)
+    pos = torch.zeros(shape[1], 3, device=triton_device)
+    for backend in ("ref", "triton"):
+        out = kernels.attention3d(q, q, q, positions=pos, backend=backend)
+        (grad,) = torch.autograd.grad(out.sum(), q)
+        assert out.shape == q.shape and grad.shape == q.shape
+
+
+def test_device_errors_name_the_right_argument():
+    x = torch.randn(1, 4, 1, 16)
+    with pytest.raises(ValueError, match=r"positions must be on the same device as x \(cpu\), "
+                                         r"got meta"):
+        kernels.rope3d(x, torch.zeros(4, 3, device="meta"))
+    meta_starts = torch.zeros(2, dtype=torch.int64, device="meta")
+    q = torch.randn(2, 4, 1, 16)
+    with pytest.raises(ValueError, match=r"anchor.starts must be a tensor on the CPU or on q's "
+                                         r"device \(cpu\), got one on meta"):
+        kernels.attention3d(q, q, q, anchor=Anchor(meta_starts, 2))
+
+
+def test_cpu_tensor_starts_are_validated():
+    q = torch.randn(2, 6, 1, 16)
+    with pytest.raises(ValueError, match=r"anchor.starts\[1\].*got 5"):
+        kernels.attention3d(q, q, q, anchor=Anchor(torch.tensor([0, 5]), 2))
+    with pytest.raises(ValueError, match="anchor.starts must have B=2 entries, got 3"):
+        kernels.attention3d(q, q, q, anchor=Anchor(torch.tensor([0, 1, 2]), 2))
+
+
+def test_launchers_do_not_sync_or_copy_host_lists(triton_device, monkeypatch):
+    """Issue 15 item 7: once the per-configuration caches are warm, the Triton launchers (forward,
+    backward, rope3d) call no .item() / .tolist() / .cpu() / .numpy() and build no tensor from a
+    Python list, so they can be captured in a CUDA graph and never stall the stream. Starts are a
+    tensor on the device (never read on the host) or a list (copied once, then cached)."""
+    import sys
+
+    from kernels.attention import triton_impl as ti
+
+    batch, n, dims = 3, 40, (8, 4, 4)
+    q, k, v = _qkv(batch, n, n, 2, 16, torch.float32, triton_device)
+    pos = _grid_positions(4, 10, 1).to(triton_device)[None].expand(batch, -1, -1)
+    dev_starts = torch.tensor([0, 30, 10], device=triton_device)
+
+    def run(starts):
+        out, lse = ti.attention3d_fwd(q, k, v, pos, pos, dims, 1e4, (starts, 10, 1), 0.25, True)
+        ti.attention3d_bwd(torch.ones_like(out), q, k, v, out, lse, pos, pos, dims, 1e4,
+                           (starts, 10, 1), 0.25, True)
+        ti.rope3d_bwd(ti.rope3d_fwd(q, pos, dims, 1e4), pos, dims, 1e4)
+
+    run([0, 30, 10])  # warm the caches (column tables, list starts)
+    calls = []
+
+    def guard(name, real):
+        def wrapper(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == ti.__file__:
+                calls.append(name)
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "tensor", guard("torch.tensor", torch.tensor))
+    run(dev_starts)
+    run([0, 30, 10])
+    assert calls == []
+    ti._STARTS_CACHE.clear()
+    run([0, 30, 10])  # (the guard does see a launcher's host-list copy)
+    assert calls == ["torch.tensor"]
 
 
 def test_torch_compile_traces_triton_path(triton_device):
@@ -414,13 +628,15 @@ _AOT_SCRIPT = r"""
 import re, sys
 import torch
 from kernels.attention import triton_impl as ti
+from kernels.attention.profile import ops_in_loops, products_per_loop, profile
 from kernels.testing import compile_for_gpu
 
 arch, which = int(sys.argv[1]), sys.argv[2]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FIXED = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "q_pos_ptr": "*fp32", "k_pos_ptr": "*fp32",
-         "pos_ptr": "*fp32", "freq_ptr": "*fp32", "meta_ptr": "*i32", "tiles_ptr": "*i32",
-         "starts_ptr": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+FIXED = {**{n: "*fp32" for n in ("lse_ptr", "delta_ptr", "dq_acc_ptr", "cos_ptr", "sin_ptr",
+                                  "q_cos_ptr", "q_sin_ptr", "k_cos_ptr", "k_sin_ptr")},
+         "meta_ptr": "*i32", "starts_ptr": "*i32", "qk_scale": "fp32", "sm_scale": "fp32",
+         "scale": "fp32"}
 
 def count(ptx, pattern):
     return len(re.findall(pattern, ptx))
@@ -431,7 +647,7 @@ def build(kernel, dt, dim, consts, aligned_8=True, **options):
     # what the JIT specialises for contiguous [B, N, H, D] with D % 16 == 0 (D = 72: nothing);
     # ALIGNED_8 is what the launchers pass for such tensors (D % 8 == 0, 16-byte pointers)
     aligned = tuple(n for n in names if dim % 16 == 0 and (
-        n == "head_dim" or re.fullmatch(r"stride_(q|k|v|o|dk)_[bnh]", n)))
+        n == "head_dim" or re.fullmatch(r"stride_(q|k|v|o|dk|x|y)_[bnh]|stride_t_[bn]", n)))
     consts = {"BLOCK_D": ti.block_d(dim), "ALIGNED_8": aligned_8, **consts}
     c = compile_for_gpu(kernel, types, consts, arch=arch, aligned=aligned, **options)
     assert ".entry" in c.asm["ptx"] and c.asm["cubin"]
@@ -442,22 +658,32 @@ def build(kernel, dt, dim, consts, aligned_8=True, **options):
     loads = (count(ptx, r"ld\.global[^\n]*\.v4\."),
              count(ptx, r"cp\.async\.c[ga]\.shared\.global[^\n]*, 0x10[,;]"),
              count(ptx, r"ld\.global(\.[a-z0-9:]+)*\.b16 "))
+    # no trigonometry anywhere (tables), at most 5 products per tile pair in any loop (each one
+    # a product per head-dim column block: two blocks for D = 72)
+    assert ops_in_loops(ir, r"math\.(sin|cos)\b") == (0, 0), ops_in_loops(ir, r"math\.(sin|cos)")
+    blocks = 2 if consts.get("BLOCK_D1") else 1
+    assert max(products_per_loop(ir), default=0) <= 5 * blocks, products_per_loop(ir)
+    if arch == 90 and aligned_8:  # the Hopper target of issue 15: no spills (not the generic
+        assert profile(c)["stack"] == 0, (dim, consts, profile(c))  # path, not sm_80's mma)
     return ("wgmma" if "warp_group_dot" in ir else "mma", "async" if tiles else "sync",
             *map(str, loads))
 
 # (HAS_ROPE, HAS_ANCHOR, dtype, D): the heaviest variant (both flags, BLOCK_D = 128) and no flags
-# on each target, the other two combinations once; D = 72 is padded to BLOCK_D = 128
+# on each target, the other two combinations once; D = 72 is 64 + 16 columns
 COMBOS = {80: [(1, 1, "bf16", 128), (0, 0, "fp16", 72), (1, 0, "fp16", 64)],
           90: [(1, 1, "fp16", 128), (0, 0, "bf16", 64), (0, 1, "bf16", 72)]}
 for rope, anchor, dt, dim in COMBOS[arch]:
-    flags = {"HAS_ROPE": bool(rope), "HAS_ANCHOR": bool(anchor), "DOT_PRECISION": "tf32"}
+    flags = {"HAS_ROPE": bool(rope), "HAS_ANCHOR": bool(anchor), "DOT_PRECISION": "tf32",
+             "INTERLEAVED": dim == 64}
     if which == "fwd":  # autotune configs: 4 or 8 warps, 2..4 stages (the most shared memory)
         bm, bn = ti.fwd_blocks(dim, DTYPES[dt])
-        args = (ti._attention3d_fwd_kernel, dt, dim, {"BLOCK_M": bm, "BLOCK_N": bn, **flags})
+        bd, bd1 = ti.head_blocks(dim)  # D = 72: 64 + 16 columns
+        args = (ti._attention3d_fwd_kernel, dt, dim, {"BLOCK_M": bm, "BLOCK_N": bn, **flags,
+                                                      "BLOCK_D": bd, "BLOCK_D1": bd1})
         opts = {"num_warps": 8, "num_stages": 4}
     else:
-        blocks = dict(zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"),
-                          ti.bwd_blocks(dim, DTYPES[dt])))
+        blocks = dict(zip(("BLOCK_M", "BLOCK_N"), ti.bwd_blocks(dim, DTYPES[dt])))
+        blocks["BLOCK_D"], blocks["BLOCK_D1"] = ti.head_blocks(dim)  # D = 72: 64 + 16 columns
         args = (ti._attention3d_bwd_kernel, dt, dim, {**blocks, **flags})
         opts = {"num_warps": 8, "num_stages": 3}
     print(f"{dim}:" + ",".join(build(*args, **opts)))
@@ -465,8 +691,11 @@ for rope, anchor, dt, dim in COMBOS[arch]:
         print("72u:" + ",".join(build(*args, aligned_8=False, **opts)))
 for i, dt in enumerate(DTYPES):  # every dtype on each target, BLOCK_D = 64 and 128 (and D = 72)
     for dim in ((64, 128)[(i + arch // 10) % 2],) + ((72,) if dt == "bf16" else ()):
-        if which == "fwd":  # rope3d_fwd: BLOCK_R = min(128, 8192 // BLOCK_D), 4 warps
-            res = build(ti._rope3d_kernel, dt, dim, {"BLOCK_R": min(128, 8192 // ti.block_d(dim))})
+        if which == "fwd":  # rope3d_fwd (4 warps): the anchor-redirecting rotation of K
+            # (rotate-half) or the inverse one of dq (interleaved)
+            res = build(ti._rope3d_kernel, dt, dim, {
+                "BLOCK_R": ti.rope_block_rows(dim), "INVERSE": i == 1,
+                "INTERLEAVED": i == 1, "HAS_ANCHOR": i != 1})
         else:
             res = build(ti._attention3d_bwd_preprocess_kernel, dt, dim, {"BLOCK_R": 64})
         if dim == 72:
@@ -481,8 +710,10 @@ print("compiled")
 def test_kernels_compile_for_a100_and_hopper(arch, which):
     """Ahead-of-time compile (no GPU) of the attention forward (+ rope3d) or backward
     (+ preprocess) kernels for sm_80 / sm_90 with the launchers' block sizes, bf16 and fp16, D =
-    64, 128 and 72 (padded), RoPE and anchor flags on and off: catches compiled-path errors the
-    interpreter cannot see and shared memory over the target's limit. On sm_90 the products must
+    64, 128 and 72 (64 + 16 columns), RoPE and anchor flags on and off: catches
+    compiled-path errors the interpreter cannot see and shared memory over the target's limit.
+    Every kernel: no sin/cos (RoPE comes from tables), at most 5 products per loop body (the
+    FA2 backward), no register spills on sm_90 (aligned paths). On sm_90 the products must
     use wgmma; the K/V (Q/dO) tile loads must be pipelined (async copies) for every D, D = 72
     included: with ALIGNED_8 the kernels show the compiler that head_dim and the row strides are
     multiples of 8, so the tiles move as 16-byte async copies / vector loads with no scalar 16-bit
@@ -532,6 +763,20 @@ def test_gpu_lookahead_cross_and_odd(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_wan_like_interleaved_with_device_starts(dtype):
+    """Wan-like head dim 128, interleaved pairs, anchor starts as a device tensor, t = 1e4."""
+    q, k, v = _qkv(3, 3 * 390, 3 * 390, 2, 128, dtype, "cuda")
+    pos = _frames_positions(3, 15, 26, t0=1e4).cuda()
+    _check_triton(q, k, v, positions=pos, anchor=([0, 390, 780], 390, 1), interleaved=True)
+    out = kernels.attention3d(q, k, v, positions=pos, interleaved=True,
+                              anchor=Anchor(torch.tensor([0, 390, 780], device="cuda"), 390, 1))
+    ref = kernels.attention3d(q, k, v, positions=pos, interleaved=True,
+                              anchor=Anchor([0, 390, 780], 390, 1))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 def test_gpu_torch_compile_inductor():
     q, k, v = _qkv(2, 512, 512, 4, 64, torch.bfloat16, "cuda")
     pos = _frames_positions(2, 16, 16).cuda()
@@ -540,3 +785,32 @@ def test_gpu_torch_compile_inductor():
     out = f(q, k, v)
     ref = kernels.attention3d(q, k, v, positions=pos, anchor=Anchor([0, 256], 256))
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_with_device_starts():
+    """No host sync anywhere in forward + backward (device starts, RoPE, anchor): the whole step
+    captures into a CUDA graph and replays to the eager result."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 512, 512, 4, 64, torch.bfloat16, "cuda"))
+    pos = _frames_positions(2, 16, 16).cuda()
+    starts = torch.tensor([0, 256], device="cuda")
+
+    def step():
+        out = kernels.attention3d(q, k, v, positions=pos, anchor=Anchor(starts, 256),
+                                  interleaved=True)
+        out.float().square().sum().backward()
+        return out
+
+    for _ in range(2):  # warm up (autotuning, caches) outside the capture
+        expected = step().detach().clone()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, expected)
+    for t, g in zip((q, k, v), grads):
+        torch.testing.assert_close(t.grad, g, rtol=2e-2, atol=2e-2)

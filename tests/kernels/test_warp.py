@@ -291,6 +291,22 @@ def test_triton_deterministic_mode(triton_device):
         assert torch.equal(a, b)
 
 
+def test_triton_deterministic_plan_sorts_one_key_per_pixel(triton_device, monkeypatch):
+    """The plan sorts N int32 footprint keys (not 4N per-tap targets), over B(H+1)(W+1) groups."""
+    from kernels.flow_warp import plan, triton_impl
+
+    seen = []
+
+    def recording_plan(key, n_keys):
+        seen.append((key.dtype, key.numel(), n_keys))
+        return plan.gather_plan(key, n_keys)
+
+    monkeypatch.setattr(triton_impl, "gather_plan", recording_plan)
+    _check_backend("triton", (2, 3, 5, 4, "partial"), torch.float32, triton_device,
+                   deterministic=True)
+    assert seen == [(torch.int32, 2 * 3 * 5, 2 * 4 * 6)]
+
+
 class _NanTorch:
     """torch with empty/empty_like returning NaN-filled (or -7-filled integer) tensors."""
 
@@ -377,7 +393,7 @@ for arch in (80, 90):
             types = {"dout_ptr": "*" + dt, "h_ptr": "*" + dt, "flow_ptr": "*" + flow,
                      "occ_ptr": "*" + dt, "dh_acc_ptr": "*" + (dt if flag else "fp32"),
                      "dflow_ptr": "*" + flow, "docc_ptr": "*" + dt,
-                     "tgt_ptr": "*" + ("i32" if flag else dt),
+                     "key_ptr": "*" + ("i32" if flag else dt),
                      "wt_ptr": "*" + ("fp32" if flag else dt)}
             build(ti._warp_occlusion_bwd_kernel, arch, types,
                   {"HAS_OCC": occ, "ATOMIC_DH": not flag, "WRITE_PLAN": flag, "BLOCK_P": bp,
@@ -404,6 +420,69 @@ def test_kernels_compile_for_a100_and_hopper():
     assert done.stdout.split() == ["compiled", "36"], done.stdout
 
 
+
+_ATOMICS_SCRIPT = r"""
+import os, re, subprocess, tempfile
+import triton
+from kernels.flow_warp import triton_impl as ti
+from kernels.testing import compile_for_gpu
+
+types = {"h_ptr": "*bf16", "flow_ptr": "*fp32", "occ_ptr": "*bf16", "dout_ptr": "*bf16",
+         "dh_acc_ptr": "*fp32", "dflow_ptr": "*fp32", "docc_ptr": "*bf16", "key_ptr": "*bf16",
+         "wt_ptr": "*bf16"}
+compiled = compile_for_gpu(ti._warp_occlusion_bwd_kernel, types,
+                           dict(HAS_OCC=True, ATOMIC_DH=True, WRITE_PLAN=False, BLOCK_P=4,
+                                BLOCK_C=128, NUM_C_BLOCKS=3), arch=90, num_warps=4)
+ptx = compiled.asm["ptx"]
+print("ptx", *sorted(set(re.findall(r"\b(?:red|atom|fence|membar)\.[\w.]+", ptx))))
+nvdisasm = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "nvdisasm")
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "k.cubin")
+    with open(path, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    sass = subprocess.run([nvdisasm, path], capture_output=True, text=True, check=True).stdout
+print("sass", *sorted(set(re.findall(r"\b(?:MEMBAR|REDG|ATOMG|CCTL)[\w.]*", sass))))
+"""
+
+
+@pytest.mark.slow
+def test_triton_scatter_atomics_are_relaxed():
+    """The dh scatter needs no memory ordering (its sums are read after the kernel), so its
+    atomics are relaxed: PTX atom/red carry .relaxed, and the sm_90 SASS has plain REDG with no
+    MEMBAR.ALL.GPU or L1 invalidate (CCTL.IVALL), which the default acq_rel emits per atomic."""
+    done = run_compiled_mode(_ATOMICS_SCRIPT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    ptx_ops, sass_ops = lines["ptx"].split(), lines["sass"].split()
+    assert ptx_ops and all(".relaxed." in op for op in ptx_ops), ptx_ops
+    assert not any(op.startswith(("fence", "membar")) for op in ptx_ops), ptx_ops
+    assert any(op.startswith("REDG") for op in sass_ops), sass_ops
+    assert not any(op.startswith(("MEMBAR", "CCTL")) for op in sass_ops), sass_ops
+
+@pytest.mark.slow
+def test_cuda_atomic_backward_uses_vector_atomics_on_hopper(tmp_path):
+    """nvcc's sm_90 SASS of the CUDA backward has float4 reductions (REDG.E.ADD.F32x4), the
+    sm_80 SASS only scalar ones."""
+    import shutil
+    import subprocess
+
+    import triton
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("needs nvcc")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    found = {}
+    for arch in (80, 90):
+        cubin = tmp_path / f"warp_sm{arch}.cubin"
+        subprocess.run([nvcc, "-std=c++17", "-cubin", f"-arch=sm_{arch}", f"-I{CSRC}",
+                        str(CSRC / "warp_occlusion.cu"), "-o", str(cubin)], check=True,
+                       capture_output=True)
+        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], check=True,
+                              capture_output=True, text=True).stdout
+        found[arch] = {op for op in sass.split() if op.startswith(("RED", "ATOM"))}
+    assert any(op.endswith("F32x4.FTZ.RN.STRONG.GPU") for op in found[90]), found[90]
+    assert found[80] and not any("x4" in op for op in found[80]), found[80]
 
 def test_warp_is_warp_occlusion_without_occlusion_or_residual():
     h, flow, _ = _inputs(1, 3, 4, 2, "fractional", torch.float32, "cpu")
@@ -558,12 +637,12 @@ class _EmulatedExtension:
 
     def warp_occlusion_bwd(self, *, device, stream, shape, dtype, dout, dout_strides, h,
                            h_strides, flow, flow_strides, flow_dtype, occ, occ_strides, dh_accum,
-                           dflow, docc, plan_tgt, plan_wt):
+                           dflow, docc, plan_key, plan_wt):
         a, p = self._arr, self._ptr
         self._record(self.lib.emu_warp_bwd(
             dtype, flow_dtype, a(shape), p(dout), a(dout_strides), p(h), a(h_strides), p(flow),
             a(flow_strides), p(occ), a(occ_strides), p(dh_accum), p(dflow), p(docc),
-            p(plan_tgt), p(plan_wt), self.allow_vec))
+            p(plan_key), p(plan_wt), self.allow_vec))
 
     def warp_occlusion_gather(self, *, device, stream, shape, dtype, dout, dout_strides, order,
                               plan_wt, row_ptr, dh, residual):
@@ -623,6 +702,21 @@ def test_emulated_cuda_variants(emulated_backend, variant):
     dtype = variant.pop("dtype")
     _check_backend(run, (2, 4, 5, 24, "partial"), dtype, "cpu", **variant)
     assert set(ext.vec_used) == {1}
+
+
+@pytest.mark.parametrize("channels, vec, lanes", [
+    (320, 8, 8),    # bf16 C=320: 40 vectors, 5 full passes of 8 lanes (4 pixels per warp)
+    (64, 8, 8),     # bf16 C=64: 8 vectors, 4 pixels per warp instead of 8 busy lanes of 32
+    (1280, 8, 32),  # 160 vectors: a whole warp, no idle lane
+    (320, 4, 16),   # fp32 C=320: 80 vectors
+    (77, 1, 16),    # scalar: 3 idle lanes in the last pass of 16 (19 of 32)
+    (3, 1, 4), (1, 1, 1),
+])
+def test_cuda_lanes_per_pixel_leaves_few_lanes_idle(emulated_cuda, channels, vec, lanes):
+    import ctypes
+
+    emulated_cuda.emu_lanes_per_pixel.argtypes = [ctypes.c_int64, ctypes.c_int]
+    assert emulated_cuda.emu_lanes_per_pixel(channels, vec) == lanes
 
 
 def test_emulated_cuda_strided_inputs_and_determinism(emulated_backend):

@@ -1,9 +1,10 @@
 // CPU emulation of the CUDA warp kernels (csrc/warp_occlusion_kernels.cuh), for machines without
 // a GPU. The kernels are compiled unchanged by the host compiler; this file supplies the CUDA
-// built-ins they use (threadIdx, blockIdx, __shfl_xor_sync, atomicAdd) and runs every launch as
-// 32 std::threads, one per lane, each walking the same sequence of (block, warp) pairs so that the
-// shuffles, emulated with a barrier, line up as on a real warp. What this cannot show: races
-// between real warps, memory alignment faults, and anything about speed.
+// built-ins they use (threadIdx, blockIdx, __shfl_xor_sync, atomicAdd on float and float4) and
+// runs every launch as 32 std::threads, one per lane, each walking the same sequence of
+// (block, warp) pairs so that the shuffles, emulated with a barrier, line up as on a real warp.
+// AVATAR_VECTOR_ATOMICS is set, so the sm_90 float4-atomic path is the one emulated. What this
+// cannot show: races between real warps, memory alignment faults, and anything about speed.
 //
 // Built by tests/kernels/test_warp.py with g++ -std=c++20 and driven through ctypes.
 #include <cuda_runtime.h>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #define __launch_bounds__(...)
+#define AVATAR_VECTOR_ATOMICS 1
 
 struct EmuIndex {
   unsigned x = 0, y = 0, z = 0;
@@ -40,6 +42,13 @@ inline float atomicAdd(float* address, float value) {
   return std::atomic_ref<float>(*address).fetch_add(value);
 }
 
+// sm_90's vector atomic: atomic per component (which is all the CUDA one guarantees either).
+inline float4 atomicAdd(float4* address, float4 value) {
+  float* f = reinterpret_cast<float*>(address);
+  return make_float4(atomicAdd(f, value.x), atomicAdd(f + 1, value.y), atomicAdd(f + 2, value.z),
+                     atomicAdd(f + 3, value.w));
+}
+
 using std::isfinite;
 
 #include "warp_occlusion_kernels.cuh"
@@ -49,26 +58,27 @@ namespace {
 using namespace avatar;
 using namespace avatar::warp_detail;
 
-// Runs body() for every thread of a launch of grid_for(shape) blocks of (32, kPixelsPerBlock).
+// Runs body() for every thread of a launch of block_count(...) blocks of (32, kWarpsPerBlock),
+// the launchers' grid at `lanes` lanes per pixel.
 template <typename Body>
-void emulate(const WarpShape& shape, Body body) {
-  const int64_t blocks = (pixel_count(shape) + kPixelsPerBlock - 1) / kPixelsPerBlock;
+void emulate(const WarpShape& shape, int lanes, Body body) {
+  const int64_t blocks = block_count(pixel_count(shape), lanes);
   std::barrier<> barrier(kWarpSize);
   emu::warp_barrier = &barrier;
-  std::vector<std::thread> lanes;
+  std::vector<std::thread> threads;
   for (unsigned lane = 0; lane < kWarpSize; ++lane) {
-    lanes.emplace_back([&, lane] {
+    threads.emplace_back([&, lane] {
       threadIdx.x = lane;
       for (int64_t b = 0; b < blocks; ++b) {
         blockIdx.x = static_cast<unsigned>(b);
-        for (unsigned w = 0; w < kPixelsPerBlock; ++w) {
+        for (unsigned w = 0; w < kWarpsPerBlock; ++w) {
           threadIdx.y = w;
           body();
         }
       }
     });
   }
-  for (std::thread& t : lanes) t.join();
+  for (std::thread& t : threads) t.join();
   emu::warp_barrier = nullptr;
 }
 
@@ -81,6 +91,8 @@ PixelStrides contiguous(const WarpShape& s) {
 }  // namespace
 
 extern "C" {
+
+int emu_lanes_per_pixel(int64_t channels, int vec) { return lanes_per_pixel(channels, vec); }
 
 // Returns the vector width used (1 or 16 / sizeof(T)), or -1 for an unsupported dtype pair.
 int emu_warp_fwd(int dtype, int flow_dtype, const int64_t* shape, const void* h,
@@ -96,13 +108,15 @@ int emu_warp_fwd(int dtype, int flow_dtype, const int64_t* shape, const void* h,
                        static_cast<const TF*>(flow),
                        {flow_strides[0], flow_strides[1], flow_strides[2], flow_strides[3]},
                        static_cast<const T*>(occ), pixel_strides(occ_strides),
-                       static_cast<T*>(out), residual != 0};
+                       static_cast<T*>(out), residual != 0, 1};
     constexpr int kVec = static_cast<int>(16 / sizeof(T));
     if (allow_vec && can_vectorize<T>(s.channels, {h, out}, {p.hs, contiguous(s)})) {
-      emulate(s, [&] { warp_occlusion_fwd_kernel<T, TF, kVec>(p); });
+      p.lanes = lanes_per_pixel(s.channels, kVec);
+      emulate(s, p.lanes, [&] { warp_occlusion_fwd_kernel<T, TF, kVec>(p); });
       used = kVec;
     } else {
-      emulate(s, [&] { warp_occlusion_fwd_kernel<T, TF, 1>(p); });
+      p.lanes = lanes_per_pixel(s.channels, 1);
+      emulate(s, p.lanes, [&] { warp_occlusion_fwd_kernel<T, TF, 1>(p); });
       used = 1;
     }
     return cudaSuccess;
@@ -114,7 +128,7 @@ int emu_warp_bwd(int dtype, int flow_dtype, const int64_t* shape, const void* do
                  const int64_t* dout_strides, const void* h, const int64_t* h_strides,
                  const void* flow, const int64_t* flow_strides, const void* occ,
                  const int64_t* occ_strides, float* dh_accum, void* dflow, void* docc,
-                 int32_t* plan_tgt, float* plan_wt, int allow_vec) {
+                 int32_t* plan_key, float* plan_wt, int allow_vec) {
   const WarpShape s = shape_of(shape);
   int used = -1;
   dispatch(static_cast<DType>(dtype), static_cast<DType>(flow_dtype), [&](auto tag, auto ftag) {
@@ -125,13 +139,15 @@ int emu_warp_bwd(int dtype, int flow_dtype, const int64_t* shape, const void* do
                        static_cast<const TF*>(flow),
                        {flow_strides[0], flow_strides[1], flow_strides[2], flow_strides[3]},
                        static_cast<const T*>(occ), pixel_strides(occ_strides), dh_accum,
-                       static_cast<TF*>(dflow), static_cast<T*>(docc), plan_tgt, plan_wt};
+                       static_cast<TF*>(dflow), static_cast<T*>(docc), plan_key, plan_wt, 1};
     constexpr int kVec = static_cast<int>(16 / sizeof(T));
     if (allow_vec && can_vectorize<T>(s.channels, {h, dout}, {p.hs, p.ds})) {
-      emulate(s, [&] { warp_occlusion_bwd_kernel<T, TF, kVec>(p); });
+      p.lanes = lanes_per_pixel(s.channels, kVec);
+      emulate(s, p.lanes, [&] { warp_occlusion_bwd_kernel<T, TF, kVec>(p); });
       used = kVec;
     } else {
-      emulate(s, [&] { warp_occlusion_bwd_kernel<T, TF, 1>(p); });
+      p.lanes = lanes_per_pixel(s.channels, 1);
+      emulate(s, p.lanes, [&] { warp_occlusion_bwd_kernel<T, TF, 1>(p); });
       used = 1;
     }
     return cudaSuccess;
@@ -147,13 +163,15 @@ int emu_warp_gather(int dtype, const int64_t* shape, const void* dout,
   dispatch(static_cast<DType>(dtype), DType::kFloat32, [&](auto tag, auto) {
     using T = typename decltype(tag)::type;
     GatherParams<T> p{s, static_cast<const T*>(dout), pixel_strides(dout_strides), order,
-                      plan_wt, row_ptr, static_cast<T*>(dh), residual != 0};
+                      plan_wt, row_ptr, static_cast<T*>(dh), residual != 0, 1};
     constexpr int kVec = static_cast<int>(16 / sizeof(T));
     if (allow_vec && can_vectorize<T>(s.channels, {dout, dh}, {p.ds, contiguous(s)})) {
-      emulate(s, [&] { warp_occlusion_gather_kernel<T, kVec>(p); });
+      p.lanes = lanes_per_pixel(s.channels, kVec);
+      emulate(s, p.lanes, [&] { warp_occlusion_gather_kernel<T, kVec>(p); });
       used = kVec;
     } else {
-      emulate(s, [&] { warp_occlusion_gather_kernel<T, 1>(p); });
+      p.lanes = lanes_per_pixel(s.channels, 1);
+      emulate(s, p.lanes, [&] { warp_occlusion_gather_kernel<T, 1>(p); });
       used = 1;
     }
     return cudaSuccess;
