@@ -406,15 +406,6 @@ PENDING: dict[tuple[str, str, str], str] = {
     ("attention3d", "*", "numpy"): "issue 13 item 7 (numpy ints/np.float32 refused), branch attn",
     ("rope3d", "*", "numpy"): "issue 13 item 7 (numpy ints/np.float32 refused), branch attn",
     ("Anchor", "*", "numpy"): "issue 13 item 7 (numpy ints refused), branch attn",
-    ("adaln_modulate", "*", "bad_scalar"): "issue 13 items 5/7 (eps='a' bare TypeError, eps=inf "
-                                           "accepted), branch adalnwarp",
-    ("adaln_modulate", "triton", "zero_size"): "issue 13 item 6 (C=0: Triton's own ValueError "
-                                               "about arange), branch adalnwarp",
-    ("gated_residual", "triton", "zero_size"): "issue 13 item 6 (C=0: Triton's own ValueError "
-                                               "about arange), branch adalnwarp",
-    ("rope3d", "triton", "zero_size"): "issue 13 item 6 (B=0: IndexError), branch attn",
-    ("performer_attention", "*", "nonfinite"): "issue 13 item 2 (causal: NaN/inf in a later "
-                                               "token reaches earlier outputs), branch perffc",
     ("frame_causal_attention", "*", "nonfinite"): "NEW, not in issue 13, unassigned: NaN/inf in "
                                                   "v of a later frame reaches earlier frames' "
                                                   "outputs (0 * inf in P @ V), both backends",
@@ -750,9 +741,7 @@ ORTHO_BAD = [  # (args, kwargs, argument the error must name)
 ORTHO_PENDING = [
     pytest.param((np.int64(5), 8), {}, None, id="numpy-int-accepted",
                  marks=_pending("issue 13 item 7 (numpy ints refused), branch perffc")),
-    pytest.param((5, 8), {"dtype": "float32"}, "dtype", id="dtype-str-says-torch.dtype",
-                 marks=_pending("issue 13 item 7 (dtype='float32' says 'got float32'), "
-                                "branch perffc")),
+    pytest.param((5, 8), {"dtype": "float32"}, "dtype", id="dtype-str-says-torch.dtype"),
     pytest.param((5, 8), {"device": "gpu0"}, "device", id="device-gpu0",
                  marks=_pending("issue 13 item 7 (device strings unchecked: RuntimeError), "
                                 "branch perffc")),
@@ -816,9 +805,7 @@ def test_item1_bf16_triton_is_refused_under_the_interpreter(triton_device, op):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("ref", marks=_pending("issue 13 item 2, branch perffc")),
-    pytest.param("triton", marks=_pending("issue 13 item 2, branch perffc"))])
+@pytest.mark.parametrize("backend", ["ref", "triton"])
 @pytest.mark.parametrize("poison", ["k_nan", "k_inf", "v_nan"])
 def test_item2_performer_causal_does_not_read_future_tokens(request, backend, poison):
     if backend == "triton":
@@ -835,7 +822,6 @@ def test_item2_performer_causal_does_not_read_future_tokens(request, backend, po
 
 
 @pytest.mark.parametrize("op, t", [("rope3d", 1e6), ("rope3d", 1e7), ("attention3d", 1e7)])
-@pytest.mark.xfail(strict=True, reason="issue 13 item 3, branch attn")
 def test_item3_large_positions_agree_across_backends_or_are_refused(triton_device, op, t):
     """Positions of 1e6 and 1e7: both backends compute the same function (whatever the angle
     precision the docstring promises), or the position is refused as out of range."""
@@ -857,7 +843,6 @@ def test_item3_large_positions_agree_across_backends_or_are_refused(triton_devic
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.xfail(strict=True, reason="issue 13 item 4, branch attn")
 def test_item4_attention3d_refuses_nonfinite_positions(request, backend, value):
     if backend == "triton":
         request.getfixturevalue("triton_device")
@@ -869,7 +854,6 @@ def test_item4_attention3d_refuses_nonfinite_positions(request, backend, value):
 
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
-@pytest.mark.xfail(strict=True, reason="issue 13 item 5, branch adalnwarp")
 def test_item5_adaln_huge_x_in_fp32_is_normalised(request, backend):
     if backend == "triton":
         request.getfixturevalue("triton_device")
@@ -880,25 +864,21 @@ def test_item5_adaln_huge_x_in_fp32_is_normalised(request, backend):
 
 
 @pytest.mark.parametrize("eps", [float("inf"), "a", None])
-@pytest.mark.xfail(strict=True, reason="issue 13 items 5 and 7, branch adalnwarp")
 def test_item5_and_7_adaln_eps_is_validated(eps):
     x, s = torch.randn(1, 4, 16), torch.randn(1, 16)
     _raises_naming(lambda: kernels.adaln_modulate(x, s, s, eps=eps), "eps")
 
 
-ZERO_SIZE = [  # (id, call) with a zero-size dim; pending ones fail on main with another error
+ZERO_SIZE = [  # (label, call) with a zero-size dim (Triton gave another error before the fix)
     pytest.param("adaln C=0", lambda b: kernels.adaln_modulate(
-        torch.randn(1, 4, 0), torch.randn(1, 0), torch.randn(1, 0), backend=b),
-        marks=_pending("issue 13 item 6, branch adalnwarp"), id="adaln-C0"),
+        torch.randn(1, 4, 0), torch.randn(1, 0), torch.randn(1, 0), backend=b), id="adaln-C0"),
     pytest.param("gated C=0", lambda b: kernels.gated_residual(
-        torch.randn(1, 4, 0), torch.randn(1, 4, 0), torch.randn(1, 0), backend=b),
-        marks=_pending("issue 13 item 6, branch adalnwarp"), id="gated-C0"),
+        torch.randn(1, 4, 0), torch.randn(1, 4, 0), torch.randn(1, 0), backend=b), id="gated-C0"),
     pytest.param("attention3d B=0 with RoPE", lambda b: kernels.attention3d(
         *(torch.randn(0, 8, 1, 16),) * 3, positions=torch.zeros(8, 3), backend=b),
-        marks=_pending("issue 13 item 6, branch attn"), id="attention3d-B0-rope"),
+        id="attention3d-B0-rope"),
     pytest.param("rope3d B=0", lambda b: kernels.rope3d(
-        torch.randn(0, 4, 1, 16), torch.zeros(4, 3), backend=b),
-        marks=_pending("issue 13 item 6, branch attn"), id="rope3d-B0"),
+        torch.randn(0, 4, 1, 16), torch.zeros(4, 3), backend=b), id="rope3d-B0"),
 ]
 
 
@@ -920,12 +900,10 @@ ITEM7 = [  # (id, call, argument the error must name, names it must not mention)
     pytest.param(lambda: kernels.attention3d(
         *(torch.randn(2, 8, 1, 16),) * 3,
         anchor=kernels.Anchor(torch.zeros(2, dtype=torch.int64, device="meta"), 2)),
-        "anchor.starts", (), marks=_pending("issue 13 item 7, branch attn"),
-        id="anchor-starts-meta"),
+        "anchor.starts", (), id="anchor-starts-meta"),
     pytest.param(lambda: kernels.rope3d(torch.randn(1, 4, 1, 16),
                                         torch.zeros(4, 3, device="meta")),
-                 "positions", ("q",), id="rope3d-device-error-names-no-q",
-                 marks=_pending("issue 13 item 7 (rope3d's device error names q), branch attn")),
+                 "positions", ("q",), id="rope3d-device-error-names-no-q"),
     pytest.param(lambda: kernels.attention3d(*(torch.randn(2, 8, 1, 16),) * 3,
                                              anchor=kernels.Anchor([0, 2], np.int64(2))),
                  None, (), marks=_pending("issue 13 item 7 (numpy ints), branch attn"),
