@@ -29,6 +29,13 @@ install: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs tests
 
+# The fuzz suite with a longer budget than CI's (AVATAR_FUZZ_EXAMPLES=3 by default in `make test`).
+FUZZ_EXAMPLES ?= 100
+.PHONY: fuzz
+fuzz: $(STAMP)
+	AVATAR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TRITON_INTERPRET=1 $(PY) -m pytest -q -rxX \
+		tests/kernels/test_fuzz.py
+
 demo: $(STAMP)
 	$(VENV)/bin/avatar-kernels demo --out out
 

@@ -4,6 +4,8 @@ so kernels never see malformed input (no asserts, no illegal addresses)."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -77,3 +79,78 @@ def modulation_frames(name: str, mod: torch.Tensor, batch: int, tokens: int,
         raise ValueError(f"{name}: the token count N of x must be a multiple of the frame count T, "
                          f"got N={tokens} and T={frames} ({name} shape {list(mod.shape)})")
     return frames
+
+
+# ----------------------------------------------------------------------------------------------
+# Scalar, device and dtype arguments. numpy scalars (np.int64, np.float32, ...) are accepted where
+# Python ones are: numpy registers its integer and floating types with numbers.Integral/Real.
+
+
+def _describe_value(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_int(name: str, value: object, *, min: int | None = None,
+              max: int | None = None) -> int:
+    """``value`` must be an integer (Python or numpy; not bool) in [min, max]; returns an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_describe_value(value)}")
+    value = int(value)
+    if min is not None and value < min:
+        raise ValueError(f"{name} must be >= {min}, got {value}")
+    if max is not None and value > max:
+        raise ValueError(f"{name} must be <= {max}, got {value}")
+    return value
+
+
+def check_float(name: str, value: object, *, finite: bool = True,
+                positive: bool = False) -> float:
+    """``value`` must be a real number (int or float, Python or numpy; not bool), finite unless
+    ``finite=False`` and > 0 when ``positive``; returns a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_describe_value(value)}")
+    value = float(value)
+    if math.isnan(value) or (finite and not math.isfinite(value)) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a {'finite ' if finite else ''}number"
+                         f"{' > 0' if positive else ''}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` must be a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {_describe_value(value)}")
+    return bool(value)
+
+
+def check_device(name: str, value: object) -> torch.device:
+    """``value`` (a torch.device, a string such as "cpu" or "cuda:1", or a CUDA index) must name
+    a device this process can use; returns it as a torch.device."""
+    if isinstance(value, bool) or not isinstance(value, (torch.device, str, numbers.Integral)):
+        raise TypeError(f"{name} must be a torch.device or a device string such as 'cpu' or "
+                        f"'cuda', got {_describe_value(value)}")
+    try:
+        device = torch.device(f"cuda:{int(value)}" if isinstance(value, numbers.Integral)
+                              else value)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:0', got "
+                         f"{value!r} ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={str(value)!r} needs a CUDA device, but "
+                             f"torch.cuda.is_available() is False here; use 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={str(value)!r}: there are only "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_dtype(name: str, value: object, allowed: Sequence[torch.dtype]) -> torch.dtype:
+    """``value`` must be one of the torch dtypes ``allowed`` (a string like "float32" is not)."""
+    want = ", ".join(f"torch.{_dtype_name(d)}" for d in allowed)
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, one of ({want}), got "
+                        f"{_describe_value(value)}")
+    if value not in allowed:
+        raise TypeError(f"{name} must be one of ({want}), got torch.{_dtype_name(value)}")
+    return value

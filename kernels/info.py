@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices + [torch.device("cpu")]:
         print(table(device))
         print()
+    if interpreter_enabled():  # the interpreter refuses bf16 for ops whose kernels use tl.dot
+        print(table(torch.device("cpu"), torch.bfloat16))
+        print()
     return 0
 
 

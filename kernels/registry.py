@@ -33,6 +33,23 @@ BACKEND_NAMES = ("cuda", "triton", "ref")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_VAR = "AVATAR_KERNELS_BACKEND"
 
+# Ops whose Triton kernels multiply tiles with tl.dot. Triton 3.6's interpreter computes tl.dot on
+# bfloat16 operands wrongly (a plain 16x16 product is off by ~1e10), so under TRITON_INTERPRET=1
+# these refuse bf16 inputs instead of returning garbage. Compiled kernels on a GPU are unaffected.
+TL_DOT_OPS = frozenset({"attention3d", "frame_causal_attention", "performer_attention"})
+INTERPRETER_BF16_DOT_REASON = (
+    "bfloat16 tl.dot is computed wrongly by Triton's interpreter (TRITON_INTERPRET=1), and this "
+    "op's kernels use tl.dot: run bfloat16 on a GPU, or use float32/float16 or the ref backend")
+
+# Public names that dispatch as another registered op: warp(h, flow) is
+# warp_occlusion(h, flow, None, residual=False).
+OP_ALIASES = {"warp": "warp_occlusion"}
+# Public names of kernels/__init__.py that have no backends to choose from.
+NOT_DISPATCHED = {
+    "Anchor": "it is the argument type of attention3d(anchor=...); ask about 'attention3d'",
+    "orthogonal_features": "it draws random features with plain PyTorch on every device",
+}
+
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call; the message lists every reason."""
@@ -105,6 +122,12 @@ def _device_reasons_triton(device: torch.device) -> list[str]:
     return [f"Triton does not run on device type {device.type!r}"]
 
 
+def _interpreter_reasons(op: str, dtype: torch.dtype) -> list[str]:
+    if dtype == torch.bfloat16 and op in TL_DOT_OPS and interpreter_enabled():
+        return [INTERPRETER_BF16_DOT_REASON]
+    return []
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -150,6 +173,8 @@ class Implementation:
                            f"{', '.join(self.devices)})")
         elif self.needs_triton:
             reasons += _device_reasons_triton(call.device)
+        if self.needs_triton:
+            reasons += _interpreter_reasons(self.op, call.dtype)
         if call.dtype not in self.dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             reasons.append(f"dtype {str(call.dtype).removeprefix('torch.')} is not supported "
@@ -190,9 +215,13 @@ class Registry:
         return sorted(self._impls)
 
     def implementations(self, op: str) -> dict[str, Implementation]:
-        if op not in self._impls:
-            raise ValueError(f"op_name must be one of {self.ops()}, got {op!r}")
-        return self._impls[op]
+        impls = self._impls.get(OP_ALIASES.get(op, op))
+        if impls is None:
+            if op in NOT_DISPATCHED:
+                raise ValueError(f"op_name {op!r} has no backends: {NOT_DISPATCHED[op]}")
+            names = sorted({*self.ops(), *(a for a, o in OP_ALIASES.items() if o in self._impls)})
+            raise ValueError(f"op_name must be one of {names}, got {op!r}")
+        return impls
 
     def why_not(self, op: str, call: CallInfo) -> dict[str, list[str]]:
         return {name: impl.reasons(call) for name, impl in self.implementations(op).items()}

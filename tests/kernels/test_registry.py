@@ -128,3 +128,102 @@ def test_compiled_function_follows_the_backend_context():
         with kernels.backend("cuda"):
             f(x)
     torch.testing.assert_close(f(x), kernels.adaln_modulate(x, s, s, backend="ref"))
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 tl.dot under Triton's interpreter (issue 13 item 1), aliases and non-dispatched names
+
+DOT_OPS = ("attention3d", "frame_causal_attention", "performer_attention")
+NON_DOT_OPS = ("adaln_modulate", "gated_residual", "rope3d", "warp_occlusion", "warp")
+
+
+@pytest.mark.parametrize("op", DOT_OPS)
+def test_interpreter_refuses_bf16_for_ops_using_tl_dot(monkeypatch, op):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    table = kernels.available_backends(op, device="cpu", dtype=torch.bfloat16)
+    assert table["ref"] == []
+    assert any("bfloat16 tl.dot" in r and "TRITON_INTERPRET=1" in r for r in table["triton"])
+    for dtype in (torch.float32, torch.float16):  # only bf16 is refused
+        assert kernels.available_backends(op, device="cpu", dtype=dtype)["triton"] == []
+    # automatic selection on a device where Triton would be preferred falls back to ref
+    assert kernels.registry.resolve(op, CallInfo(torch.device("cuda"), torch.bfloat16)).name \
+        == "ref"
+    with pytest.raises(BackendUnavailableError, match="bfloat16 tl.dot"):
+        kernels.registry.resolve(op, CallInfo(torch.device("cpu"), torch.bfloat16),
+                                 backend="triton")
+    with kernels.backend("triton"), pytest.raises(BackendUnavailableError, match="tl.dot"):
+        kernels.registry.resolve(op, CallInfo(torch.device("cpu"), torch.bfloat16))
+
+
+@pytest.mark.parametrize("op", NON_DOT_OPS)
+def test_interpreter_keeps_bf16_for_ops_without_tl_dot(monkeypatch, op):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.available_backends(op, device="cpu", dtype=torch.bfloat16)["triton"] == []
+
+
+def test_compiled_triton_keeps_bf16_for_ops_using_tl_dot(monkeypatch):
+    """Without the interpreter (a GPU), bf16 Triton is the normal fast path."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for op in DOT_OPS:
+        call = CallInfo(torch.device("cuda"), torch.bfloat16)
+        assert not any("tl.dot" in r for r in kernels.registry.why_not(op, call)["triton"])
+
+
+def test_explicit_bf16_triton_call_raises_with_the_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 16, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(BackendUnavailableError, match="bfloat16 tl.dot"):
+        kernels.attention3d(q, q, q, backend="triton")
+    ids = torch.zeros(16, dtype=torch.int64)
+    with pytest.raises(BackendUnavailableError, match="bfloat16 tl.dot"):
+        kernels.frame_causal_attention(q, q, q, frame_ids=ids, backend="triton")
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    with pytest.raises(BackendUnavailableError, match="bfloat16 tl.dot"):
+        kernels.performer_attention(q, q, q, w, backend="triton")
+    out = kernels.attention3d(q, q, q)  # automatic: the reference, which is right
+    expected = kernels.attention3d(q.float(), q.float(), q.float(), backend="ref")
+    assert (out.float() - expected).abs().max() < 0.05
+
+
+def test_the_interpreter_still_gets_bf16_tl_dot_wrong():
+    """The reason the refusal exists. If this fails, Triton's interpreter computes bf16 tl.dot
+    correctly now: drop TL_DOT_OPS's refusal in kernels/registry.py."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs TRITON_INTERPRET=1 at import (run `make test`)")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dot16(a_ptr, b_ptr, c_ptr):
+        idx = tl.arange(0, 16)
+        a = tl.load(a_ptr + idx[:, None] * 16 + idx[None, :])
+        b = tl.load(b_ptr + idx[:, None] * 16 + idx[None, :])
+        tl.store(c_ptr + idx[:, None] * 16 + idx[None, :], tl.dot(a, b))
+
+    a, b = (torch.randn(16, 16).bfloat16() for _ in range(2))
+    c = torch.zeros(16, 16)
+    _dot16[(1,)](a, b, c)
+    assert (c - a.float() @ b.float()).abs().max() > 1.0
+
+
+def test_available_backends_accepts_the_warp_alias():
+    assert kernels.available_backends("warp", device="cpu") == \
+        kernels.available_backends("warp_occlusion", device="cpu")
+    assert kernels.available_backends("warp", device="cpu")["ref"] == []
+
+
+@pytest.mark.parametrize("name", ["Anchor", "orthogonal_features"])
+def test_public_names_without_backends_say_so(name):
+    with pytest.raises(ValueError, match=f"op_name '{name}' has no backends"):
+        kernels.available_backends(name)
+
+
+def test_every_public_op_name_is_known_to_the_registry():
+    for name in kernels.__all__:
+        if name[0].islower() and name not in ("available_backends", "backend", "registry"):
+            try:
+                kernels.available_backends(name, device="cpu")
+            except ValueError as exc:
+                assert "has no backends" in str(exc), exc
