@@ -9,7 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._validation import check_head_dim, check_same, check_shape, check_tensor
+from kernels._validation import (
+    check_bool,
+    check_float,
+    check_head_dim,
+    check_int,
+    check_same,
+    check_shape,
+    check_tensor,
+)
 from kernels.attention.ref import attention3d_ref, default_rope_dims, rope3d_ref
 from kernels.registry import registry, resolve
 
@@ -45,17 +53,10 @@ class Anchor:
 
 
 def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in _INT_DTYPES:
-            return int(value.item())
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    # A 0-dim integer tensor is accepted too (read once on the host: these are launch shapes).
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in _INT_DTYPES:
+        return int(value.item())
+    return check_int(name, value)
 
 
 def _check_rope_dims(rope_dims: object, head_dim: int) -> tuple[int, int, int]:
@@ -89,16 +90,6 @@ def _check_positions(name: str, pos: object, batch: int, tokens: int, device: to
         bad = pos[~torch.isfinite(pos)][0].item()
         raise ValueError(f"{name} must be finite, got a {bad} entry")
     return pos
-
-
-def _check_scalar(name: str, value: object, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        want = "a finite float > 0" if positive else "a finite float"
-        raise ValueError(f"{name} must be {want}, got {value}")
-    return value
 
 
 def _check_anchor(anchor: object, batch: int, nq: int, nk: int,
@@ -350,8 +341,8 @@ def attention3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if nq == 0 or nk == 0:
         raise ValueError(f"q and k must have at least one token, got Nq={nq} and Nk={nk}")
     dims = _check_rope_dims(rope_dims, head_dim)
-    theta = _check_scalar("rope_theta", rope_theta, positive=True)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else _check_scalar("scale", scale,
+    theta = check_float("rope_theta", rope_theta, positive=True)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else check_float("scale", scale,
                                                                            positive=False)
     q_pos = k_pos = None
     if isinstance(positions, (tuple, list)):
@@ -367,7 +358,7 @@ def attention3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                              f"{type(positions).__name__}")
         q_pos = k_pos = _check_positions("positions", positions, batch, nq, q.device)
     anchor_n = None if anchor is None else _check_anchor(anchor, batch, nq, nk, q.device)
-    inter = _check_bool("interleaved", interleaved)
+    inter = check_bool("interleaved", interleaved)
     impl = resolve(OP_ATTENTION, q, backend, D=head_dim)
     return impl.fn(q, k, v, q_pos, k_pos, dims, theta, anchor_n, scale, inter)
 
@@ -394,7 +385,7 @@ def rope3d(x: torch.Tensor, positions: torch.Tensor, *, rope_dims: Sequence[int]
     check_head_dim("x", head_dim)
     pos = _check_positions("positions", positions, batch, tokens, x.device, owner="x")
     dims = _check_rope_dims(rope_dims, head_dim)
-    theta = _check_scalar("rope_theta", rope_theta, positive=True)
-    inter = _check_bool("interleaved", interleaved)
+    theta = check_float("rope_theta", rope_theta, positive=True)
+    inter = check_bool("interleaved", interleaved)
     impl = resolve(OP_ROPE, x, backend, D=head_dim)
     return impl.fn(x, pos, dims, theta, inter)

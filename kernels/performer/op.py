@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._validation import check_same, check_shape, check_tensor
+from kernels._validation import check_device, check_int, check_same, check_shape, check_tensor
 from kernels.performer.ref import orthogonal_features_ref, performer_attention_ref
 from kernels.registry import FLOAT_DTYPES, CallInfo, registry, resolve
 
@@ -107,14 +107,6 @@ registry.register(OP, "triton", _performer_triton, devices=("cpu", "cuda"), need
 # Public functions
 
 
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 def orthogonal_features(num_features: int, head_dim: int, *,
                         generator: torch.Generator | None = None,
                         device: torch.device | str | None = None,
@@ -143,8 +135,10 @@ def orthogonal_features(num_features: int, head_dim: int, *,
         TypeError: non-int counts, a generator that is not a torch.Generator, a non-float dtype.
         ValueError: counts < 1.
     """
-    _check_count("num_features", num_features)
-    _check_count("head_dim", head_dim)
+    num_features = check_int("num_features", num_features, min=1)
+    head_dim = check_int("head_dim", head_dim, min=1)
+    if device is not None:
+        device = check_device("device", device)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got "
                         f"{type(generator).__name__}")

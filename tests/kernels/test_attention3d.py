@@ -162,7 +162,7 @@ def _bad_cases():
         ({"positions": (pos, torch.zeros(4, 3))}, r"k_positions must have shape \[6, 3\]"),
         ({"positions": pos, "rope_dims": (6, 6, 6)}, r"sum <= D=16, got \(6, 6, 6\)"),
         ({"positions": pos, "rope_dims": (5, 5, 6)}, "rope_dims must be 3 non-negative even"),
-        ({"rope_theta": 0.0}, "rope_theta must be a finite float > 0, got 0.0"),
+        ({"rope_theta": 0.0}, "rope_theta must be a finite number > 0, got 0.0"),
         ({"anchor": Anchor([0, 7], 2)}, (r"anchor.starts\[1\] must be in \[0, N - length\] = "
                                          r"\[0, 4\].*got 7")),
         ({"anchor": Anchor([0, 5], 2)}, r"anchor.starts\[1\].*got 5"),
