@@ -50,6 +50,12 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def _check_rope_dims(rope_dims: object, head_dim: int) -> tuple[int, int, int]:
     if rope_dims is None:
         return default_rope_dims(head_dim)
@@ -136,14 +142,14 @@ def _anchor_tuple(starts: list[int], length: int, source: int):
 @torch.library.custom_op("avatar_kernels::attention3d_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
                    k_pos: torch.Tensor | None, rope_dims: list[int], rope_theta: float,
-                   starts: list[int], length: int, source: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   starts: list[int], length: int, source: int, scale: float,
+                   interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _triton().attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta,
-                                     _anchor_tuple(starts, length, source), scale)
+                                     _anchor_tuple(starts, length, source), scale, interleaved)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scale):
+def _(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scale, interleaved):
     batch, n_q, heads, head_dim = q.shape
     return (q.new_empty(batch, n_q, heads, head_dim),
             q.new_empty(batch, heads, n_q, dtype=torch.float32))
@@ -153,26 +159,27 @@ def _(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scal
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, q_pos: torch.Tensor | None,
                    k_pos: torch.Tensor | None, rope_dims: list[int], rope_theta: float,
-                   starts: list[int], length: int, source: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   starts: list[int], length: int, source: int, scale: float,
+                   interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _triton().attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims,
-                                     rope_theta, _anchor_tuple(starts, length, source), scale)
+                                     rope_theta, _anchor_tuple(starts, length, source), scale,
+                                     interleaved)
 
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta, starts, length, source,
-      scale):
+      scale, interleaved):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 @torch.library.custom_op("avatar_kernels::rope3d_fwd", mutates_args=())
 def _rope_fwd(x: torch.Tensor, positions: torch.Tensor, rope_dims: list[int], rope_theta: float,
-              inverse: bool) -> torch.Tensor:
-    return _triton().rope3d_fwd(x, positions, rope_dims, rope_theta, inverse)
+              inverse: bool, interleaved: bool) -> torch.Tensor:
+    return _triton().rope3d_fwd(x, positions, rope_dims, rope_theta, inverse, interleaved)
 
 
 @_rope_fwd.register_fake
-def _(x, positions, rope_dims, rope_theta, inverse):
+def _(x, positions, rope_dims, rope_theta, inverse, interleaved):
     return x.new_empty(x.shape)
 
 
@@ -180,62 +187,65 @@ class Attention3DFunction(torch.autograd.Function):
     """Triton attention3d: q [B, Nq, H, D], k/v [B, Nk, H, D] with a unit head-dim stride."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scale):
+    def forward(ctx, q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length, source, scale,
+                interleaved):
         k_pos = q_pos if k_pos is None else k_pos  # None: the same positions as q
         out, lse = _attention_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, starts, length,
-                                  source, scale)
+                                  source, scale, interleaved)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos)
-        ctx.args = (rope_dims, rope_theta, starts, length, source, scale)
+        ctx.args = (rope_dims, rope_theta, starts, length, source, scale, interleaved)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, q_pos, k_pos = ctx.saved_tensors
         dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, q_pos, k_pos, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 class Rope3DFunction(torch.autograd.Function):
     """Triton rope3d: x [B, N, H, D], positions [B, N, 3]."""
 
     @staticmethod
-    def forward(ctx, x, positions, rope_dims, rope_theta):
+    def forward(ctx, x, positions, rope_dims, rope_theta, interleaved):
         ctx.save_for_backward(positions)
         ctx.args = (rope_dims, rope_theta)
-        return _rope_fwd(x, positions, rope_dims, rope_theta, False)
+        ctx.interleaved = interleaved
+        return _rope_fwd(x, positions, rope_dims, rope_theta, False, interleaved)
 
     @staticmethod
     def backward(ctx, dy):
         (positions,) = ctx.saved_tensors
-        return _rope_fwd(dy, positions, *ctx.args, True), None, None, None
+        return _rope_fwd(dy, positions, *ctx.args, True, ctx.interleaved), None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
-# Backend implementations. Signature: (q, k, v, q_pos, k_pos, rope_dims, theta, anchor, scale)
-# with q_pos/k_pos [B, N, 3] or None and anchor (starts list, length, source) or None.
+# Backend implementations. Signature: (q, k, v, q_pos, k_pos, rope_dims, theta, anchor, scale,
+# interleaved) with q_pos/k_pos [B, N, 3] or None and anchor (starts list, length, source) or None.
 
 
-def _attention_ref(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale):
+def _attention_ref(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale, interleaved):
     return attention3d_ref(q, k, v, q_pos=q_pos, k_pos=k_pos, rope_dims=rope_dims,
-                           rope_theta=rope_theta, anchor=anchor, scale=scale)
+                           rope_theta=rope_theta, anchor=anchor, scale=scale,
+                           interleaved=interleaved)
 
 
-def _attention_triton(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale):
+def _attention_triton(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale, interleaved):
     starts, length, source = anchor if anchor is not None else ([], 0, 0)
     # autograd.Function under torch.compile rejects one tensor passed as two inputs
     k = k.view_as(k) if k is q else k
     v = v.view_as(v) if v is q or v is k else v
     k_pos = None if k_pos is q_pos else k_pos
     return Attention3DFunction.apply(q, k, v, q_pos, k_pos, list(rope_dims), rope_theta,
-                                     list(starts), length, source, scale)
+                                     list(starts), length, source, scale, interleaved)
 
 
-def _rope_ref(x, positions, rope_dims, rope_theta):
-    return rope3d_ref(x, positions, rope_dims, rope_theta)
+def _rope_ref(x, positions, rope_dims, rope_theta, interleaved):
+    return rope3d_ref(x, positions, rope_dims, rope_theta, interleaved)
 
 
-def _rope_triton(x, positions, rope_dims, rope_theta):
-    return Rope3DFunction.apply(x, positions, list(rope_dims), rope_theta)
+def _rope_triton(x, positions, rope_dims, rope_theta, interleaved):
+    return Rope3DFunction.apply(x, positions, list(rope_dims), rope_theta, interleaved)
 
 
 registry.register(OP_ATTENTION, "ref", _attention_ref, devices=("cpu", "cuda"))
@@ -253,7 +263,7 @@ def attention3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 positions: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
                 rope_dims: Sequence[int] | None = None, rope_theta: float = 10000.0,
                 anchor: Anchor | None = None, scale: float | None = None,
-                backend: str | None = None) -> torch.Tensor:
+                interleaved: bool = False, backend: str | None = None) -> torch.Tensor:
     """Full (unmasked) multi-head attention with optional in-kernel 3D RoPE and anchor override.
 
     ``out = softmax(RoPE(q) RoPE(k)^T * scale) v`` per (batch, head); statistics in fp32.
@@ -276,6 +286,10 @@ def attention3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             output rows of every b != source are copied from source. Gradients follow: replaced
             rows of b get zero gradient, source's rows accumulate every reader's gradient.
         scale: softmax scale, default 1/sqrt(D).
+        interleaved: False (default): rotate-half pairs (x_i, x_{i+d/2}) within each part.
+            True: adjacent pairs (x_{2i}, x_{2i+1}) within each part, the convention of diffusers'
+            Wan, CogVideoX and HunyuanVideo (``apply_rotary_emb(..., use_real_unbind_dim=-1)``);
+            the frequencies are the same, theta^(-2i/d) for pair i.
         backend: "triton" or "ref" to force one; default per :mod:`kernels.registry`.
 
     Returns:
@@ -316,18 +330,20 @@ def attention3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                              f"{type(positions).__name__}")
         q_pos = k_pos = _check_positions("positions", positions, batch, nq, q.device)
     anchor_n = None if anchor is None else _check_anchor(anchor, batch, nq, nk)
+    inter = _check_bool("interleaved", interleaved)
     impl = resolve(OP_ATTENTION, q, backend, D=head_dim)
-    return impl.fn(q, k, v, q_pos, k_pos, dims, theta, anchor_n, scale)
+    return impl.fn(q, k, v, q_pos, k_pos, dims, theta, anchor_n, scale, inter)
 
 
 def rope3d(x: torch.Tensor, positions: torch.Tensor, *, rope_dims: Sequence[int] | None = None,
-           rope_theta: float = 10000.0, backend: str | None = None) -> torch.Tensor:
+           rope_theta: float = 10000.0, interleaved: bool = False,
+           backend: str | None = None) -> torch.Tensor:
     """3D rotary embedding of x, exactly the rotation :func:`attention3d` applies on load.
 
     Args:
         x: [B, N, H, D]; float32, float16 or bfloat16; D a multiple of 8, at most 256.
         positions: (t, y, x) per token, int or float, [N, 3] or [B, N, 3], on x's device.
-        rope_dims, rope_theta: as :func:`attention3d`.
+        rope_dims, rope_theta, interleaved: as :func:`attention3d`.
         backend: "triton" or "ref" to force one; default per :mod:`kernels.registry`.
 
     Returns:
@@ -342,5 +358,6 @@ def rope3d(x: torch.Tensor, positions: torch.Tensor, *, rope_dims: Sequence[int]
     pos = _check_positions("positions", positions, batch, tokens, x.device)
     dims = _check_rope_dims(rope_dims, head_dim)
     theta = _check_scalar("rope_theta", rope_theta, positive=True)
+    inter = _check_bool("interleaved", interleaved)
     impl = resolve(OP_ROPE, x, backend, D=head_dim)
-    return impl.fn(x, pos, dims, theta)
+    return impl.fn(x, pos, dims, theta, inter)

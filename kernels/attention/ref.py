@@ -37,13 +37,14 @@ def rope_inv_freq(d: int, theta: float, dtype: torch.dtype,
 
 
 def rope3d_ref(x: torch.Tensor, positions: torch.Tensor, rope_dims: Sequence[int],
-               rope_theta: float = 10000.0) -> torch.Tensor:
+               rope_theta: float = 10000.0, interleaved: bool = False) -> torch.Tensor:
     """Rotate x [B, N, H, D] with positions [B, N, 3].
 
     Part a of size d covers columns [c, c + d) with c = sum of earlier parts. For i < d/2, with
-    angle = p_a * theta^(-2i/d) (computed in the upcast dtype, fp32 for fp16/bf16/fp32):
-        out[c+i]       = x[c+i] cos - x[c+i+d/2] sin
-        out[c+i+d/2]   = x[c+i+d/2] cos + x[c+i] sin
+    angle = p_a * theta^(-2i/d) (computed in the upcast dtype, fp32 for fp16/bf16/fp32), the pair
+    (j1, j2) = (c+i, c+i+d/2) (rotate-half), or (c+2i, c+2i+1) when ``interleaved``, becomes
+        out[j1] = x[j1] cos - x[j2] sin
+        out[j2] = x[j2] cos + x[j1] sin
     """
     xf = upcast(x)
     pos = positions.to(dtype=xf.dtype, device=xf.device)                   # [B, N, 3]
@@ -55,9 +56,15 @@ def rope3d_ref(x: torch.Tensor, positions: torch.Tensor, rope_dims: Sequence[int
         angle = pos[:, :, axis, None] * rope_inv_freq(d, rope_theta, xf.dtype, xf.device)
         cos = angle.cos()[:, :, None, :]                                    # [B, N, 1, d/2]
         sin = angle.sin()[:, :, None, :]
-        x1 = xf[..., col:col + half]                                        # [B, N, H, d/2]
-        x2 = xf[..., col + half:col + d]
-        pieces += [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+        if interleaved:
+            x1 = xf[..., col:col + d:2]                                     # [B, N, H, d/2]
+            x2 = xf[..., col + 1:col + d:2]
+            pair = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+            pieces.append(pair.flatten(-2))                                 # [B, N, H, d]
+        else:
+            x1 = xf[..., col:col + half]                                    # [B, N, H, d/2]
+            x2 = xf[..., col + half:col + d]
+            pieces += [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
         col += d
     pieces.append(xf[..., col:])                                            # unrotated tail
     return torch.cat(pieces, dim=-1).to(x.dtype)
@@ -81,7 +88,7 @@ def attention3d_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None,
                     rope_dims: Sequence[int] | None = None, rope_theta: float = 10000.0,
                     anchor: tuple[Sequence[int], int, int] | None = None,
-                    scale: float | None = None) -> torch.Tensor:
+                    scale: float | None = None, interleaved: bool = False) -> torch.Tensor:
     """softmax(RoPE(q) RoPE(k)^T * scale) v per (batch, head), with the anchor override.
 
     Anchor semantics (self-attention): (1) k, v rows of the anchor frame of every b != source are
@@ -97,8 +104,8 @@ def attention3d_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         kf = anchor_override(kf, starts, length, source)                    # (1)
         vf = anchor_override(vf, starts, length, source)
     if q_pos is not None:                                                   # (2)
-        qf = rope3d_ref(qf, q_pos, rope_dims, rope_theta)
-        kf = rope3d_ref(kf, k_pos, rope_dims, rope_theta)
+        qf = rope3d_ref(qf, q_pos, rope_dims, rope_theta, interleaved)
+        kf = rope3d_ref(kf, k_pos, rope_dims, rope_theta, interleaved)
     scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale                # (3) [B, H, Nq, Nk]
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)                        # [B, Nq, H, D]

@@ -468,10 +468,11 @@ def _cache_put(cache: dict, key, value):
     return value
 
 
-def rope_tables(rope_dims, rope_theta: float, head_dim: int, device,
-                inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(freq fp32 [BLOCK_D], meta int32 [2, BLOCK_D] = (axis, partner)) for the kernels."""
-    key = (tuple(rope_dims), float(rope_theta), head_dim, str(device), inverse)
+def rope_tables(rope_dims, rope_theta: float, head_dim: int, device, inverse: bool = False,
+                interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(freq fp32 [BLOCK_D], meta int32 [2, BLOCK_D] = (axis, partner)) for the kernels. A part's
+    pairs are (c+i, c+i+d/2) (rotate-half) or (c+2i, c+2i+1) (``interleaved``)."""
+    key = (tuple(rope_dims), float(rope_theta), head_dim, str(device), inverse, interleaved)
     if key in _META_CACHE:
         return _META_CACHE[key]
     from kernels.attention.ref import rope_inv_freq
@@ -484,11 +485,13 @@ def rope_tables(rope_dims, rope_theta: float, head_dim: int, device,
     for a, d in enumerate(rope_dims):
         half = d // 2
         inv = rope_inv_freq(d, rope_theta, torch.float32)
-        freq[col:col + half] = -inv                    # x_i cos - x_{i+d/2} sin
-        freq[col + half:col + d] = inv                 # x_{i+d/2} cos + x_i sin
+        first = torch.arange(col, col + d, 2) if interleaved else torch.arange(col, col + half)
+        second = first + (1 if interleaved else half)
+        freq[first] = -inv                             # x_j1 cos - x_j2 sin
+        freq[second] = inv                             # x_j2 cos + x_j1 sin
         axis[col:col + d] = a
-        partner[col:col + half] = torch.arange(col + half, col + d, dtype=torch.int32)
-        partner[col + half:col + d] = torch.arange(col, col + half, dtype=torch.int32)
+        partner[first] = second.to(torch.int32)
+        partner[second] = first.to(torch.int32)
         col += d
     if inverse:
         freq = -freq
@@ -551,7 +554,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # Launchers
 
 
-def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale):
+def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
+                    interleaved=False):
     """out [B, Nq, H, D] (q's dtype) and lse [B, H, Nq] fp32. anchor: (starts, length, source)."""
     q, k, v = _head_contiguous(q), _head_contiguous(k), _head_contiguous(v)
     batch, n_q, heads, head_dim = q.shape
@@ -561,7 +565,8 @@ def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale)
     has_anchor = anchor is not None and batch > 1
     anchor = anchor if has_anchor else None
     tiles = query_tiles(batch, n_q, bm, anchor, q.device)
-    freq, meta = rope_tables(rope_dims, rope_theta, head_dim, q.device)
+    freq, meta = rope_tables(rope_dims, rope_theta, head_dim, q.device,
+                             interleaved=interleaved)
     qp, kp = positions_f32(q_pos, q), positions_f32(k_pos, q)
     starts = _starts_tensor(anchor, q.device)
     out = torch.empty(batch, n_q, heads, head_dim, dtype=q.dtype, device=q.device)
@@ -597,7 +602,8 @@ def _anchor_rows(anchor, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(others).to(device), (src * n + starts[src] + ar).to(device)
 
 
-def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta, anchor, scale):
+def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
+                    interleaved=False):
     """(dq, dk, dv) in the input dtypes, following the anchor semantics of the reference."""
     q, k, v = _head_contiguous(q), _head_contiguous(k), _head_contiguous(v)
     batch, n_q, heads, head_dim = q.shape
@@ -622,7 +628,8 @@ def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta
 
     tiles = query_tiles(batch, n_q, bm2, anchor, q.device)
     n_kv_tiles = batch * triton.cdiv(n_k, bn1)
-    freq, meta = rope_tables(rope_dims, rope_theta, head_dim, q.device)
+    freq, meta = rope_tables(rope_dims, rope_theta, head_dim, q.device,
+                             interleaved=interleaved)
     qp, kp = positions_f32(q_pos, q), positions_f32(k_pos, q)
     starts = _starts_tensor(anchor, q.device)
     dq = torch.empty(batch, n_q, heads, head_dim, dtype=q.dtype, device=q.device)
@@ -659,12 +666,14 @@ def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta
     return dq, dk, dv
 
 
-def rope3d_fwd(x, positions, rope_dims, rope_theta, inverse: bool = False):
+def rope3d_fwd(x, positions, rope_dims, rope_theta, inverse: bool = False,
+               interleaved: bool = False):
     """Rotate x [B, N, H, D] (any strides) with positions [B, N, 3]; inverse=True undoes it."""
     x = x.contiguous()
     batch, n, heads, head_dim = x.shape
     bd = block_d(head_dim)
-    freq, meta = rope_tables(rope_dims, rope_theta, head_dim, x.device, inverse=inverse)
+    freq, meta = rope_tables(rope_dims, rope_theta, head_dim, x.device, inverse=inverse,
+                             interleaved=interleaved)
     pos = positions_f32(positions, x)
     y = torch.empty_like(x)
     n_rows = batch * n * heads
@@ -675,5 +684,6 @@ def rope3d_fwd(x, positions, rope_dims, rope_theta, inverse: bool = False):
     return y
 
 
-def rope3d_bwd(dy, positions, rope_dims, rope_theta):
-    return rope3d_fwd(dy, positions, rope_dims, rope_theta, inverse=True)
+def rope3d_bwd(dy, positions, rope_dims, rope_theta, interleaved: bool = False):
+    return rope3d_fwd(dy, positions, rope_dims, rope_theta, inverse=True,
+                      interleaved=interleaved)

@@ -25,22 +25,24 @@ def _grid_positions(frames, height, width, t0=0.0):
     return torch.stack([t + t0, y, x], dim=-1).reshape(-1, 3)  # [T*h*w, 3]
 
 
-def _rotate_complex(x, pos, dims, theta):
-    """Independent RoPE: each (x_i, x_{i+d/2}) pair as a complex number times exp(i*angle)."""
+def _rotate_complex(x, pos, dims, theta, interleaved=False):
+    """Independent RoPE: each (x_i, x_{i+d/2}) pair (or (x_{2i}, x_{2i+1}) when interleaved) as a
+    complex number times exp(i*angle)."""
     out = x.clone()
     col = 0
     for axis, d in enumerate(dims):
         half = d // 2
         for i in range(half):
+            j1, j2 = (col + 2 * i, col + 2 * i + 1) if interleaved else (col + i, col + half + i)
             angle = pos[..., axis].double() * theta ** (-2.0 * i / d)            # [B, N]
-            z = torch.complex(x[..., col + i], x[..., col + half + i])           # [B, N, H]
+            z = torch.complex(x[..., j1], x[..., j2])                            # [B, N, H]
             z = z * torch.polar(torch.ones_like(angle), angle)[..., None]
-            out[..., col + i], out[..., col + half + i] = z.real, z.imag
+            out[..., j1], out[..., j2] = z.real, z.imag
         col += d
     return out
 
 
-def _independent_attention(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
+def _independent_attention(q, k, v, q_pos, k_pos, dims, theta, anchor, scale, interleaved=False):
     k, v = k.clone(), v.clone()
     if anchor is not None:
         starts, length, src = anchor
@@ -51,7 +53,8 @@ def _independent_attention(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
                 k[b].index_copy_(0, rows, k[src].index_select(0, src_rows))
                 v[b].index_copy_(0, rows, v[src].index_select(0, src_rows))
     if q_pos is not None:
-        q, k = _rotate_complex(q, q_pos, dims, theta), _rotate_complex(k, k_pos, dims, theta)
+        q = _rotate_complex(q, q_pos, dims, theta, interleaved)
+        k = _rotate_complex(k, k_pos, dims, theta, interleaved)
     s = (q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1)) * scale                  # [B, H, Nq, Nk]
     e = torch.exp(s - s.max(dim=-1, keepdim=True).values)
     out = ((e / e.sum(dim=-1, keepdim=True)) @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
@@ -203,7 +206,7 @@ def _batched(pos, batch):
     return None if pos is None else (pos if pos.dim() == 3 else pos[None].expand(batch, -1, -1))
 
 
-def _plain_torch(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
+def _plain_torch(q, k, v, q_pos, k_pos, dims, theta, anchor, scale, interleaved=False):
     """Baseline for the tolerance rule: what a user writes today, in q's precision: index copy,
     eager RoPE (fp32 inside, rounded to q's dtype), SDPA, index copy."""
     from kernels.attention.ref import anchor_override
@@ -211,14 +214,15 @@ def _plain_torch(q, k, v, q_pos, k_pos, dims, theta, anchor, scale):
     if anchor is not None:
         k, v = anchor_override(k, *anchor), anchor_override(v, *anchor)
     if q_pos is not None:
-        q, k = rope3d_ref(q, q_pos, dims, theta), rope3d_ref(k, k_pos, dims, theta)
+        q = rope3d_ref(q, q_pos, dims, theta, interleaved)
+        k = rope3d_ref(k, k_pos, dims, theta, interleaved)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
     return out if anchor is None else anchor_override(out, *anchor)
 
 
 def _check_triton(q, k, v, *, positions=None, anchor=None, rope_dims=None, scale=None,
-                  theta=10000.0, layouts=None):
+                  theta=10000.0, layouts=None, interleaved=False):
     """layouts: optional (f_q, f_k, f_v), differentiable same-value views given to the kernels."""
     batch, _, _, dim = q.shape
     dims = default_rope_dims(dim) if rope_dims is None else rope_dims
@@ -229,16 +233,16 @@ def _check_triton(q, k, v, *, positions=None, anchor=None, rope_dims=None, scale
     inputs = leaves if layouts is None else [f(t) for f, t in zip(layouts, leaves)]
     out = kernels.attention3d(*inputs, positions=positions, rope_dims=rope_dims, scale=scale,
                               rope_theta=theta, anchor=None if anchor is None else Anchor(*anchor),
-                              backend="triton")
+                              interleaved=interleaved, backend="triton")
     assert out.dtype == q.dtype and out.shape == q.shape
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = _leaves(q.double(), k.double(), v.double())
     ref = attention3d_ref(*ref_leaves, q_pos=qp, k_pos=kp, rope_dims=dims, rope_theta=theta,
-                          anchor=anchor, scale=scale_v)
+                          anchor=anchor, scale=scale_v, interleaved=interleaved)
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
     low_leaves = _leaves(q, k, v)
-    low = _plain_torch(*low_leaves, qp, kp, dims, theta, anchor, scale_v)
+    low = _plain_torch(*low_leaves, qp, kp, dims, theta, anchor, scale_v, interleaved)
     low_grads = torch.autograd.grad(low, low_leaves, dout)
     assert_within_tolerance(out, ref, low, name="out")
     for name, g, rg, lg in zip("qkv", grads, ref_grads, low_grads):
@@ -369,22 +373,91 @@ def test_triton_writes_every_element(triton_device, monkeypatch):
     monkeypatch.setattr(triton_impl.torch, "empty", real_empty)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_rope3d_matches_reference(triton_device, dtype):
+def test_triton_rope3d_matches_reference(triton_device, dtype, interleaved):
     x = torch.randn(2, 37, 3, 40, dtype=dtype, device=triton_device)
     pos = (_frames_positions(37, 1, 1, t0=1e4, batch=2) * 0.7).to(triton_device)
     (leaf,) = _leaves(x)
-    y = kernels.rope3d(leaf, pos, backend="triton")
+    y = kernels.rope3d(leaf, pos, interleaved=interleaved, backend="triton")
     dy = torch.randn_like(y)
     (grad,) = torch.autograd.grad(y, leaf, dy)
     (ref_leaf,) = _leaves(x.double())
-    ref = rope3d_ref(ref_leaf, pos, default_rope_dims(40))
+    ref = rope3d_ref(ref_leaf, pos, default_rope_dims(40), interleaved=interleaved)
     (ref_grad,) = torch.autograd.grad(ref, ref_leaf, dy.double())
     (low_leaf,) = _leaves(x)
-    low = rope3d_ref(low_leaf, pos, default_rope_dims(40))
+    low = rope3d_ref(low_leaf, pos, default_rope_dims(40), interleaved=interleaved)
     (low_grad,) = torch.autograd.grad(low, low_leaf, dy)
     assert_within_tolerance(y, ref, low, name="rope3d")
     assert_within_tolerance(grad, ref_grad, low_grad, factor=3.0, name="drope3d")
+
+
+# ----------------------------------------------------------------------------------------------
+# Interleaved RoPE (diffusers' Wan / CogVideoX / HunyuanVideo convention)
+
+
+def _diffusers_style_cos_sin(pos, dims, theta, head_dim):
+    """[N, D] cos / sin tables the way diffusers' Wan builds them: per part, the angles of pair i
+    repeated twice (repeat_interleave), parts concatenated; an unrotated tail gets cos 1, sin 0."""
+    cos, sin = [], []
+    for axis, d in enumerate(dims):
+        freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)          # [d/2]
+        angle = pos[:, axis, None].double() * freqs                                # [N, d/2]
+        cos.append(angle.cos().repeat_interleave(2, dim=1))
+        sin.append(angle.sin().repeat_interleave(2, dim=1))
+    tail = head_dim - sum(dims)
+    cos.append(torch.ones(pos.shape[0], tail, dtype=torch.float64))
+    sin.append(torch.zeros(pos.shape[0], tail, dtype=torch.float64))
+    return torch.cat(cos, dim=1), torch.cat(sin, dim=1)
+
+
+def test_interleaved_ref_matches_independent_and_diffusers():
+    x = torch.randn(2, 12, 3, 40, dtype=torch.float64)
+    pos = _grid_positions(3, 2, 2).double() * 0.37 + torch.tensor([1e3, 0.5, -2.25],
+                                                                  dtype=torch.float64)
+    dims = (16, 8, 12)  # unequal parts and an unrotated tail of 4 columns
+    pos_b = pos[None].expand(2, -1, -1)
+    out = rope3d_ref(x, pos_b, dims, 500.0, interleaved=True)
+    torch.testing.assert_close(out, _rotate_complex(x, pos_b, dims, 500.0, interleaved=True),
+                               rtol=0, atol=1e-12)
+    # the default stays rotate-half, which differs
+    assert (rope3d_ref(x, pos_b, dims, 500.0) - out).abs().max() > 0.1
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    cos, sin = _diffusers_style_cos_sin(pos, dims, 500.0, 40)
+    theirs = embeddings.apply_rotary_emb(x.transpose(1, 2), (cos, sin), use_real=True,
+                                         use_real_unbind_dim=-1).transpose(1, 2)
+    torch.testing.assert_close(out, theirs, rtol=0, atol=1e-6)  # (diffusers rotates in fp32)
+    pub = kernels.rope3d(x.float(), pos, rope_dims=dims, rope_theta=500.0, interleaved=True,
+                         backend="ref")
+    torch.testing.assert_close(pub.double(), theirs, rtol=0, atol=2e-4)
+
+
+def test_interleaved_attention_ref_matches_independent():
+    q, k, v = _qkv(3, 12, 12, 2, 40)
+    pos = _grid_positions(3, 2, 2).double() + 0.25
+    pos_b = pos[None].expand(3, -1, -1)
+    anchor = ([0, 8, 4], 4, 1)
+    out = attention3d_ref(q, k, v, q_pos=pos_b, k_pos=pos_b, anchor=anchor, interleaved=True)
+    exp = _independent_attention(q, k, v, pos_b, pos_b, default_rope_dims(40), 10000.0, anchor,
+                                 1 / math.sqrt(40), interleaved=True)
+    torch.testing.assert_close(out, exp, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_interleaved_attention(triton_device, dtype):
+    """Interleaved pairs through the fused path: anchor (redirected keys rotated with b's
+    positions), D = 72 (three parts of 24), fractional positions; output and every gradient."""
+    q, k, v = _qkv(3, 45, 45, 2, 72, dtype, triton_device)
+    pos = (_frames_positions(3, 5, 3, batch=3) * 1.5 + 0.25).to(triton_device)
+    _check_triton(q, k, v, positions=pos, anchor=([0, 30, 15], 15, 1), interleaved=True)
+
+
+def test_interleaved_must_be_bool():
+    x = torch.randn(1, 4, 1, 8)
+    with pytest.raises(TypeError, match="interleaved must be a bool, got int"):
+        kernels.rope3d(x, torch.zeros(4, 3), interleaved=1)
+    with pytest.raises(TypeError, match="interleaved must be a bool, got str"):
+        kernels.attention3d(x, x, x, interleaved="yes")
 
 
 def test_torch_compile_traces_triton_path(triton_device):
