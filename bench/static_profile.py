@@ -345,6 +345,7 @@ class Launch:
     kernel: object       # the Autotuner or JITFunction as the launcher called it
     args: tuple
     kwargs: dict
+    all_configs: bool    # every autotune config, or the first only
 
 
 @contextlib.contextmanager
@@ -367,7 +368,8 @@ def recording(ops: list[str], sink: list, context: dict):
                     kwargs.pop("grid", None)
                     kwargs.pop("warmup", None)
                     sink.append(Launch(context["op"], context["variant"], context["dtype"],
-                                       _module, _name, _obj, args, kwargs))
+                                       _module, _name, _obj, args, kwargs,
+                                       context["all_configs"]))
                 patched.append((obj, obj.__dict__.get("run")))
                 obj.run = record
     original = registry._device_reasons_triton
@@ -427,7 +429,8 @@ def launch_jobs(launch: Launch, arch: int, all_configs: bool = True) -> list[Job
 
 # ----------------------------------------------------------------------------------------------
 # The variants: each op's public function, forward and backward, over dtypes, shapes and flags.
-# A scenario is (variant label, dtype name, function(torch dtype) running fwd + bwd).
+# A scenario is (variant label, dtype name, function(torch dtype) running fwd + bwd, whether its
+# launches compile every autotune config or the first only).
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
@@ -436,10 +439,17 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32")
 class Selection:
     """Which variants to record: ``quick`` is the CI subset (bf16, the largest head dim, fewer
     shapes and flags, the first autotune config only); ``dtypes`` / ``head_dims`` restrict the
-    full set (None: every one)."""
+    full set (None: every one). Every autotune config is compiled for bf16, the dtype the GPU
+    runs, at the op's largest head dim; other dtypes and head dims (fp16 is the same schedule with
+    another element type) take the first config of each flag combination unless ``exhaustive``,
+    to keep the run near 10 minutes on 2 cores."""
     quick: bool = False
     dtypes: tuple[str, ...] | None = None
     head_dims: tuple[int, ...] | None = None
+    exhaustive: bool = False
+
+    def all_configs(self, dtype: str, largest_dim: bool = True) -> bool:
+        return not self.quick and (self.exhaustive or (dtype == "bf16" and largest_dim))
 
     def dtype_names(self) -> tuple[str, ...]:
         chosen = ("bf16",) if self.quick else DTYPE_NAMES
@@ -502,7 +512,7 @@ def attention3d_scenarios(sel: Selection):
                                 anchor=kernels.Anchor([0, per_frame], per_frame, 0)
                                 if anchor else None, backend="triton", **extra)
                             _backward(out, q, k, v)
-                        yield label, dt, run
+                        yield label, dt, run, sel.all_configs(dt, dim == 128)
             if quick:
                 continue
 
@@ -512,14 +522,15 @@ def attention3d_scenarios(sel: Selection):
                 q, k, v = (t[..., :dim] for t in base)
                 out = kernels.attention3d(q, k, v, positions=positions, backend="triton")
                 _backward(out, *base)
-            yield f"D={dim} rope unaligned", dt, unaligned
+            yield f"D={dim} rope unaligned", dt, unaligned, sel.all_configs(dt, dim == 128)
 
             for inter in interleaved:
                 def rope_only(dtype, dim=dim, inter=inter):
                     x = _leaf(batch, n, heads, dim, dtype=dtype)
                     extra = {"interleaved": True} if inter else {}
                     _backward(kernels.rope3d(x, positions, backend="triton", **extra), x)
-                yield f"rope3d D={dim}" + (" interleaved" if inter else ""), dt, rope_only
+                yield (f"rope3d D={dim}" + (" interleaved" if inter else ""), dt, rope_only,
+                       False)
 
 
 def frame_causal_scenarios(sel: Selection):
@@ -542,7 +553,8 @@ def frame_causal_scenarios(sel: Selection):
                         out = kernels.frame_causal_attention(q, k, v, frame_ids=ids,
                                                              rope_theta=rope, backend="triton")
                         _backward(out, q, k, v)
-                    yield f"D={dim} {order}" + (" rope" if rope else ""), dt, run
+                    yield (f"D={dim} {order}" + (" rope" if rope else ""), dt, run,
+                           sel.all_configs(dt, dim == 128))
 
 
 def performer_scenarios(sel: Selection):
@@ -560,7 +572,8 @@ def performer_scenarios(sel: Selection):
                         out = kernels.performer_attention(q, k, v, w, causal=causal,
                                                           backend="triton")
                         _backward(out, q, k, v)
-                    yield f"D={dim} M={n_features}" + (" causal" if causal else ""), dt, run
+                    yield (f"D={dim} M={n_features}" + (" causal" if causal else ""), dt, run,
+                           sel.all_configs(dt, dim == 64))
                 if sel.quick:
                     break
 
@@ -581,7 +594,7 @@ def adaln_scenarios(sel: Selection):
                     y = kernels.adaln_modulate(x, shift, scale, backend="triton")
                     out = kernels.gated_residual(x, y, gate, backend="triton")
                     _backward(out, x, shift, scale, gate)
-                yield label, dt, run
+                yield label, dt, run, sel.all_configs(dt)
 
 
 def warp_scenarios(sel: Selection):
@@ -605,7 +618,7 @@ def warp_scenarios(sel: Selection):
                         out = kernels.warp_occlusion(h, flow, o, residual=occ, deterministic=det,
                                                      backend="triton")
                         _backward(out, h, flow, o)
-                    yield label, dt, run
+                    yield label, dt, run, sel.all_configs(dt)
 
 
 SCENARIOS = {"adaln": adaln_scenarios, "attention3d": attention3d_scenarios,
@@ -623,8 +636,8 @@ def record_launches(ops: list[str], sel: Selection) -> tuple[list[Launch], list[
     torch.manual_seed(0)
     with recording(ops, launches, context):
         for op in ops:
-            for variant, dt, run in SCENARIOS[op](sel):
-                context.update(op=op, variant=variant, dtype=dt)
+            for variant, dt, run, all_configs in SCENARIOS[op](sel):
+                context.update(op=op, variant=variant, dtype=dt, all_configs=all_configs)
                 before = len(launches)
                 try:
                     run(_torch_dtype(dt))
@@ -654,20 +667,26 @@ def _cuda_version() -> str:
         return f"unknown ({type(exc).__name__})"
 
 
-def profile(arch: int, ops: list[str], sel: Selection, jobs: int,
-            commit: str | None = None) -> dict:
-    import triton
-
+def plan(arch: int, ops: list[str], sel: Selection) -> tuple[list[Job], list[dict]]:
+    """The distinct compiles of the selection, and error rows of what could not be recorded."""
     launches, rows = record_launches(ops, sel)
     unique: dict[str, Job] = {}
     for launch in launches:
         try:
-            for job in launch_jobs(launch, arch, all_configs=not sel.quick):
+            for job in launch_jobs(launch, arch, all_configs=launch.all_configs):
                 unique.setdefault(job.key(arch), job)
         except Exception as exc:
             rows.append({"op": launch.op, "kernel": launch.name, "variant": launch.variant,
                          "dtype": launch.dtype, "error": f"{type(exc).__name__}: {exc}"[:2000]})
-    work = [(job, arch) for job in unique.values()]
+    return list(unique.values()), rows
+
+
+def profile(arch: int, ops: list[str], sel: Selection, jobs: int,
+            commit: str | None = None) -> dict:
+    import triton
+
+    todo, rows = plan(arch, ops, sel)
+    work = [(job, arch) for job in todo]
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             rows += list(pool.map(_compile_job_star, work))
@@ -773,9 +792,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these dtypes (default: every one)")
     parser.add_argument("--head-dims", type=int, nargs="+",
                         help="only these head dims of the attention-like ops (default: every one)")
+    parser.add_argument("--exhaustive", action="store_true",
+                        help="every autotune config in every dtype (default: bf16 only)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "static")
     parser.add_argument("--jobs", type=int, default=2, help="compiler processes")
     parser.add_argument("--commit", help="commit to record (default: git HEAD of this checkout)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only count the distinct compiles per op and kernel")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("run without TRITON_INTERPRET: the interpreter replaces triton.jit")
@@ -783,7 +806,18 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.arch:
         start = time.perf_counter()
         sel = Selection(args.quick, args.dtypes and tuple(args.dtypes),
-                        args.head_dims and tuple(args.head_dims))
+                        args.head_dims and tuple(args.head_dims), args.exhaustive)
+        if args.dry_run:
+            todo, errors = plan(arch, args.ops, sel)
+            counts: dict[tuple, int] = {}
+            for job in todo:
+                counts[job.op, job.kernel] = counts.get((job.op, job.kernel), 0) + 1
+            for (op, kernel), n in sorted(counts.items()):
+                print(f"{ARCH_NAMES[arch]} {op} {kernel}: {n} compiles")
+            print(f"{ARCH_NAMES[arch]}: {len(todo)} compiles, {len(errors)} recording errors")
+            for row in errors:
+                print("  ", row["op"], row["variant"], row["dtype"], row["error"][:300])
+            continue
         report = profile(arch, args.ops, sel, args.jobs, args.commit)
         stem = args.out / ARCH_NAMES[arch]
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
