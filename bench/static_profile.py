@@ -743,6 +743,12 @@ def markdown(report: dict) -> str:
              "with the most tensor-core instructions), loads/fences/atomics from the PTX, trig "
              "= sin/cos inside loops (TTIR scf.for + SASS MUFU).",
              "",
+             "## Per kernel",
+             "",
+             *[f"- {line}" for line in summary(report).splitlines()],
+             "",
+             "## Every variant",
+             "",
              "| " + " | ".join(h for _, h in _MD_COLUMNS) + " |",
              "|" + "---|" * len(_MD_COLUMNS)]
     errors = []
