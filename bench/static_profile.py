@@ -268,7 +268,9 @@ def _cache_dir() -> Path:
 
 
 def _unwrap(kernel):
-    while not hasattr(kernel, "arg_names") or hasattr(kernel, "configs"):
+    """The JITFunction under autotune / heuristics wrappers."""
+    from triton.runtime.jit import JITFunction
+    while not isinstance(kernel, JITFunction):
         kernel = kernel.fn
     return kernel
 
