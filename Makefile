@@ -101,3 +101,10 @@ gpu-image-rehearsal:
 
 clean:
 	rm -rf build kernels/_cuda*.so out
+
+# Compile-only static profile (no GPU): every Triton kernel variant the launchers use, built for
+# sm_90a and sm_80; registers, spills, occupancy, mma kind, loads, fences, atomics, loop sizes
+# into bench/static/<arch>.json and .md (issue 15). Cached per kernel source hash.
+.PHONY: static-profile
+static-profile: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -m bench.static_profile
