@@ -60,7 +60,8 @@ def test_reduced_demo_writes_every_output(tmp_path, capsys):
 
     out = tmp_path / "out"
     assert main(["demo", "--out", str(out), "--frames", "8", "--steps", "2", "--lengths", "4,8",
-                 "--curve-seeds", "1", "--fit-steps", "5", "--pairs", "2", "--no-progress"]) == 0
+                 "--curve-seeds", "1", "--fit-steps", "5", "--pairs", "2", "--no-progress",
+                 "--methods", "anchored,multidiffusion,independent,autoregressive"]) == 0
     printed = capsys.readouterr().out
     for name in OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
