@@ -43,11 +43,13 @@ def _workload(name: str, batch: int, tokens: int, frames: int, channels: int) ->
         dtypes=("bf16", "fp16"))
 
 
-WORKLOADS = [
-    _workload("sdit_xl2_b8_t4_256px", 8, 1024, 4, 1152),
-    _workload("sdit_xl2_b32_t4_256px", 32, 1024, 4, 1152),
-    _workload("wan_c3072_b2_t4_1560tok", 2, 4 * 1560, 4, 3072),
+# (name, B, N tokens, T frames, C): shared with bench_gated_residual (the same adaLN blocks)
+SHAPES = [
+    ("sdit_xl2_b8_t4_256px", 8, 1024, 4, 1152),
+    ("sdit_xl2_b32_t4_256px", 32, 1024, 4, 1152),
+    ("wan_c3072_b2_t4_1560tok", 2, 4 * 1560, 4, 3072),
 ]
+WORKLOADS = [_workload(*shape) for shape in SHAPES]
 # `python -m bench --quick` (and `make gpu-evidence`) runs these only.
 QUICK = ("sdit_xl2_b8_t4_256px",)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 import kernels
+from bench.bench_adaln import QUICK as ADALN_QUICK
+from bench.bench_adaln import SHAPES
 from bench.harness import Provider, Workload, compiled_provider, main, registry_providers
 
 OP = "gated_residual"
@@ -38,13 +40,8 @@ def _workload(name: str, batch: int, tokens: int, frames: int, channels: int) ->
         dtypes=("bf16", "fp16"))
 
 
-WORKLOADS = [
-    _workload("sdit_xl2_b8_t4_256px", 8, 1024, 4, 1152),
-    _workload("sdit_xl2_b32_t4_256px", 32, 1024, 4, 1152),
-    _workload("wan_c3072_b2_t4_1560tok", 2, 4 * 1560, 4, 3072),
-]
-# `python -m bench --quick` (and `make gpu-evidence`) runs these only.
-QUICK = ("sdit_xl2_b8_t4_256px",)
+WORKLOADS = [_workload(*shape) for shape in SHAPES]
+QUICK = ADALN_QUICK
 
 
 def providers(device: str) -> list[Provider]:
