@@ -159,8 +159,8 @@ TRANSFER_ABOUT = (
     "residual r_t = embed(generated_t) - embed(ideal_t) (what the model invented); transfer = "
     "mean over the frames of sequences b != 0 (not the anchor) of cos(r_t, r_anchor) - "
     "cos(r_t, r'_anchor), r'_anchor the anchor residual of an independent sample of the same "
-    "inputs (another noise seed); > 0 when the anchor passes what it invented to the other "
-    "sequences, 0 when it passes nothing")
+    "inputs (noise seed + 1, one window of the T frames around the anchor); > 0 when the "
+    "anchor passes what it invented to the other sequences, 0 when it passes nothing")
 INTERVAL_ABOUT = ("95% Student-t interval of the mean over held-out identity/driver pairs: "
                   "mean +- t_{0.975, n-1} * sd / sqrt(n)")
 

@@ -15,7 +15,6 @@ from samplers.demo.pipeline import checkpoint_world
 from samplers.demo.train import (
     CHECKPOINT,
     CONDITIONER,
-    PLAIN_RECIPE,
     DemoRecipe,
     train_command,
     train_demo,
@@ -70,7 +69,7 @@ def test_reduced_demo_writes_every_output(tmp_path, capsys):
     assert video.frames.shape == (8, 256, 256, 3)
     report = json.loads((out / "metrics.json").read_text())
     assert report["embedding"]["name"] == "rgbhist4-hog9x8"
-    assert report["world"] == "plain"  # the bundled model records no world
+    assert report["world"] == "fine"  # the bundled model records its world
     assert report["protocol"]["pairs"] == 2 and len(report["inputs"]["pairs"]) == 2
     for method in ("anchored", "multidiffusion", "independent", "autoregressive"):
         for key in METRICS:
@@ -95,8 +94,10 @@ def test_bundled_checkpoint_and_its_training_record():
     ckpt = load_checkpoint(CHECKPOINT, system="anchored")
     recipe = DemoRecipe(**ckpt.extra["demo_recipe"])
     assert ckpt.config == recipe.model_config().to_dict()
-    assert checkpoint_world(ckpt) == "plain"  # trained before the fine world existed
-    assert ckpt.config == PLAIN_RECIPE.model_config().to_dict()
+    assert checkpoint_world(ckpt) == "fine"  # `make train-demo`: the DemoRecipe defaults
+    assert ckpt.extra["demo_recipe"] == DemoRecipe().__dict__
+    assert ckpt.extra["codec"] == {"kind": "patch-pca", "file": "patch_pca.safetensors"}
+    assert ckpt.extra["conditioner"] == CONDITIONER
     assert ckpt.ema, "the demo samples the EMA weights"
     record = json.loads((CHECKPOINT.parent / "loss.json").read_text())
     assert record["recipe"] == ckpt.extra["demo_recipe"]
