@@ -254,3 +254,17 @@ def canonical_part_labels(identities: int = 8, world: str = "parts") -> torch.Te
     neutral = motion_program("a person neutral", 1)
     return torch.stack([part_labels(pf.sample_identity(i, world), neutral)[0]
                         for i in range(identities)]).mean(0)
+
+
+def part_colours(frames: torch.Tensor, labels: torch.Tensor,
+                 min_pixels: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean colour of each part: frames [T, 3, S, S] and part fractions [T, M, S, S] (e.g.
+    :func:`label_view` at the frames' size) -> (colours [T, M, 3], visible [T, M] bool: the part
+    covers at least ``min_pixels`` pixels of area). Each pixel counts with its part fraction."""
+    if frames.shape[0] != labels.shape[0] or frames.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(f"frames [T, 3, S, S] and labels [T, M, S, S] must agree, got "
+                         f"{list(frames.shape)} and {list(labels.shape)}")
+    w = labels.double()
+    area = w.sum((-2, -1))                                                   # [T, M]
+    colours = torch.einsum("tmhw,tchw->tmc", w, frames.double()) / area.clamp_min(1e-9)[..., None]
+    return colours, area >= min_pixels
