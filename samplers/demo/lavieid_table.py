@@ -113,7 +113,7 @@ def eval_inputs(count: int, frames: int, size: int, crop_size: int, window: int,
         ref_params = face_parts.reference_pose(pose_seed)
         inputs.append(dict(
             seed=seed, prompt=prompt, item=item, ideal=(item["frames"] + 1) / 2,
-            labels=face_parts.label_view(face_parts.part_labels(ident, params), window, size),
+            labels=face_parts.window_view(face_parts.part_labels(ident, params), window, size),
             subject=subject > 0.5, background=background > 0.999,
             alternatives=torch.stack(alts),
             reference_pose_gap=float((params[:, :3] - ref_params[:, :3]).abs().sum(1).min())))
