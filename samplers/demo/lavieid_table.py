@@ -190,6 +190,26 @@ def clip_metrics(video: torch.Tensor, inp: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def denoising_check(model, inputs: list[dict], timesteps=(100, 300, 600, 900)) -> dict:
+    """Diagnostic of the pretrained baseline: x0-hat MSE of ONE model call on the ideal clips
+    noised to timestep t (fixed noise), relative to the clips' variance, per t."""
+    from avatar_models.lavieid import _alpha_sigma
+
+    batch = {k: torch.stack([x["item"][k] for x in inputs]) for k in ("frames", "text",
+                                                                      "reference", "identity")}
+    z0 = batch["frames"]
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for t in timesteps:
+        tt = torch.full((z0.shape[0],), t)
+        a, s = _alpha_sigma(tt, z0)
+        zt = a * z0 + s * noise
+        v = model(zt, tt.float(), batch["text"], batch["reference"], batch["identity"])
+        out[str(t)] = float((a * zt - s * v - z0).pow(2).mean() / z0.var())
+    return out
+
+
 def _seed_mean(videos: torch.Tensor, inp: dict) -> dict:
     """:func:`clip_metrics` of one input's videos [S, F, 3, H, W], averaged over the S seeds."""
     each = [clip_metrics(v, inp) for v in videos]
@@ -243,6 +263,7 @@ def run_table(checkpoints: Path, out: Path, opts: TableOptions) -> dict[str, Pat
     inputs = eval_inputs(opts.identities, cfg.frames, cfg.input_height, cfg.crop_size,
                          int(data.get("window", pf.SIZE)), text_encoder_for(cfg, None))
     timings["inputs_seconds"] = time.perf_counter() - start
+    denoising = denoising_check(base_model, inputs)
 
     def log(msg: str) -> None:
         if opts.progress:
@@ -281,6 +302,9 @@ def run_table(checkpoints: Path, out: Path, opts: TableOptions) -> dict[str, Pat
     tam_pre = {s: [_seed_mean(vs, inp) for inp, vs in zip(inputs, pre_tam[f"tam_s{s}"])]
                for s in seeds}
     ideal_metrics = [clip_metrics(inp["ideal"], inp) for inp in inputs]
+    # diagnostic row: the reference image copied into every frame (no motion, reference pose)
+    copy_metrics = [clip_metrics(((inp["item"]["reference"] + 1) / 2).expand_as(inp["ideal"]),
+                                 inp) for inp in inputs]
     emb_ideal = torch.stack([embed(inp["ideal"]).double() for inp in inputs])   # [I, F, E]
 
     def emb(v):                                                       # [I, S, F, ...] -> [I, N, E]
@@ -312,6 +336,7 @@ def run_table(checkpoints: Path, out: Path, opts: TableOptions) -> dict[str, Pat
                                           emb_runs[r].flatten(0, 1), emb_ideal.flatten(0, 1))}
                                   for r in run_names}
     table["ideal"] = {m: interval([x[m] for x in ideal_metrics]) for m in names}
+    table["copy reference"] = {m: interval([x[m] for x in copy_metrics]) for m in names}
 
     def difference(a, b, metric):
         if metric == "kid":
@@ -343,6 +368,7 @@ def run_table(checkpoints: Path, out: Path, opts: TableOptions) -> dict[str, Pat
                      reference_pose_gap=x["reference_pose_gap"]) for x in inputs],
         options=opts.__dict__, seeds=list(seeds), table=table, differences=diffs,
         predictions=predictions, tam_arm_dit_equals_base=tam_on_base,
+        base_denoising=denoising,
         metrics={m: dict(higher_is_better=METRICS[m][0], role=METRICS[m][1]) for m in METRICS},
         about=dict(identity=IDENTITY_ABOUT, kid=KID_ABOUT, consistency=CONSISTENCY_ABOUT,
                    flicker=FLICKER_ABOUT, prompt_adherence=ADHERENCE_ABOUT,
@@ -372,7 +398,7 @@ def markdown(result: dict) -> str:
     arrows = {m: "↑" if METRICS[m][0] else "↓" for m in cols}
     lines = ["| row | " + " | ".join(f"{m} {arrows[m]}" for m in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
-    for row in ("ideal", "base", "baseline", "router", "tam", "both"):
+    for row in ("ideal", "copy reference", "base", "baseline", "router", "tam", "both"):
         r = result["table"][row]
         lines.append(f"| {row} | " + " | ".join(_fmt(r[m]) if m in r else "-" for m in cols)
                      + " |")
@@ -391,6 +417,9 @@ def markdown(result: dict) -> str:
     for row in ("baseline", "router", "tam", "both"):
         r = result["table"][row]
         lines.append(f"| {row} | " + " | ".join(f"{r[p]['mean']:.4f}" for p in parts) + " |")
+    lines += ["", "Base model, one denoising step on the ideal clips (x0-hat MSE / variance of the "
+              "clips; 0 = perfect, 1 = no better than their mean): " + ", ".join(
+                  f"t={t}: {v:.3f}" for t, v in result["base_denoising"].items())]
     lines += ["", f"TAM arms whose DiT equals the base model's bitwise (their TAM ran on the "
               f"base model's samples): {result['tam_arm_dit_equals_base']}", ""]
     return "\n".join(lines) + "\n"

@@ -151,6 +151,8 @@ def test_demo_smoke_on_tiny_random_checkpoints(tmp_path, capsys):
         row = result["table"][arm]
         assert row["identity_similarity"]["n"] == 2 and "kid" in row
     assert result["table"]["ideal"]["identity_similarity"]["mean"] == pytest.approx(1.0)
+    assert result["table"]["copy reference"]["flicker"]["mean"] <= 0   # a still video
+    assert set(result["base_denoising"]) == {"100", "300", "600", "900"}
     # the router arm samples differently from the baseline; the TAM changes the base samples
     diffs = result["differences"]
     assert diffs["router - baseline"]["identity_similarity"]["mean"] != 0
