@@ -109,3 +109,10 @@ clean:
 .PHONY: static-profile
 static-profile: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m bench.static_profile
+
+# Rewrites assets/lavieid/ (docs/lavieid.md): the toy LaVieID base model, then the four Table 2
+# arms (baseline, router, TAM, both) for fine-tuning seeds 1 and 2, every one trained by
+# `avatar-kernels train lavieid` on one CPU thread (about 15 min in all).
+.PHONY: train-lavieid
+train-lavieid: $(STAMP)
+	$(VENV)/bin/avatar-kernels demo lavieid --train

@@ -45,7 +45,8 @@ PARTS = ("brows", "eyes", "mouth", "nose", "skin", "hair")
 
 @dataclass(frozen=True)
 class LaVieIDConfig(NamedConfig):
-    """Architecture. ``from_name``: ``tiny`` (CPU tests) and ``cogvideox-5b`` (CogVideoX-5B-like
+    """Architecture. ``from_name``: ``tiny`` (CPU tests), ``toy`` (the shipped demo models)
+    and ``cogvideox-5b`` (CogVideoX-5B-like
     shape; the paper's L' = 17750 matches neither 13 x 1350 = 17550 nor 17550 + 226 = 17776)."""
 
     name: str = "custom"
@@ -113,6 +114,12 @@ NAMED_CONFIGS: dict[str, dict] = {
                  input_width=16, frames=5, text_dim=16, text_tokens=8, identity_dim=48,
                  part_tokens=4, local_dim=32, route_dim=32, crop_size=8, crop_patch=2,
                  tam_layers=2, tam_chunks=2),
+    # the shipped toy models (make train-lavieid): 32x32 pixel frames of the zoomed face (4x4
+    # patches: 8x8 tokens per frame), 16 px part crops so an iris spans a few crop pixels
+    "toy": dict(depth=3, hidden=64, heads=4, patch=4, in_channels=3, input_height=32,
+                input_width=32, frames=5, text_dim=16, text_tokens=8, identity_dim=48,
+                part_tokens=4, local_dim=32, route_dim=32, crop_size=16, crop_patch=4,
+                tam_layers=2, tam_chunks=2),
     # CogVideoX-5B: 42 layers, width 3072 (48 heads of 64), 16-channel latents of 480x720 video
     # (60x90, patch 2 -> 30x45 = 1350 tokens per latent frame), 49 frames -> 13 latent frames,
     # T5-XXL text (4096 wide, 226 tokens). Router: L = 32, D = D'' = 2048; TAM: N = 6, K = 4.

@@ -92,3 +92,38 @@ def expressive_lmse(generated: torch.Tensor, driving: torch.Tensor) -> float:
         raise ValueError(f"generated must be [N, 478, 3] MediaPipe landmarks, got "
                          f"{list(generated.shape)}")
     return lmse(generated, driving, EXPRESSIVE_INDICES)
+
+
+def vbench_consistency(embeddings: torch.Tensor) -> float:
+    """VBench-style temporal consistency of one video's per-frame embeddings [N, D] (N >= 2):
+    the mean over frames t >= 1 of (cos(e_t, e_0) + cos(e_t, e_(t-1))) / 2, i.e. similarity to
+    the first and to the previous frame (VBench's subject / background consistency, which it
+    computes on DINO / CLIP features). 1 for a static video; higher is more consistent."""
+    e = _check_emb("embeddings", embeddings, 2)
+    if e.shape[0] < 2:
+        raise ValueError(f"embeddings need at least 2 frames, got {e.shape[0]}")
+    sim = _cos(e, e)
+    t = torch.arange(1, e.shape[0])
+    return float(((sim[t, 0] + sim[t, t - 1]) / 2).mean())
+
+
+def kid(generated: torch.Tensor, real: torch.Tensor) -> float:
+    """Kernel Inception Distance on any fixed embedding: the unbiased squared MMD between the
+    embedding sets generated [N, D] and real [M, D] (N, M >= 2) under the cubic polynomial
+    kernel k(x, y) = (x.y / D + 1)^3 (Binkowski et al. 2018). 0 in expectation when both come
+    from one distribution; lower is better; can be slightly negative."""
+    g = _check_emb("generated", generated, 2)
+    r = _check_emb("real", real, 2)
+    if g.shape[0] < 2 or r.shape[0] < 2 or g.shape[1] != r.shape[1]:
+        raise ValueError(f"generated and real must be [N >= 2, D] with the same D, got "
+                         f"{list(generated.shape)} and {list(real.shape)}")
+    d = g.shape[1]
+
+    def k(a, b):
+        return (a @ b.T / d + 1) ** 3
+
+    n, m = g.shape[0], r.shape[0]
+    kgg, krr = k(g, g), k(r, r)
+    within_g = (kgg.sum() - kgg.diagonal().sum()) / (n * (n - 1))
+    within_r = (krr.sum() - krr.diagonal().sum()) / (m * (m - 1))
+    return float(within_g + within_r - 2 * k(g, r).mean())

@@ -30,6 +30,13 @@ the fine attributes, so a video model must invent them and keep them by copying 
 :func:`region_masks` gives, for a clip, the face+hair region of every frame (PSNR target) and
 the background and shirt pixels that the head never covers in it (pose-invariant readout).
 
+A third world, ``"parts"`` (LaVieID's toy, :mod:`avatar_models.data.face_parts`), is the plain
+world with larger, more distinct facial-part attributes per identity (:class:`PartAttributes`,
+drawn from their own random stream, so the coarse attributes of a seed are the plain world's):
+iris colour (from a wide palette) and size, lip colour and shape (width and thickness of the lip
+rim), brow colour and shape (length, slant, thickness). Identity then lives in the parts, not
+only in the global colours.
+
 Everything is deterministic per seed: ``sample_identity(seed)`` and ``sample_motion(seed, n)``
 use their own ``numpy.random.Generator``. ``ProceduralFaces`` yields training sequences in the
 layout the sDiT trainer takes (non-uniform frame indices, source frame furthest in time, as in
@@ -67,7 +74,7 @@ _HAIRS = ((0.10, 0.08, 0.07), (0.35, 0.22, 0.12), (0.85, 0.70, 0.40), (0.62, 0.2
           (0.70, 0.70, 0.72), (0.25, 0.35, 0.75), (0.80, 0.40, 0.65))
 _IRISES = ((0.25, 0.15, 0.08), (0.20, 0.40, 0.75), (0.25, 0.55, 0.30), (0.40, 0.40, 0.45))
 TEXTURES = ("stripes_h", "stripes_v", "stripes_diag", "checker", "rings", "gradient")
-WORLDS = ("plain", "fine")
+WORLDS = ("plain", "fine", "parts")
 FLAT_BACKGROUND = -1  # texture index that coarse() uses: bg_a, the pattern's ground colour
 BACKGROUND_PATTERNS = ("stripes", "checker", "dots")
 SHIRT_PATTERNS = ("stripes_h", "stripes_v", "checker", "dots")
@@ -91,6 +98,28 @@ class FineAttributes:
     accessory_colour: tuple[float, float, float]
 
 
+# the "parts" world's palettes: far apart, so each part tells identities apart on its own
+_PART_IRISES = ((0.30, 0.16, 0.06), (0.15, 0.40, 0.95), (0.10, 0.70, 0.25), (0.55, 0.55, 0.60),
+                (0.85, 0.60, 0.05), (0.55, 0.15, 0.80), (0.05, 0.75, 0.80), (0.90, 0.10, 0.15))
+_PART_LIPS = ((0.85, 0.10, 0.15), (0.95, 0.50, 0.65), (0.45, 0.10, 0.35), (0.50, 0.28, 0.18),
+              (0.95, 0.50, 0.15), (0.30, 0.05, 0.55), (0.20, 0.45, 0.85), (0.90, 0.80, 0.70))
+_PART_BROWS = ((0.05, 0.05, 0.05), (0.35, 0.20, 0.08), (0.80, 0.65, 0.30), (0.65, 0.20, 0.05),
+               (0.60, 0.60, 0.65), (0.15, 0.25, 0.70))
+
+
+@dataclass(frozen=True)
+class PartAttributes:
+    """Facial-part appearance of the ``"parts"`` world (the plain world's values in brackets)."""
+
+    iris_size: float  # iris radius / eye half-width [0.45]
+    lip_width: float  # px the lip rim extends past the mouth opening sideways [1.2]
+    lip_thickness: float  # px the lip rim extends past the mouth opening up and down [1.2]
+    brow: tuple[float, float, float]  # brow colour [0.7 * hair]
+    brow_length: float  # brow half-length / face_rx [0.25]
+    brow_slant: float  # px the inner end sits below the outer end [1.0]
+    brow_thickness: float  # capsule radius px [1.0]
+
+
 @dataclass(frozen=True)
 class FaceIdentity:
     """Appearance of one person and their background (see module docstring)."""
@@ -112,6 +141,7 @@ class FaceIdentity:
     hairline: float  # fringe reaches this fraction of face_ry above the centre
     long_hair: bool
     fine: FineAttributes | None = None  # None: the "plain" world
+    parts: PartAttributes | None = None  # the "parts" world only
 
 
 def _colour(rng: np.random.Generator, base, jitter: float) -> tuple[float, float, float]:
@@ -152,6 +182,33 @@ def sample_fine_attributes(seed: int) -> FineAttributes:
         accessory_colour=_random_colour(rng, 0.05, 0.9))
 
 
+def sample_part_attributes(seed: int) -> tuple[PartAttributes, tuple, tuple]:
+    """(part attributes, iris colour, lip colour) of identity ``seed`` in the ``"parts"`` world
+    (own random stream, deterministic per seed)."""
+    if seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed}")
+    rng = np.random.default_rng([int(seed), 0x9A27])
+    iris = _colour(rng, _PART_IRISES[rng.integers(len(_PART_IRISES))], 0.05)
+    lips = _colour(rng, _PART_LIPS[rng.integers(len(_PART_LIPS))], 0.05)
+    parts = PartAttributes(
+        iris_size=float(rng.uniform(0.55, 0.85)), lip_width=float(rng.uniform(0.5, 3.0)),
+        lip_thickness=float(rng.uniform(0.6, 2.8)),
+        brow=_colour(rng, _PART_BROWS[rng.integers(len(_PART_BROWS))], 0.05),
+        brow_length=float(rng.uniform(0.17, 0.34)), brow_slant=float(rng.uniform(-2.0, 2.5)),
+        brow_thickness=float(rng.uniform(0.7, 1.9)))
+    return parts, iris, lips
+
+
+def part_geometry(ident: FaceIdentity) -> PartAttributes:
+    """The part attributes the renderer draws ``ident`` with (the fixed plain-world values
+    outside the ``"parts"`` world)."""
+    if ident.parts is not None:
+        return ident.parts
+    return PartAttributes(iris_size=0.45, lip_width=1.2, lip_thickness=1.2,
+                          brow=tuple(0.7 * ch for ch in ident.hair), brow_length=0.25,
+                          brow_slant=1.0, brow_thickness=1.0)
+
+
 def sample_identity(seed: int, world: str = "plain") -> FaceIdentity:
     """The identity drawn by ``seed`` (any int >= 0) in ``world`` (``WORLDS``); the same seed
     always gives the same face, and the same coarse attributes in both worlds."""
@@ -163,7 +220,7 @@ def sample_identity(seed: int, world: str = "plain") -> FaceIdentity:
     skin = _colour(rng, _SKINS[rng.integers(len(_SKINS))], 0.04)
     hair = _colour(rng, _HAIRS[rng.integers(len(_HAIRS))], 0.05)
     lips = _colour(rng, (0.80, 0.38, 0.40), 0.07)
-    return FaceIdentity(
+    ident = FaceIdentity(
         seed=int(seed), skin=skin, hair=hair, shirt=_random_colour(rng, 0.15, 0.85),
         iris=_colour(rng, _IRISES[rng.integers(len(_IRISES))], 0.05), lips=lips,
         bg_a=_random_colour(rng, 0.25, 0.9), bg_b=_random_colour(rng, 0.1, 0.7),
@@ -173,6 +230,10 @@ def sample_identity(seed: int, world: str = "plain") -> FaceIdentity:
         hair_volume=float(rng.uniform(1.08, 1.3)), hairline=float(rng.uniform(0.3, 0.6)),
         long_hair=bool(rng.random() < 0.45),
         fine=sample_fine_attributes(seed) if world == "fine" else None)
+    if world == "parts":
+        parts, iris, part_lips = sample_part_attributes(seed)
+        ident = replace(ident, iris=iris, lips=part_lips, parts=parts)
+    return ident
 
 
 def coarse(ident: FaceIdentity) -> FaceIdentity:
@@ -355,6 +416,15 @@ def _feature_layout(rx, ry, params: torch.Tensor) -> dict[str, torch.Tensor]:
         mouth_ry=0.03 * ry + 0.17 * ry * mouth, smile=smile)
 
 
+def brow_sdf(u: torch.Tensor, v: torch.Tensor, side: float, rx: float, lay: dict,
+             geo: PartAttributes) -> torch.Tensor:
+    """Signed distance (px) to the brow on ``side`` (-1 left, +1 right) in face-local (u, v)."""
+    bu = side * (u - side * lay["eye_dx"])
+    half = geo.brow_length * rx
+    return _segment(bu, v, -half, lay["brow_y"] + geo.brow_slant, half, lay["brow_y"],
+                    geo.brow_thickness)
+
+
 def render(ident: FaceIdentity, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Frames ``[T, 3, 64, 64]`` in [0, 1] and expressive masks ``[T, 1, 64, 64]`` in {0, 1}.
 
@@ -384,6 +454,7 @@ def _draw(ident: FaceIdentity, params: torch.Tensor):
     v = -s * (x - cx) + c * (y - cy)
     rx, ry = ident.face_rx, ident.face_ry
     lay = _feature_layout(rx, ry, params)
+    geo = part_geometry(ident)
     skin = torch.tensor(ident.skin)
     shade = tuple((skin * 0.82).tolist())
 
@@ -419,12 +490,10 @@ def _draw(ident: FaceIdentity, params: torch.Tensor):
         img = _paint(img, _cov(_ellipse(eu, ev, erx + 0.8, ery + 0.8)), LINER)
         sclera = _cov(_ellipse(eu, ev, erx, ery))
         img = _paint(img, sclera, SCLERA)
-        img = _paint(img, torch.minimum(sclera, _cov(_ellipse(eu, ev, 0.45 * erx, 0.45 * erx))),
-                     ident.iris)
-        bu = u - side * lay["eye_dx"]
-        brow = _segment(side * bu, v, -0.25 * rx, lay["brow_y"] + 1.0, 0.25 * rx, lay["brow_y"],
-                        1.0)
-        img = _paint(img, _cov(brow), tuple(0.7 * ch for ch in ident.hair))
+        iris = geo.iris_size * erx
+        img = _paint(img, torch.minimum(sclera, _cov(_ellipse(eu, ev, iris, iris))), ident.iris)
+        brow = brow_sdf(u, v, side, rx, lay, geo)
+        img = _paint(img, _cov(brow), geo.brow)
         masks += [_ellipse(eu, ev, erx + 2.0, 0.2 * ry + 2.0), brow - 2.0]
     img = _paint(img, _cov(_ellipse(u, v - 0.2 * ry, 1.6, 2.8)), shade)  # nose
     if accessory == "glasses":  # round rims around both eyes and a bridge
@@ -438,8 +507,8 @@ def _draw(ident: FaceIdentity, params: torch.Tensor):
 
     mu = u
     mv = v - lay["mouth_y"] + lay["smile"] * 0.12 * ry * (mu / lay["mouth_rx"]).pow(2)
-    img = _paint(img, _cov(_ellipse(mu, mv, lay["mouth_rx"] + 1.2, lay["mouth_ry"] + 1.2)),
-                 ident.lips)
+    img = _paint(img, _cov(_ellipse(mu, mv, lay["mouth_rx"] + geo.lip_width,
+                                    lay["mouth_ry"] + geo.lip_thickness)), ident.lips)
     inside = _cov(_ellipse(mu, mv, lay["mouth_rx"], lay["mouth_ry"] - 0.5))
     img = _paint(img, inside * (lay["mouth_ry"] > 0.6).to(img.dtype), MOUTH_INSIDE)
     masks.append(_ellipse(mu, mv, lay["mouth_rx"] + 3.0, 0.2 * ry + 3.0))

@@ -1,4 +1,4 @@
-"""LaVieID's ``avatar-kernels`` verbs: ``train`` and ``sample``.
+"""LaVieID's ``avatar-kernels`` verbs: ``train``, ``sample`` and ``demo``.
 
 ``samplers/cli.py`` finds this module through its SYSTEMS table.
 
@@ -91,6 +91,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from this lavieid checkpoint's weights (its config is used)")
     parser.add_argument("--t5", type=Path, default=None,
                         help="local T5 encoder folder (default: the toy's weight-free encoder)")
+    parser.add_argument("--window", type=positive_int, default=64,
+                        help="toy frames: side (px) of the square around the face centre that is "
+                             "resampled to the model's size (64: the whole frame)")
     # the paper's recipe: AdamW, lr 3e-6, batch 1, 10K steps
     add_model_and_output_arguments(
         parser, config_class=LaVieIDConfig, default_config=DEFAULT_CONFIG,
@@ -125,6 +128,12 @@ def validate_train_args(args: argparse.Namespace):
         raise OptionError(f"the toy data is square RGB pixels of a size dividing 64; config "
                           f"{cfg.name!r} has in_channels={cfg.in_channels}, "
                           f"{cfg.input_height}x{cfg.input_width}")
+    from avatar_models.data.face_parts import window_view
+
+    try:
+        window_view(torch.zeros(1, 1, 64, 64), args.window, cfg.input_height)
+    except ValueError as exc:
+        raise OptionError(f"--window {args.window}: {exc}") from None
     if args.stage == "modules" and args.init is None:
         print_note("--stage modules without --init freezes an untrained baseline; train one "
                    "with --stage base first")
@@ -139,19 +148,22 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg, tcfg = validate_train_args(args)
     dataset = PartFaces(frames=cfg.frames, size=cfg.input_height, crop_size=cfg.crop_size,
-                        seed=args.seed, text_encoder=text_encoder_for(cfg, args.t5))
+                        seed=args.seed, text_encoder=text_encoder_for(cfg, args.t5),
+                        window=args.window)
     torch.manual_seed(args.seed)
     model = LaVieIDDiT(cfg, attention_backend=args.attention_backend)
     if args.init is not None:
         from avatar_models.checkpoint import load_checkpoint
 
-        model.load_state_dict(load_checkpoint(args.init, system="lavieid").weights("model"))
+        init = load_checkpoint(args.init, system="lavieid")
+        # a compact (EMA-only) checkpoint has no raw weights: start from what it stores
+        model.load_state_dict(init.weights("model" if init.model else "ema"))
     if int(os.environ.get("RANK", "0")) == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"training lavieid --stage {tcfg.stage} {cfg.name} ({params / 1e6:.2f}M "
               f"parameters, router={cfg.router}, tam={cfg.tam})")
-    extra = {"data": {"kind": "toy", "fps": TOY_FPS,
-                      "text": "t5" if args.t5 else "toy"},
+    extra = {"data": {"kind": "toy", "fps": TOY_FPS, "world": dataset.world,
+                      "window": args.window, "text": "t5" if args.t5 else "toy"},
              "init": None if args.init is None else str(args.init)}
     try:
         train(lavieid_system(model, dataset, tcfg, args.lr, extra),
@@ -205,10 +217,9 @@ def validate_sample_args(args: argparse.Namespace) -> dict:
     return meta
 
 
-def reference_inputs(path: Path, cfg, parts: str):
-    """(reference [3, S, S], identity [48], crops [M, 3, c, c]) in [-1, 1] from an image."""
-    import torch.nn.functional as F
-
+def reference_inputs(path: Path, cfg, parts: str, window: int = 64):
+    """(reference [3, S, S], identity [48], crops [M, 3, c, c]) in [-1, 1] from an image;
+    ``window``: the toy's zoom (the checkpoint's data window), applied to the reference."""
     from avatar_models.data import face_parts
     from avatar_models.data import procedural_faces as pf
     from avatar_models.media import read_image
@@ -228,7 +239,7 @@ def reference_inputs(path: Path, cfg, parts: str):
     else:
         labels = face_parts.canonical_part_labels()
     crops = face_parts.part_crops(big, labels, cfg.crop_size) * 2 - 1
-    reference = F.interpolate(big[None], size=(cfg.input_height,) * 2, mode="area")[0] * 2 - 1
+    reference = face_parts.window_view(big[None], window, cfg.input_height)[0] * 2 - 1
     return reference, pf.identity_embedding(big), crops
 
 
@@ -240,7 +251,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
     meta = validate_sample_args(args)
     cfg = LaVieIDConfig.from_dict(meta["config"])
-    reference, identity, crops = reference_inputs(args.reference, cfg, args.parts)
+    reference, identity, crops = reference_inputs(
+        args.reference, cfg, args.parts, meta["extra"].get("data", {}).get("window", 64))
     text = text_encoder_for(cfg, args.t5, args.device)([args.prompt])
     model = LaVieIDDiT(cfg, attention_backend=args.attention_backend)
     model.load_state_dict(load_checkpoint(args.checkpoint, system="lavieid").weights(args.weights))
@@ -257,4 +269,56 @@ def run_sample(args: argparse.Namespace) -> int:
     write_video(args.out, frames, args.fps, pad_to_even=True)
     print(f"wrote {args.out} ({frames.shape[0]} frames, {args.fps:g} fps, router={cfg.router}, "
           f"tam={cfg.tam})")
+    return 0
+
+
+# ---- demo ----
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from samplers.demo.lavieid_table import TableOptions
+    from samplers.demo.lavieid_train import ASSETS
+
+    d = TableOptions()
+    parser.add_argument("--out", type=Path, default=Path("out-lavieid"), help="output folder")
+    parser.add_argument("--checkpoints", type=Path, default=ASSETS,
+                        help="folder of the toy models (default: the shipped assets/lavieid); "
+                             "with --train, where they are written")
+    parser.add_argument("--identities", type=positive_int, default=d.identities,
+                        help="held-out identities (seeds >= 1,000,000; intervals over them)")
+    parser.add_argument("--noise-seeds", type=positive_int, default=d.noise_seeds,
+                        help="sampling noise seeds per identity and checkpoint")
+    parser.add_argument("--steps", type=positive_int, default=d.steps, help="DDIM steps")
+    parser.add_argument("--guidance", type=float_range(0.0), default=d.guidance,
+                        help="classifier-free guidance scale")
+    add_device_argument(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress messages")
+    t = parser.add_argument_group("training the toy models (--train)")
+    t.add_argument("--train", action="store_true",
+                   help="train the toy models instead (make train-lavieid): base, then the "
+                        "four arms per seed, all with `avatar-kernels train lavieid`")
+    t.add_argument("--train-only", default=None, metavar="base|seed:N",
+                   help="run only the base, or only the four arms of one fine-tuning seed")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    device = str(resolve_device(args.device))
+    if args.train:
+        from samplers.demo.lavieid_train import LaVieIDRecipe, train_lavieid
+
+        seeds = LaVieIDRecipe().seeds
+        allowed = ["base", *[f"seed:{s}" for s in seeds]]
+        if args.train_only is not None and args.train_only not in allowed:
+            raise OptionError(f"--train-only: expected one of {', '.join(allowed)}, got "
+                              f"{args.train_only!r}")
+        train_lavieid(out_dir=args.checkpoints, only=args.train_only)
+        return 0
+    from samplers.demo.lavieid_table import TableOptions, run_table
+
+    opts = TableOptions(identities=args.identities, noise_seeds=args.noise_seeds,
+                        steps=args.steps, guidance=args.guidance, device=device,
+                        progress=not args.no_progress)
+    paths = run_table(args.checkpoints, args.out, opts)
+    print("wrote:")
+    for name, path in paths.items():
+        print(f"  {name:10s} {path}")
     return 0

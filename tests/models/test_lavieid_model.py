@@ -288,9 +288,10 @@ def _palette_distance(rgb: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
     return best
 
 
-def test_toy_part_labels_agree_with_the_render():
+@pytest.mark.parametrize("world", ["plain", "parts"])
+def test_toy_part_labels_agree_with_the_render(world):
     for seed in (0, 5, 11):
-        ident = pf.sample_identity(seed)
+        ident = pf.sample_identity(seed, world)
         params = face_parts.motion_program("a person smiling, gaping and tilting", 3, seed)
         video, _ = pf.render(ident, params)                          # [T, 3, 64, 64]
         labels = face_parts.part_labels(ident, params)              # [T, M, 64, 64]
@@ -300,7 +301,7 @@ def test_toy_part_labels_agree_with_the_render():
         colours = {"skin": [ident.skin], "hair": [ident.hair],
                    "mouth": [ident.lips, pf.MOUTH_INSIDE],
                    "eyes": [pf.LINER, pf.SCLERA, ident.iris],
-                   "brows": [tuple(0.7 * c for c in ident.hair)],
+                   "brows": [pf.part_geometry(ident).brow],
                    "nose": [tuple(0.82 * c for c in ident.skin)]}
         for i, part in enumerate(face_parts.PARTS):
             pure = labels[:, i] > 0.999
@@ -309,6 +310,48 @@ def test_toy_part_labels_agree_with_the_render():
             assert (dist < 0.05).float().mean() > 0.9, (seed, part)
         unlabelled = labels.sum(1) < 1e-3
         assert unlabelled.any()
+
+
+def test_parts_world_changes_only_the_parts_and_they_differ_between_identities():
+    """Same seed, plain vs parts world: the coarse attributes and every pixel outside the
+    eyes, brows and mouth are identical; the part attributes come from their own stream and
+    vary between identities (iris, lip and brow colours far apart; brow and lip shapes)."""
+    params = face_parts.motion_program("a person smiling, talking", 2, 3)
+    attrs = []
+    for seed in range(12):
+        plain, parts = pf.sample_identity(seed), pf.sample_identity(seed, "parts")
+        assert parts.skin == plain.skin and parts.hair == plain.hair and parts.fine is None
+        a, _ = pf.render(plain, params)
+        b, expressive = pf.render(parts, params)
+        near_parts = torch.nn.functional.max_pool2d(expressive, 5, 1, 2) > 0   # thick brows
+        assert torch.equal(a * ~near_parts, b * ~near_parts), seed
+        assert not torch.equal(a, b)
+        attrs.append((parts.iris, parts.lips, parts.parts.brow, parts.parts.brow_slant,
+                      parts.parts.lip_thickness))
+    for k in range(3):  # colours: the 12 identities span a wide range per part
+        colours = torch.tensor([a[k] for a in attrs])
+        assert torch.cdist(colours, colours).max() > 0.8
+    assert torch.tensor([a[3] for a in attrs]).std() > 0.8
+    assert torch.tensor([a[4] for a in attrs]).std() > 0.4
+    with pytest.raises(ValueError, match="seed"):
+        pf.sample_part_attributes(-1)
+
+
+def test_window_view_and_label_view():
+    video, _ = pf.render(pf.sample_identity(2, "parts"), face_parts.reference_pose(4))
+    whole = face_parts.window_view(video, 64, 16)
+    assert torch.allclose(whole, torch.nn.functional.interpolate(video, size=16, mode="area"))
+    zoomed = face_parts.window_view(video, 48, 32)
+    assert zoomed.shape == (1, 3, 32, 32)
+    assert torch.allclose(zoomed, torch.nn.functional.interpolate(video[..., 6:54, 8:56],
+                                                                  size=32, mode="area"))
+    labels = face_parts.part_labels(pf.sample_identity(2, "parts"), face_parts.reference_pose(4))
+    assert face_parts.label_view(labels, 48, 32).shape == (1, 6, 32, 32)
+    assert face_parts.label_view(labels, 32, 16).shape == (1, 6, 32, 32)
+    assert face_parts.label_view(labels, 64, 16).shape == (1, 6, 64, 64)
+    for bad in (12, 66, 47):
+        with pytest.raises(ValueError, match="window"):
+            face_parts.window_view(video, bad, 16)
 
 
 def test_prompt_program_and_dataset_item():
