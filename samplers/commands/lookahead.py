@@ -48,6 +48,7 @@ from samplers.commands.validation import (
     float_range,
     image_file,
     input_file,
+    int_range,
     non_negative_int,
     output_file,
     parse_assignments,
@@ -419,11 +420,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="baseline fine-tune checkpoint (reference conditioning)")
     parser.add_argument("--base", type=Path, default=d.base,
                         help="base (pretrained) checkpoint for the Fig. 3 pilot")
-    parser.add_argument("--identities", type=int_at_least(2), default=d.identities,
+    parser.add_argument("--identities", type=int_range(2), default=d.identities,
                         help="held-out identities (intervals over them)")
-    parser.add_argument("--segments", type=int_at_least(2), default=d.segments,
+    parser.add_argument("--segments", type=int_range(2), default=d.segments,
                         help="segments of the drift run")
-    parser.add_argument("--sweep-segments", type=int_at_least(3), default=d.sweep_segments,
+    parser.add_argument("--sweep-segments", type=int_range(3), default=d.sweep_segments,
                         help="segments per video of the Fig. 6 sweep and the swap check")
     parser.add_argument("--distances", type=_distances, default=d.distances,
                         help="the Fig. 6 sweep's D values (read off the figure)")
@@ -436,18 +437,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="noise seed")
     add_device_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -485,18 +485,25 @@ def plot_all(result: dict, out_dir: Path) -> dict[str, Path]:
         ax.fill_between(xs, [v["low"] for v in stats], [v["high"] for v in stats], alpha=0.2,
                         **kw)
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    def single(name: str, curves: dict, xlabel: str, ylabel: str, title: str) -> None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for label, (xs, stats, colour) in curves.items():
+            band(ax, xs, stats, label, color=colour)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths[f"{name}_plot"] = out_dir / f"{name}.png"
+        fig.savefig(paths[f"{name}_plot"], dpi=110)
+        plt.close(fig)
+
+    windows = {}
     for name, colour in (("lookahead", "tab:blue"), ("baseline", "tab:green")):
         stats = result["arms"][name]["per_window_to_reference"]
-        band(ax, list(range(1, len(stats) + 1)), stats, name, color=colour)
-    ax.set_xlabel("1-second window")
-    ax.set_ylabel("appearance distance to reference")
-    ax.set_title("drift over a long video (95% CI over identities)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["drift_plot"] = out_dir / "drift.png"
-    fig.savefig(paths["drift_plot"], dpi=110)
-    plt.close(fig)
+        windows[name] = (list(range(1, len(stats) + 1)), stats, colour)
+    single("drift", windows, "1-second window", "appearance distance to reference",
+           "drift over a long video (95% CI over identities)")
 
     sweep = result["sweep"]
     if sweep:
@@ -522,19 +529,12 @@ def plot_all(result: dict, out_dir: Path) -> dict[str, Path]:
         plt.close(fig)
 
     pilot = result["checks"]["d"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, colour in (("base", "tab:orange"), ("lookahead", "tab:blue")):
-        if name in pilot:
-            sizes = pilot[name]["motion_size"]
-            band(ax, [int(k) for k in sizes], list(sizes.values()), name, color=colour)
-    ax.set_xlabel("k, temporal index of the clean frame")
-    ax.set_ylabel("motion size (RMS to the clean frame)")
-    ax.set_title("Fig. 3 pilot (95% CI over identities)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["pilot_plot"] = out_dir / "pilot.png"
-    fig.savefig(paths["pilot_plot"], dpi=110)
-    plt.close(fig)
+    sizes = {name: ([int(k) for k in pilot[name]["motion_size"]],
+                    list(pilot[name]["motion_size"].values()), colour)
+             for name, colour in (("base", "tab:orange"), ("lookahead", "tab:blue"))
+             if name in pilot}
+    single("pilot", sizes, "k, temporal index of the clean frame",
+           "motion size (RMS to the clean frame)", "Fig. 3 pilot (95% CI over identities)")
     return paths
 
 

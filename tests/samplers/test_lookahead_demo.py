@@ -15,14 +15,6 @@ from samplers.cli import main
 from samplers.demo import lookahead_demo as LD
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _checkpoint(path, stage: str, seed: int):
     torch.manual_seed(seed)
     cfg = LookaheadConfig.from_name("tiny", input_height=16, input_width=16, patch=4, frames=8,
