@@ -72,3 +72,23 @@ def test_param_readout_reads_the_generator():
     assert torch.corrcoef(torch.stack([mouth, truth]))[0, 1] > 0.9
     assert (params[:, :3] - clip.params[:, :3]).abs().mean() < 0.05   # head pose
     assert clip.background.sum() >= 8
+
+
+def test_shipped_assets_follow_the_recipe():
+    """assets/lookahead holds the three models of `make train-lookahead` (docs/lookahead.md)."""
+    from avatar_models.checkpoint import load_checkpoint
+
+    ckpts = {name: load_checkpoint(LD.ASSETS / f"{name}.safetensors", system="lookahead")
+             for name in ("base", "lookahead", "baseline")}
+    for name, ckpt in ckpts.items():
+        cfg = LookaheadConfig.from_dict(ckpt.config)
+        assert (cfg.input_height, cfg.patch, cfg.frames, cfg.hidden, cfg.depth) == \
+            (16, 4, 8, 96, 4), name
+        assert ckpt.extra["train"]["d_max"] == 24 and ckpt.extra["train"]["starting_frames"] == 2
+        assert not ckpt.model and all(v.dtype == torch.float16 for v in ckpt.ema.values()
+                                      if v.is_floating_point())
+    assert ckpts["base"].extra["step"] == 600 and ckpts["base"].extra["init"] is None
+    for name, stage in (("lookahead", "lookahead"), ("baseline", "base")):
+        extra = ckpts[name].extra
+        assert extra["train"]["stage"] == stage and extra["step"] == 300
+        assert extra["init"].endswith("base.safetensors")
