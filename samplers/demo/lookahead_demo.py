@@ -520,6 +520,8 @@ def plot_all(result: dict, out_dir: Path) -> dict[str, Path]:
             ax.axhline(b["mean"], color="tab:green", label="baseline")
             ax.axhspan(b["low"], b["high"], color="tab:green", alpha=0.15)
             ax.set_xscale("log")
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.minorticks_off()
             ax.set_xlabel("D (frames; values read off Fig. 6)")
             ax.set_title(label, fontsize=9)
         axes[0].legend(fontsize=8)
