@@ -116,3 +116,33 @@ static-profile: $(STAMP)
 .PHONY: train-lavieid
 train-lavieid: $(STAMP)
 	$(VENV)/bin/avatar-kernels demo lavieid --train
+
+# Rewrites assets/lookahead/ (issue 17): the toy base model, then the lookahead fine-tune and the
+# baseline fine-tune from it (same steps, same seed), each compacted to EMA float16 weights.
+# Recipe and measured wall times: docs/lookahead.md ("Toy models").
+LOOKAHEAD_ASSETS ?= assets/lookahead
+LOOKAHEAD_SHAPE  := --config tiny --set input_height=16 --set input_width=16 --set patch=4 \
+	--set frames=8 --set hidden=96 --set depth=4 --set heads=4
+LOOKAHEAD_MODEL  := --starting-frames 2 --d-max 24 --distance 12 --batch-size 8 \
+	--ema-decay 0.99 --no-progress
+LOOKAHEAD_COMPACT = $(PY) -c "import sys, shutil; from pathlib import Path; \
+	from samplers.demo.train import compact_checkpoint; \
+	from avatar_models.training.run_state import checkpoint_root; p = Path(sys.argv[1]); \
+	compact_checkpoint(p); shutil.rmtree(checkpoint_root(p), ignore_errors=True)"
+.PHONY: train-lookahead train-lookahead-base train-lookahead-finetunes
+train-lookahead: train-lookahead-base train-lookahead-finetunes
+train-lookahead-base: $(STAMP)
+	mkdir -p $(LOOKAHEAD_ASSETS)
+	OMP_NUM_THREADS=1 $(VENV)/bin/avatar-kernels train lookahead --stage base $(LOOKAHEAD_SHAPE) \
+		$(LOOKAHEAD_MODEL) --steps 600 --lr 1e-3 --warmup-steps 30 --seed 0 \
+		--out $(LOOKAHEAD_ASSETS)/base.safetensors
+	$(LOOKAHEAD_COMPACT) $(LOOKAHEAD_ASSETS)/base.safetensors
+train-lookahead-finetunes: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/avatar-kernels train lookahead --stage lookahead \
+		$(LOOKAHEAD_MODEL) --init $(LOOKAHEAD_ASSETS)/base.safetensors --steps 300 --lr 5e-4 \
+		--warmup-steps 10 --seed 1 --out $(LOOKAHEAD_ASSETS)/lookahead.safetensors
+	$(LOOKAHEAD_COMPACT) $(LOOKAHEAD_ASSETS)/lookahead.safetensors
+	OMP_NUM_THREADS=1 $(VENV)/bin/avatar-kernels train lookahead --stage base \
+		$(LOOKAHEAD_MODEL) --init $(LOOKAHEAD_ASSETS)/base.safetensors --steps 300 --lr 5e-4 \
+		--warmup-steps 10 --seed 1 --out $(LOOKAHEAD_ASSETS)/baseline.safetensors
+	$(LOOKAHEAD_COMPACT) $(LOOKAHEAD_ASSETS)/baseline.safetensors

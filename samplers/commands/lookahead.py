@@ -27,6 +27,7 @@ Each segment is decoded and appended to the mp4 (with its audio) before the next
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import warnings
 from pathlib import Path
@@ -47,6 +48,7 @@ from samplers.commands.validation import (
     float_range,
     image_file,
     input_file,
+    int_range,
     non_negative_int,
     output_file,
     parse_assignments,
@@ -391,4 +393,76 @@ def run_sample(args: argparse.Namespace) -> int:
                 device=args.device, progress=not args.no_progress)
     print(f"wrote {args.out} ({written} frames, {args.fps:g} fps, keyframe {args.mode} "
           f"D={args.distance})")
+    return 0
+
+
+# ---- demo ----
+
+def _distances(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated frame counts >= 0, got "
+                                         f"{text!r}")
+    return values
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from samplers.demo.lookahead_demo import LookaheadDemoOptions
+
+    d = LookaheadDemoOptions()
+    parser.add_argument("--out", type=Path, default=Path("out/lookahead"), help="output folder")
+    parser.add_argument("--lookahead", type=Path, default=d.lookahead,
+                        help="lookahead fine-tune checkpoint")
+    parser.add_argument("--baseline", type=Path, default=d.baseline,
+                        help="baseline fine-tune checkpoint (reference conditioning)")
+    parser.add_argument("--base", type=Path, default=d.base,
+                        help="base (pretrained) checkpoint for the Fig. 3 pilot")
+    parser.add_argument("--identities", type=int_range(2), default=d.identities,
+                        help="held-out identities (intervals over them)")
+    parser.add_argument("--segments", type=int_range(2), default=d.segments,
+                        help="segments of the drift run")
+    parser.add_argument("--sweep-segments", type=int_range(3), default=d.sweep_segments,
+                        help="segments per video of the Fig. 6 sweep and the swap check")
+    parser.add_argument("--distances", type=_distances, default=d.distances,
+                        help="the Fig. 6 sweep's D values (read off the figure)")
+    parser.add_argument("--distance", type=non_negative_int, default=None,
+                        help="D of the drift run (default: the checkpoint's)")
+    parser.add_argument("--steps", type=positive_int, default=d.steps, help="denoising steps")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the Fig. 6 sweep")
+    parser.add_argument("--full", action="store_true",
+                        help="the sweep at the drift run's length (slower)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="noise seed")
+    add_device_argument(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from samplers.demo.lookahead_demo import (
+        LookaheadDemoOptions,
+        format_report,
+        run_lookahead_demo,
+    )
+
+    for name in ("lookahead", "baseline", "base"):
+        path = getattr(args, name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--{name} {str(path)!r}: checkpoint not found (run `make "
+                                    f"train-lookahead`, or pass --{name})")
+        check_checkpoint_file(path, f"--{name}", "lookahead")
+    opts = LookaheadDemoOptions(
+        lookahead=args.lookahead, baseline=args.baseline, base=args.base,
+        identities=args.identities, segments=args.segments,
+        sweep_segments=args.segments if args.full else args.sweep_segments,
+        distances=args.distances, distance=args.distance, steps=args.steps,
+        sweep=not args.no_sweep, seed=args.seed, device=str(resolve_device(args.device)),
+        progress=not args.no_progress)
+    paths = run_lookahead_demo(opts, args.out)
+    result = json.loads(paths["metrics"].read_text())
+    print(format_report(result))
+    print(f"\ndemo done in {opts.timings['total_seconds']:.0f} s; wrote:")
+    for name, path in paths.items():
+        print(f"  {name:12s} {path}")
     return 0
