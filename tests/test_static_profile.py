@@ -83,6 +83,7 @@ def test_sass_loops_find_the_main_loop_past_a_nested_scalar_loop():
     assert sass_loops(instructions) == [{"instructions": 7, "mma": 1, "trig": 1}]
     got = analyse_sass(_SASS)
     assert got["mma_kind"] == "wgmma" and got["mma_count"] == 3
+    assert got["mma_sync_count"] == 1  # the HMMA beside the HGMMAs is counted apart
     assert got["loop_instructions"] == 7 and got["sass_trig_in_loop"] == 1
     # without tensor-core instructions the innermost loop is reported
     plain = _SASS.replace("HGMMA.64x64x16.F32.BF16", "FFMA").replace("HMMA.16816.F32.BF16", "FFMA")
@@ -129,6 +130,22 @@ def test_analyse_ptx_counts_load_kinds_fences_and_atomics():
     assert got["fences"] == {"fence.proxy.async.shared::cta": 1, "membar.gl": 1}
     assert got["atomics"] == {"atom.global.gpu.acq_rel.add.f32": 1,
                               "red.global.gpu.relaxed.add.f32": 2}
+
+
+def test_fp16_twins_of_bf16_launches_are_left_out_and_others_kept():
+    from bench.static_profile import Job, fp16_twins
+
+    def job(dtype, flag, warps=4):
+        return Job(op="op", module="m", kernel="_k", variant="v", dtype=dtype,
+                   signature={"x_ptr": f"*{dtype}", "scale": "fp32", "FLAG": "constexpr"},
+                   constexprs=[([2], flag)], attrs=[], options={"num_warps": warps})
+
+    bf16, same, other_flag, other_warps = (job("bf16", True), job("fp16", True),
+                                           job("fp16", False), job("fp16", True, 8))
+    kept, left_out = fp16_twins([bf16, same, other_flag, other_warps], 90)
+    assert left_out == [same] and kept == [bf16, other_flag, other_warps]
+    # an fp32 job is never a twin, and without a bf16 launch nothing is left out
+    assert fp16_twins([job("fp32", True), same], 90) == ([job("fp32", True), same], [])
 
 
 _RUN = "import sys; from bench.static_profile import main; sys.exit(main(sys.argv[1:]))"

@@ -359,10 +359,10 @@ for k in kernels:
 # at the first), D = 64 and 128: no serialised wgmma (masked tiles first got C7515 in all).
 warnings = []
 for head_dim in (64, 128):
-    for cfg in triton_impl._BWD_CONFIGS:
-        if triton_impl._prune([cfg], None, BLOCK_D=head_dim) != [cfg]:
-            continue
-        for atomic in (True, False) if cfg is triton_impl._BWD_CONFIGS[0] else (True,):
+    kept = triton_impl._prune(triton_impl._BWD_CONFIGS, None, BLOCK_D=head_dim, DQ_PASS=False,
+                              DQ_ATOMIC=True)
+    for cfg in kept:
+        for atomic in (True, False) if cfg is kept[0] else (True,):
             consts = {**common, **cfg.kwargs, "HEAD_DIM": head_dim, "BLOCK_D": head_dim,
                       "DQ_PASS": False, "DQ_ATOMIC": atomic}
             compiled = build(triton_impl._frame_causal_bwd_kernel.fn, cfg.num_warps,
