@@ -500,7 +500,6 @@ def _performer_bwd_kernel(
                                              GRAD_EXP_CAP))
                 vdo = tl.dot(v, tl.trans(do), input_precision=PREC)   # [j, i] v_j . dO_i
                 et = tl.where(vis, pair_exp * (vdo - delta[None, :]), 0.0)
-                pair_exp = tl.where(vis, pair_exp, 0.0)
                 pair = tl.zeros([BLOCK_N, BLOCK_N], dtype=tl.float32)  # [j, i]
             else:
                 vis = offs_n[None, :] <= offs_n[:, None]                  # [i, j]: j <= i
@@ -557,6 +556,11 @@ def _performer_bwd_kernel(
                 _store_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok, offs_d, d_ok,
                              head_dim, state_t, norm, c_new, True)
             if KEY_GRADS:
+                # pair_exp again (from row vectors): kept from before the feature loop it held
+                # a [64, 64] fp32 tile in registers across the loop
+                vis = (offs_n[None, :] >= offs_n[:, None]) & n_ok[None, :]
+                pair_exp = tl.where(vis, tl.exp(tl.minimum(alpha[None, :] + s[:, None]
+                                                           - lse[None, :], GRAD_EXP_CAP)), 0.0)
                 dv += _mm(pair * pair_exp, do, FEAT_BF16, PREC)
                 grad = (grad - k.to(tl.float32) * (scale * total)[:, None]) * scale
                 _store(dk_ptr + g_off, offs_n, stride_g_n, offs_d, grad, tile_ok)
