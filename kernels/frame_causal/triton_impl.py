@@ -67,8 +67,8 @@ def _fp32_per_thread(bm: int, bn: int, block_d: int, num_warps: int, dq_pass: bo
 def _prune(configs, named_args, **kwargs):
     """Drop configs whose K/V pipeline does not fit in Hopper's shared memory (~227 KiB), and at
     D <= 128 those that would spill registers or miss wgmma (a tile whose wgmma M side, the query
-    tile in the forward and dq pass, the key tile in the dk/dv pass, is under 64 rows falls back
-    to mma.sync)."""
+    tile in the forward and dq pass, the key tile in the dk/dv pass and also the query tile of
+    its atomic dq share, is under 64 rows falls back to mma.sync)."""
     block_d = kwargs["BLOCK_D"]
     dq_pass = kwargs.get("DQ_PASS")      # None: the forward
     budget = _MAX_FP32_PER_THREAD["fwd" if dq_pass is None else "bwd"]
@@ -85,6 +85,8 @@ def _prune(configs, named_args, **kwargs):
                 kept.append(cfg)
             continue
         wgmma_rows = bn if dq_pass is False else bm
+        if dq_pass is False and kwargs.get("DQ_ATOMIC", False):
+            wgmma_rows = min(bn, bm)  # the dq share dS^T K has the query tile as its M side
         if wgmma_rows >= 64 and _fp32_per_thread(bm, bn, block_d, cfg.num_warps, dq_pass,
                                                  kwargs.get("DQ_ATOMIC", False)) <= budget:
             kept.append(cfg)
