@@ -94,7 +94,8 @@ def parse_ptxas_log(log: str) -> dict:
         return int(found.group(1)) if found else 0
     warnings = []
     for line in log.splitlines():
-        if "warning" in line.lower():
+        # ptxas -v prints wgmma serialisation (C7510..C7515) as "info" lines, not warnings
+        if "warning" in line.lower() or re.search(r"\(C75\d\d\)", line):
             # drop the temporary file name: "ptxas /tmp/x.ptx, line 12; warning : ..."
             warnings.append(re.sub(r"^ptxas\s+\S+,\s*(line \d+;\s*)?", "", line.strip()))
     return {"registers": grab(r"Used (\d+) registers"),
@@ -265,6 +266,8 @@ def _tool(name: str) -> str:
     return getattr(knobs.nvidia, name).path
 
 
+# Bumped when parse_ptxas_log changes: cached entries hold parsed values, not the log.
+_PTXAS_LOG_VERSION = 2
 _PTXAS_KEYS = ("registers", "spill_store_bytes", "spill_load_bytes", "warnings",
                "compile_seconds")
 
@@ -303,7 +306,8 @@ def compile_job(job: Job, arch: int) -> dict:
         # ptxas -v output exists only when ptxas runs: the first compile of a job runs afresh with
         # the log captured, and its values are cached per source hash; later runs take the
         # kernel from Triton's own cache and re-analyse it (so the analysis may change freely)
-        cache_file = _cache_dir() / f"{arch}-{source.hash()}-{job.key(arch)[:24]}.json"
+        cache_file = (_cache_dir()
+                      / f"v{_PTXAS_LOG_VERSION}-{arch}-{source.hash()}-{job.key(arch)[:24]}.json")
         cached = json.loads(cache_file.read_text()) if cache_file.exists() else None
         log = io.StringIO()
         start = time.perf_counter()

@@ -56,6 +56,10 @@ ptxas info    : Used 255 registers, used 1 barriers, 1288 bytes cumulative stack
     assert len(got["warnings"]) == 1 and "C7515" in got["warnings"][0]
     assert got["warnings"][0].startswith("warning : Potential Performance Loss")  # no file name
     assert parse_ptxas_log("ptxas info    : Used 40 registers")["spill_store_bytes"] == 0
+    # ptxas -v also reports serialisation as an "info" line: it counts as a warning
+    info = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions "
+            "are serialized due to non wgmma instructions defining accumulator registers")
+    assert "(C7515)" in parse_ptxas_log(info)["warnings"][0]
 
 
 _SASS = """
@@ -168,6 +172,8 @@ def test_static_profile_quick_on_hopper(tmp_path):
     for row in rows:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["registers"] > 0 and row["ctas_per_sm"] >= 1
+        # issue 15's target: no spills in a bf16 launch configuration at D <= 128
+        assert row["spill_store_bytes"] == 0, row
     by_kernel = {}
     for row in rows:
         by_kernel.setdefault(row["kernel"], []).append(row)

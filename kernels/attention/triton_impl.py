@@ -106,13 +106,16 @@ def _pruner(name: str, small_sizes: tuple[int, ...], large_sizes: tuple[int, ...
     """Autotune pruning by operand size: fp32 (IEEE dots) and BLOCK_D = 256 tiles hold twice the
     registers, so they keep the narrow sizes of ``name``; 16-bit tiles keep ``large_sizes`` with
     ``large_warps``, and with ``fp32_budget`` only the configs whose fp32 accumulator and score
-    tiles (:func:`_fwd_fp32_per_thread`) hold at most that many values per thread."""
+    tiles (:func:`_fwd_fp32_per_thread`) hold at most that many values per thread and that give
+    each warpgroup at most 64 query rows (128 rows on 4 warps: ptxas serialised the wgmma,
+    C7515, in frame_causal's forward of the same structure)."""
     def prune(configs, nargs, **kwargs):
         small = nargs["q_ptr"].dtype == torch.float32 or kwargs.get(
             "BLOCK_D", nargs.get("BLOCK_D", 0)) > 128
         keep = [c for c in configs if c.kwargs[name] in small_sizes] if small else [
             c for c in configs if c.kwargs[name] in large_sizes and c.num_warps in large_warps
-            and (fp32_budget is None or _fwd_fp32_per_thread(c, kwargs) <= fp32_budget)]
+            and (fp32_budget is None or (_fwd_fp32_per_thread(c, kwargs) <= fp32_budget
+                                         and kwargs["BLOCK_M"] <= 16 * c.num_warps))]
         return keep or configs[:1]
     return prune
 

@@ -84,9 +84,17 @@ def _prune(configs, named_args, **kwargs):
             if bm * bn <= 2048:
                 kept.append(cfg)
             continue
+        if dq_pass is None and bm > 16 * cfg.num_warps:
+            # 128-row query tiles on 4 warps (one warpgroup, two m64 wgmma per product):
+            # ptxas serialises the wgmma (C7515) at D = 64
+            continue
         wgmma_rows = bn if dq_pass is False else bm
         if dq_pass is False and kwargs.get("DQ_ATOMIC", False):
             wgmma_rows = min(bn, bm)  # the dq share dS^T K has the query tile as its M side
+            if bm > bn:
+                # its [BM, D] fp32 share and the atomics' addresses outweigh the budget's
+                # estimate: 128 x 64 spilled 316 B at D = 64 and 1180 B at D = 128 (ptxas)
+                continue
         if wgmma_rows >= 64 and _fp32_per_thread(bm, bn, block_d, cfg.num_warps, dq_pass,
                                                  kwargs.get("DQ_ATOMIC", False)) <= budget:
             kept.append(cfg)
