@@ -94,7 +94,8 @@ def parse_ptxas_log(log: str) -> dict:
         return int(found.group(1)) if found else 0
     warnings = []
     for line in log.splitlines():
-        if "warning" in line.lower():
+        # ptxas -v prints wgmma serialisation (C7510..C7515) as "info" lines, not warnings
+        if "warning" in line.lower() or re.search(r"\(C75\d\d\)", line):
             # drop the temporary file name: "ptxas /tmp/x.ptx, line 12; warning : ..."
             warnings.append(re.sub(r"^ptxas\s+\S+,\s*(line \d+;\s*)?", "", line.strip()))
     return {"registers": grab(r"Used (\d+) registers"),
@@ -217,6 +218,8 @@ def analyse_sass(sass: str) -> dict:
     return {
         "mma_kind": "wgmma" if "wgmma" in kinds else ("mma.sync" if kinds else "none"),
         "mma_count": sum(mma_kind(op) is not None for _, op, _ in instructions),
+        # mma.sync beside wgmma: some product of a wgmma kernel fell back (e.g. an M side < 64)
+        "mma_sync_count": sum(mma_kind(op) == "mma.sync" for _, op, _ in instructions),
         "sass_instructions": len(instructions),
         "sass_fences": _mnemonics("\n".join(op for _, op, _ in instructions),
                                   r"^((?:MEMBAR|FENCE|CCTL)[\w.]*)"),
@@ -245,8 +248,15 @@ class Job:
     options: dict
     constexpr_names: dict = field(default_factory=dict)
 
-    def key(self, arch: int) -> str:
-        text = json.dumps([self.module, self.kernel, self.signature, self.constexprs, self.attrs,
+    def key(self, arch: int, as_dtype: dict[str, str] | None = None) -> str:
+        """Hash of everything the compile depends on; ``as_dtype`` ({"fp16": "bf16"}) spells
+        the pointer element types of the signature as another dtype (to find twins)."""
+        signature = self.signature
+        if as_dtype:
+            signature = {k: re.sub(r"\b(\w+)$", lambda m: as_dtype.get(m.group(1), m.group(1)),
+                                   v) if isinstance(v, str) else v
+                         for k, v in signature.items()}
+        text = json.dumps([self.module, self.kernel, signature, self.constexprs, self.attrs,
                            sorted(self.options.items()), arch], default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -256,6 +266,8 @@ def _tool(name: str) -> str:
     return getattr(knobs.nvidia, name).path
 
 
+# Bumped when parse_ptxas_log changes: cached entries hold parsed values, not the log.
+_PTXAS_LOG_VERSION = 2
 _PTXAS_KEYS = ("registers", "spill_store_bytes", "spill_load_bytes", "warnings",
                "compile_seconds")
 
@@ -294,7 +306,8 @@ def compile_job(job: Job, arch: int) -> dict:
         # ptxas -v output exists only when ptxas runs: the first compile of a job runs afresh with
         # the log captured, and its values are cached per source hash; later runs take the
         # kernel from Triton's own cache and re-analyse it (so the analysis may change freely)
-        cache_file = _cache_dir() / f"{arch}-{source.hash()}-{job.key(arch)[:24]}.json"
+        cache_file = (_cache_dir()
+                      / f"v{_PTXAS_LOG_VERSION}-{arch}-{source.hash()}-{job.key(arch)[:24]}.json")
         cached = json.loads(cache_file.read_text()) if cache_file.exists() else None
         log = io.StringIO()
         start = time.perf_counter()
@@ -669,11 +682,15 @@ def _cuda_version() -> str:
         return f"unknown ({type(exc).__name__})"
 
 
-def plan(arch: int, ops: list[str], sel: Selection) -> tuple[list[Job], list[dict]]:
-    """The distinct compiles of the selection, and error rows of what could not be recorded."""
+def plan(arch: int, ops: list[str], sel: Selection,
+         kernels: tuple[str, ...] | None = None) -> tuple[list[Job], list[dict]]:
+    """The distinct compiles of the selection (only kernels whose name contains one of
+    ``kernels``, when given), and error rows of what could not be recorded."""
     launches, rows = record_launches(ops, sel)
     unique: dict[str, Job] = {}
     for launch in launches:
+        if kernels and not any(part in launch.name for part in kernels):
+            continue
         try:
             for job in launch_jobs(launch, arch, all_configs=launch.all_configs):
                 unique.setdefault(job.key(arch), job)
@@ -683,11 +700,27 @@ def plan(arch: int, ops: list[str], sel: Selection) -> tuple[list[Job], list[dic
     return list(unique.values()), rows
 
 
+def fp16_twins(todo: list[Job], arch: int) -> tuple[list[Job], list[Job]]:
+    """(jobs to compile, fp16 jobs left out): an fp16 compile whose launch equals a bf16 one in
+    everything but the element type (same flags, tiles, warps, stages, specialisation) is the
+    same schedule with f16 instead of bf16 operands, so it is not compiled again; its numbers
+    are the bf16 row's. fp16 launches that differ (e.g. performer's fp32 feature products) are
+    compiled. ``--exhaustive`` compiles every one."""
+    bf16 = {job.key(arch) for job in todo if job.dtype == "bf16"}
+    twins = [job for job in todo
+             if job.dtype == "fp16" and job.key(arch, {"fp16": "bf16"}) in bf16]
+    left_out = {id(job) for job in twins}
+    return [job for job in todo if id(job) not in left_out], twins
+
+
 def profile(arch: int, ops: list[str], sel: Selection, jobs: int,
-            commit: str | None = None) -> dict:
+            commit: str | None = None, kernels: tuple[str, ...] | None = None) -> dict:
     import triton
 
-    todo, rows = plan(arch, ops, sel)
+    todo, rows = plan(arch, ops, sel, kernels)
+    twins: list[Job] = []
+    if not sel.exhaustive:
+        todo, twins = fp16_twins(todo, arch)
     work = [(job, arch) for job in todo]
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -699,6 +732,7 @@ def profile(arch: int, ops: list[str], sel: Selection, jobs: int,
     return {"arch": ARCH_NAMES[arch], "triton": triton.__version__, "cuda": _cuda_version(),
             "commit": commit or _git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+            "fp16_as_bf16": sorted({f"{j.op} {j.kernel} {j.variant}" for j in twins}),
             "rows": rows}
 
 
@@ -723,7 +757,11 @@ def _md_cell(row: dict, key: str) -> str:
     if key == "spill":
         return f"{row['spill_store_bytes']}/{row['spill_load_bytes']}"
     if key == "mma":
-        return f"{row['mma_kind']} x{row['mma_count']}" if row["mma_count"] else "none"
+        if not row["mma_count"]:
+            return "none"
+        mixed = row["mma_kind"] == "wgmma" and row.get("mma_sync_count")
+        return f"{row['mma_kind']} x{row['mma_count']}" + (
+            f" (mma.sync x{row['mma_sync_count']})" if mixed else "")
     if key == "loads":
         return f"{row['vector_loads']}/{row['async_copies']}/{row['tma']}"
     if key in ("fences", "atomics"):
@@ -745,6 +783,11 @@ def markdown(report: dict) -> str:
              "with the most tensor-core instructions), loads/fences/atomics from the PTX, trig "
              "= sin/cos inside loops (TTIR scf.for + SASS MUFU).",
              "",
+             *([f"fp16 launches identical to a bf16 launch but for the element type are not "
+                f"compiled again (their numbers are the bf16 rows'): "
+                f"{len(report['fp16_as_bf16'])} variants, "
+                f"{', '.join(sorted({v.split()[1] for v in report['fp16_as_bf16']}))}.", ""]
+               if report.get("fp16_as_bf16") else []),
              "## Per kernel",
              "",
              *[f"- {line}" for line in summary(report).splitlines()],
@@ -800,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these dtypes (default: every one)")
     parser.add_argument("--head-dims", type=int, nargs="+",
                         help="only these head dims of the attention-like ops (default: every one)")
+    parser.add_argument("--kernels", nargs="+",
+                        help="only kernels whose name contains one of these (e.g. rope fwd)")
     parser.add_argument("--exhaustive", action="store_true",
                         help="every autotune config in every dtype (default: bf16 only)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "static")
@@ -816,7 +861,10 @@ def main(argv: list[str] | None = None) -> int:
         sel = Selection(args.quick, args.dtypes and tuple(args.dtypes),
                         args.head_dims and tuple(args.head_dims), args.exhaustive)
         if args.dry_run:
-            todo, errors = plan(arch, args.ops, sel)
+            todo, errors = plan(arch, args.ops, sel, args.kernels and tuple(args.kernels))
+            if not sel.exhaustive:
+                todo, twins = fp16_twins(todo, arch)
+                print(f"{ARCH_NAMES[arch]}: {len(twins)} fp16 compiles left out as bf16 twins")
             counts: dict[tuple, int] = {}
             for job in todo:
                 counts[job.op, job.kernel] = counts.get((job.op, job.kernel), 0) + 1
@@ -826,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in errors:
                 print("  ", row["op"], row["variant"], row["dtype"], row["error"][:300])
             continue
-        report = profile(arch, args.ops, sel, args.jobs, args.commit)
+        report = profile(arch, args.ops, sel, args.jobs, args.commit,
+                         args.kernels and tuple(args.kernels))
         stem = args.out / ARCH_NAMES[arch]
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(report))

@@ -56,6 +56,10 @@ ptxas info    : Used 255 registers, used 1 barriers, 1288 bytes cumulative stack
     assert len(got["warnings"]) == 1 and "C7515" in got["warnings"][0]
     assert got["warnings"][0].startswith("warning : Potential Performance Loss")  # no file name
     assert parse_ptxas_log("ptxas info    : Used 40 registers")["spill_store_bytes"] == 0
+    # ptxas -v also reports serialisation as an "info" line: it counts as a warning
+    info = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions "
+            "are serialized due to non wgmma instructions defining accumulator registers")
+    assert "(C7515)" in parse_ptxas_log(info)["warnings"][0]
 
 
 _SASS = """
@@ -83,6 +87,7 @@ def test_sass_loops_find_the_main_loop_past_a_nested_scalar_loop():
     assert sass_loops(instructions) == [{"instructions": 7, "mma": 1, "trig": 1}]
     got = analyse_sass(_SASS)
     assert got["mma_kind"] == "wgmma" and got["mma_count"] == 3
+    assert got["mma_sync_count"] == 1  # the HMMA beside the HGMMAs is counted apart
     assert got["loop_instructions"] == 7 and got["sass_trig_in_loop"] == 1
     # without tensor-core instructions the innermost loop is reported
     plain = _SASS.replace("HGMMA.64x64x16.F32.BF16", "FFMA").replace("HMMA.16816.F32.BF16", "FFMA")
@@ -131,6 +136,22 @@ def test_analyse_ptx_counts_load_kinds_fences_and_atomics():
                               "red.global.gpu.relaxed.add.f32": 2}
 
 
+def test_fp16_twins_of_bf16_launches_are_left_out_and_others_kept():
+    from bench.static_profile import Job, fp16_twins
+
+    def job(dtype, flag, warps=4):
+        return Job(op="op", module="m", kernel="_k", variant="v", dtype=dtype,
+                   signature={"x_ptr": f"*{dtype}", "scale": "fp32", "FLAG": "constexpr"},
+                   constexprs=[([2], flag)], attrs=[], options={"num_warps": warps})
+
+    bf16, same, other_flag, other_warps = (job("bf16", True), job("fp16", True),
+                                           job("fp16", False), job("fp16", True, 8))
+    kept, left_out = fp16_twins([bf16, same, other_flag, other_warps], 90)
+    assert left_out == [same] and kept == [bf16, other_flag, other_warps]
+    # an fp32 job is never a twin, and without a bf16 launch nothing is left out
+    assert fp16_twins([job("fp32", True), same], 90) == ([job("fp32", True), same], [])
+
+
 _RUN = "import sys; from bench.static_profile import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -151,6 +172,8 @@ def test_static_profile_quick_on_hopper(tmp_path):
     for row in rows:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["registers"] > 0 and row["ctas_per_sm"] >= 1
+        # issue 15's target: no spills in a bf16 launch configuration at D <= 128
+        assert row["spill_store_bytes"] == 0, row
     by_kernel = {}
     for row in rows:
         by_kernel.setdefault(row["kernel"], []).append(row)

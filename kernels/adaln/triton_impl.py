@@ -65,7 +65,9 @@ def _configs() -> list[triton.Config]:
 def _pruner(max_per_thread: int):
     """Keep tiles of 4 to ``max_per_thread`` fp32 values per thread and per loaded tensor
     (16-byte vectors at the low end; no spills at the high end: the backward holds four such
-    tiles, the forward two) that fit in one program's rows."""
+    tiles, the forward two) that fit in one program's rows. 16 warps (512 threads) leave a
+    thread at most 128 registers: there the bound is 16 (the forward's 4 x 3072 tile, 24 per
+    thread, with a 2-stage loop reached the cap and spilled 12 B; compile-only, sm_90a)."""
 
     def prune(configs, named_args, **kwargs):
         width = kwargs["BLOCK_C"] + kwargs["BLOCK_T"]
@@ -73,7 +75,8 @@ def _pruner(max_per_thread: int):
         kept = []
         for cfg in configs:
             per_thread = cfg.kwargs["BLOCK_R"] * width / (32 * cfg.num_warps)
-            if cfg.kwargs["BLOCK_R"] <= rows and 4 <= per_thread <= max_per_thread:
+            bound = min(max_per_thread, 16) if cfg.num_warps >= 16 else max_per_thread
+            if cfg.kwargs["BLOCK_R"] <= rows and 4 <= per_thread <= bound:
                 kept.append(cfg)
         if not kept:  # tiny C or one-row frames: the config with the fewest idle lanes
             kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_R"] > rows, c.num_warps,

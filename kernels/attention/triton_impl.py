@@ -102,17 +102,29 @@ def bwd_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _pruner(name: str, small_sizes: tuple[int, ...], large_sizes: tuple[int, ...],
-            large_warps: tuple[int, ...] = (4, 8)):
+            large_warps: tuple[int, ...] = (4, 8), fp32_budget: int | None = None):
     """Autotune pruning by operand size: fp32 (IEEE dots) and BLOCK_D = 256 tiles hold twice the
     registers, so they keep the narrow sizes of ``name``; 16-bit tiles keep ``large_sizes`` with
-    ``large_warps``."""
+    ``large_warps``, and with ``fp32_budget`` only the configs whose fp32 accumulator and score
+    tiles (:func:`_fwd_fp32_per_thread`) hold at most that many values per thread and that give
+    each warpgroup at most 64 query rows (128 rows on 4 warps: ptxas serialised the wgmma,
+    C7515, in frame_causal's forward of the same structure)."""
     def prune(configs, nargs, **kwargs):
         small = nargs["q_ptr"].dtype == torch.float32 or kwargs.get(
             "BLOCK_D", nargs.get("BLOCK_D", 0)) > 128
         keep = [c for c in configs if c.kwargs[name] in small_sizes] if small else [
-            c for c in configs if c.kwargs[name] in large_sizes and c.num_warps in large_warps]
+            c for c in configs if c.kwargs[name] in large_sizes and c.num_warps in large_warps
+            and (fp32_budget is None or (_fwd_fp32_per_thread(c, kwargs) <= fp32_budget
+                                         and kwargs["BLOCK_M"] <= 16 * c.num_warps))]
         return keep or configs[:1]
     return prune
+
+
+def _fwd_fp32_per_thread(config: triton.Config, kwargs: dict) -> int:
+    """fp32 values one thread of the forward holds in the key loop: the accumulator
+    [BLOCK_M, D] and the scores [BLOCK_M, BLOCK_N]."""
+    width = kwargs["BLOCK_D"] + kwargs.get("BLOCK_D1", 0) + config.kwargs["BLOCK_N"]
+    return kwargs["BLOCK_M"] * width // (32 * config.num_warps)
 
 
 def _configs(name: str, sizes: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
@@ -242,7 +254,10 @@ def _rope3d_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, meta_ptr, starts_ptr,
 
 @triton.autotune(configs=_configs("BLOCK_N", (32, 64, 128), (2, 3, 4)),
                  key=["head_dim", "n_k", "ALIGNED_8", "HAS_ROPE", "HAS_ANCHOR", "INTERLEAVED"],
-                 prune_configs_by={"early_config_prune": _pruner("BLOCK_N", (32, 64), (64, 128))})
+                 # 16-bit: at most 128 fp32 values per thread in the loop (128-row query
+                 # tiles on 4 warps at D = 128 hold 192 and spilled 96 B; compile-only, sm_90a)
+                 prune_configs_by={"early_config_prune": _pruner("BLOCK_N", (32, 64), (64, 128),
+                                                                 fp32_budget=128)})
 @triton.jit
 def _attention3d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_cos_ptr, q_sin_ptr, meta_ptr, starts_ptr,

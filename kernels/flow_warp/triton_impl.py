@@ -240,7 +240,8 @@ def _warp_occlusion_gather_kernel(
         # interpreter accepts it with numpy < 2.4 only (DESIGN.md pitfall; a DeprecationWarning).
         for j in range(0, tl.max(count, axis=0)):
             live = j < count
-            pixel = tl.load(order_ptr + start + j, mask=live, other=0)
+            # int64: 4 * pixel passes 2^31 beyond 2^29 pixels, pixel * C at 2^31 elements
+            pixel = tl.load(order_ptr + start + j, mask=live, other=0).to(tl.int64)
             w = tl.load(wt_ptr + 4 * pixel + tap, mask=live, other=0.0)
             d = tl.load(dout_ptr + pixel[:, None] * channels + c2, mask=live[:, None] & cmask,
                         other=0.0).to(tl.float32)

@@ -43,16 +43,60 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# fp32 tile elements per thread (accumulators and score tiles, see _fp32_per_thread) above which
+# ptxas spills on sm_90a in bf16 (compile-only profile, D = 64 / 72 / 128): the forward spilled at
+# 160 and 192 (128-row query tiles on 4 warps at D = 128), the dk/dv pass at 176 and more;
+# 128 (forward) and 144 (dk/dv at D = 64, 233 registers) compiled without spills.
+_MAX_FP32_PER_THREAD = {"fwd": 128, "bwd": 144}
+
+
+def _fp32_per_thread(bm: int, bn: int, block_d: int, num_warps: int, dq_pass: bool | None,
+                     dq_atomic: bool) -> int:
+    """fp32 elements one thread holds in the loop: forward (dq_pass None) acc [M, D] + scores
+    [M, N]; dk/dv pass dk, dv [N, D] + S^T, dP^T [N, M] (+ the dq share [M, D] with atomics);
+    dq pass dq [M, D] + S, dP [M, N]."""
+    if dq_pass is None:
+        elements = bm * block_d + bm * bn
+    elif dq_pass:
+        elements = bm * block_d + 2 * bm * bn
+    else:
+        elements = 2 * bn * block_d + 2 * bm * bn + (bm * block_d if dq_atomic else 0)
+    return elements // (32 * num_warps)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose K/V pipeline does not fit in Hopper's shared memory (~227 KiB)."""
+    """Drop configs whose K/V pipeline does not fit in Hopper's shared memory (~227 KiB), and at
+    D <= 128 those that would spill registers or miss wgmma (a tile whose wgmma M side, the query
+    tile in the forward and dq pass, the key tile in the dk/dv pass and also the query tile of
+    its atomic dq share, is under 64 rows falls back to mma.sync)."""
     block_d = kwargs["BLOCK_D"]
+    dq_pass = kwargs.get("DQ_PASS")      # None: the forward
+    budget = _MAX_FP32_PER_THREAD["fwd" if dq_pass is None else "bwd"]
     kept = []
     for cfg in configs:
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         smem = 2 * block_d * (bm + bn + cfg.num_stages * 2 * min(bm, bn))
-        # D=256 keeps only small tiles: the fp32 accumulators ([tile, D], two of them in the
-        # dk/dv pass) must stay in registers
-        if smem <= 200 * 1024 and (block_d < 256 or bm * bn <= 2048):
+        if smem > 200 * 1024:
+            continue
+        if block_d >= 256:
+            # D=256 keeps only small tiles: the fp32 accumulators ([tile, D], two of them in the
+            # dk/dv pass) must stay in registers
+            if bm * bn <= 2048:
+                kept.append(cfg)
+            continue
+        if dq_pass is None and bm > 16 * cfg.num_warps:
+            # 128-row query tiles on 4 warps (one warpgroup, two m64 wgmma per product):
+            # ptxas serialises the wgmma (C7515) at D = 64
+            continue
+        wgmma_rows = bn if dq_pass is False else bm
+        if dq_pass is False and kwargs.get("DQ_ATOMIC", False):
+            wgmma_rows = min(bn, bm)  # the dq share dS^T K has the query tile as its M side
+            if bm > bn:
+                # its [BM, D] fp32 share and the atomics' addresses outweigh the budget's
+                # estimate: 128 x 64 spilled 316 B at D = 64 and 1180 B at D = 128 (ptxas)
+                continue
+        if wgmma_rows >= 64 and _fp32_per_thread(bm, bn, block_d, cfg.num_warps, dq_pass,
+                                                 kwargs.get("DQ_ATOMIC", False)) <= budget:
             kept.append(cfg)
     return kept or configs[-1:]
 
@@ -65,12 +109,13 @@ def _configs(interpret_blocks: tuple[int, int], gpu: list[tuple[int, int, int, i
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the last entry is the small-D / D=256 fallback.
-_FWD_CONFIGS = _configs((32, 16), [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3),
+# _prune keeps, per D, the ones that compile for sm_90a without spills and with wgmma.
+_FWD_CONFIGS = _configs((32, 16), [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3),
                                    (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
 # dk/dv programs own BLOCK_N keys, dq programs own BLOCK_M queries.
 # (32, 128, 4 warps) is left out: its [128, D] dk, dv accumulators over 128 threads make ptxas
 # serialise the wgmma (C7515 at D=64, C7512 at D=128).
-_BWD_CONFIGS = _configs((16, 32), [(64, 128, 8, 2), (128, 64, 8, 2),
+_BWD_CONFIGS = _configs((16, 32), [(64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2),
                                    (128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 8, 2), (32, 32, 4, 2)])
 _KEY = ["tokens", "HEAD_DIM", "PERMUTED"]
 
@@ -105,33 +150,35 @@ def _frame_causal_rope_kernel(
     x_ptr, y_ptr, ids_ptr, inv_freq_ptr,
     stride_x_b, stride_x_n, stride_x_h, stride_y_b, stride_y_n, stride_y_h, stride_ids_b,
     tokens, heads,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INVERSE: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, INVERSE: tl.constexpr,
 ):
-    """y = R(f) x (rotate-half, angle = f * inv_freq in fp32); INVERSE applies R(f)^T = R(-f)."""
+    """y = R(f) x for every head of BLOCK_T tokens of one sequence: (x1, x2) = (x[:D/2], x[D/2:])
+    -> (x1 cos - x2 sin, x2 cos + x1 sin), angle = f * inv_freq in fp32; INVERSE applies
+    R(f)^T = R(-f). The angles depend on the token only, so a program computes cos and sin once,
+    on [BLOCK_T, D/2] (half the tile, no partner gather), and loops over the heads."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    half: tl.constexpr = HEAD_DIM // 2
-    offs_d = tl.arange(0, BLOCK_D)
-    first_half = offs_d < half
-    partner = tl.where(first_half, offs_d + half, offs_d - half)
-    sign = tl.where(first_half, -1.0, 1.0)
-    if INVERSE:
-        sign = -sign
+    b = tl.program_id(1).to(tl.int64)
+    offs_i = tl.arange(0, BLOCK_HALF)
     t_ok = offs_t < tokens
-    mask = t_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    inv_freq = tl.load(inv_freq_ptr + tl.where(first_half, offs_d, offs_d - half),
-                       mask=offs_d < HEAD_DIM, other=0.0)
+    i_ok = offs_i < HALF
+    mask = t_ok[:, None] & i_ok[None, :]
+    inv_freq = tl.load(inv_freq_ptr + offs_i, mask=i_ok, other=0.0)
     pos = tl.load(ids_ptr + b * stride_ids_b + offs_t, mask=t_ok, other=0).to(tl.float32)
     angle = pos[:, None] * inv_freq[None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    if INVERSE:
+        sin = -sin
     rows = offs_t.to(tl.int64)[:, None]
-    x_row = x_ptr + b * stride_x_b + h * stride_x_h + rows * stride_x_n
-    x = tl.load(x_row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(x_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = x * tl.cos(angle) + sign[None, :] * xp * tl.sin(angle)
-    y_row = y_ptr + b * stride_y_b + h * stride_y_h + rows * stride_y_n
-    tl.store(y_row + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    x_head = x_ptr + b * stride_x_b + rows * stride_x_n + offs_i[None, :]
+    y_head = y_ptr + b * stride_y_b + rows * stride_y_n + offs_i[None, :]
+    for _ in range(heads):
+        x1 = tl.load(x_head, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_head + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_head, (x1 * cos - x2 * sin).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_head + HALF, (x2 * cos + x1 * sin).to(y_ptr.dtype.element_ty), mask=mask)
+        x_head += stride_x_h
+        y_head += stride_y_h
 
 
 @triton.jit
@@ -443,12 +490,15 @@ def frame_rope(x: torch.Tensor, frame_ids: torch.Tensor, theta: float,
         _INV_FREQ[key] = rope_inv_freq(head_dim, theta).to(x.device)
     ids = frame_ids.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_t = 16 if interpreter_enabled() else 64
-    _frame_causal_rope_kernel[(triton.cdiv(tokens, block_t), batch * heads)](
+    half = head_dim // 2
+    block_half = triton.next_power_of_2(half)
+    # [BLOCK_T, D/2] tiles of 2048 elements on 4 warps (16 per thread): cos, sin and the two
+    # halves stay in registers; 64 x 128 full-width tiles spilled 472 B (compile-only, sm_90a)
+    block_t = 16 if interpreter_enabled() else max(1, 2048 // block_half)
+    _frame_causal_rope_kernel[(triton.cdiv(tokens, block_t), batch)](
         x, y, ids, _INV_FREQ[key], x.stride(0), x.stride(1), x.stride(2),
         y.stride(0), y.stride(1), y.stride(2), _meta_stride(ids), tokens, heads,
-        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=_block_d(head_dim), INVERSE=inverse,
-        num_warps=4)
+        HALF=half, BLOCK_T=block_t, BLOCK_HALF=block_half, INVERSE=inverse, num_warps=4)
     return y
 
 

@@ -50,17 +50,22 @@ class Config:
 
 
 def config(seq_len: int, head_dim: int, n_features: int, causal: bool = False) -> Config:
-    """Chunk and feature-block sizes. BLOCK_N = BLOCK_M = 64: every product has an m64 side
-    (the logits [64, 64], the state update [BLOCK_M, D]), so all of them are wgmma on sm_90;
-    with BLOCK_M = 32 the state updates fall back to mma.sync. M is padded to a multiple of 64
-    only (266 -> 320, 148 -> 192), the last block masked."""
+    """Chunk and feature-block sizes. BLOCK_N = 64 and BLOCK_M = 64 (non-causal) or 32 (causal):
+    every product has an m64 side (the logits [64, BM], the pair matrix [64, 64], the state
+    update [BM, D], which the causal kernels compute transposed, [D, BM], so its M side is D),
+    so all of them are wgmma on sm_90. M is padded to a multiple of BLOCK_M only (266 -> 320 or
+    288), the last block masked."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     # Interpreter: small tiles so CPU tests cover several chunks and feature blocks.
     block_n = block_m = 16 if interpreter_enabled() else 64
     block_n = min(block_n, max(16, triton.next_power_of_2(seq_len)))
     # 8 warps: with 4, every kernel but the forward spills (ptxas, sm_90a, D = 64). The causal
-    # kernels keep a [64, 64] pair matrix and [64, D] accumulators live across the feature loop:
-    # 2 load stages instead of 3 halve their spills (forward 1012 -> 468 B, dk/dv 2164 -> 1524 B).
+    # kernels keep the [64, 64] pair matrix and [64, D] accumulators live across the feature
+    # loop; with 64-feature blocks the block's [64, 64] temporaries on top of them spilled
+    # 336-820 B (compile-only profile), with 32-feature blocks they take half the registers.
+    if causal:  # (interpreter: 32-token chunks over 16-feature blocks, the GPU's 2:1 ratio)
+        block_n, block_m = (block_n * 2, block_m) if interpreter_enabled() else (block_n, 32)
+        block_n = min(block_n, max(16, triton.next_power_of_2(seq_len)))
     stages = 2 if causal else 3
     return Config(block_n, block_m, block_d, triton.cdiv(n_features, block_m), 8, stages)
 
@@ -87,11 +92,18 @@ def _mm(a, b, FEAT_BF16: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _logits(x, w, scale, PREC: tl.constexpr):
-    """x [BN, BD], w [BM, BD] in the input dtype -> (scale * x @ w^T [BN, BM] fp32,
-    scale^2 |x|^2 / 2 [BN]); scale = D^(-1/4) is applied in fp32 after the dot."""
-    raw = tl.dot(x, tl.trans(w), input_precision=PREC) * scale
+    """x [BN, BD], w [BM, BD] in the input dtype -> scale * x @ w^T [BN, BM] fp32; scale =
+    D^(-1/4) is applied in fp32 after the dot."""
+    return tl.dot(x, tl.trans(w), input_precision=PREC) * scale
+
+
+@triton.jit
+def _half_sq_norm(x, scale):
+    """scale^2 |x|^2 / 2 [BN] of x [BN, BD]. It does not depend on the feature block: computed
+    once per chunk, outside the feature loops (inside them it kept an fp32 copy of the tile
+    live in registers)."""
     xf = x.to(tl.float32)
-    return raw, tl.sum(xf * xf, axis=1) * (0.5 * scale * scale)
+    return tl.sum(xf * xf, axis=1) * (0.5 * scale * scale)
 
 
 @triton.jit
@@ -181,14 +193,14 @@ def _performer_state_kernel(
             o = _load(o_base, offs_n, stride_o_n, offs_d, tile_ok)
             lse = tl.load(lse_base + offs_n, mask=n_ok, other=0.0)
             delta = tl.sum(y.to(tl.float32) * o.to(tl.float32), axis=1)
-            a, _ = _logits(x, w, scale, PREC)
+            a = _logits(x, w, scale, PREC)
             qw = tl.exp(tl.minimum(a + c[None, :] - lse[:, None], 0.0))
             qw = tl.where(m_ok[None, :] & n_ok[:, None], qw, 0.0)
             state += _mm(tl.trans(qw), y, FEAT_BF16, PREC)
             norm += tl.sum(qw * delta[:, None], axis=0)
         else:
-            kb, half = _logits(x, w, scale, PREC)
-            kb = tl.where(n_ok[:, None], kb - half[:, None], float("-inf"))
+            kb = _logits(x, w, scale, PREC) - _half_sq_norm(x, scale)[:, None]
+            kb = tl.where(n_ok[:, None], kb, float("-inf"))
             c_new = tl.maximum(c, tl.max(kb, axis=0))    # finite: every chunk has a valid row
             kw = tl.exp(kb - c_new[None, :])
             decay = tl.exp(c - c_new)
@@ -204,11 +216,25 @@ def _performer_state_kernel(
 
 
 @triton.jit
+def _state_offsets(feat, offs_m, m_ok, offs_d, d_ok, head_dim, TRANSPOSED: tl.constexpr):
+    """Offsets and mask of state block [BM, BD] (rows = features) of an [M, D] state, or with
+    TRANSPOSED the same elements as a [BD, BM] tile."""
+    if TRANSPOSED:
+        offs = feat * head_dim + offs_m[None, :] * head_dim + offs_d[:, None]
+        mask = m_ok[None, :] & d_ok[:, None]
+    else:
+        offs = feat * head_dim + offs_m[:, None] * head_dim + offs_d[None, :]
+        mask = m_ok[:, None] & d_ok[None, :]
+    return offs, mask
+
+
+@triton.jit
 def _load_state(state_ptr, norm_ptr, extra_ptr, feat, offs_m, m_ok, offs_d, d_ok, head_dim,
-                extra_other):
-    """State block [BM, BD], its norm [BM] and one more per-feature row (a running max) [BM]."""
-    state = tl.load(state_ptr + feat * head_dim + offs_m[:, None] * head_dim + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                extra_other, TRANSPOSED: tl.constexpr):
+    """State block [BM, BD] ([BD, BM] if TRANSPOSED), its norm [BM] and one more per-feature row
+    (a running max) [BM]."""
+    offs, mask = _state_offsets(feat, offs_m, m_ok, offs_d, d_ok, head_dim, TRANSPOSED)
+    state = tl.load(state_ptr + offs, mask=mask, other=0.0)
     norm = tl.load(norm_ptr + feat + offs_m, mask=m_ok, other=0.0)
     extra = tl.load(extra_ptr + feat + offs_m, mask=m_ok, other=extra_other)
     return state, norm, extra
@@ -216,9 +242,9 @@ def _load_state(state_ptr, norm_ptr, extra_ptr, feat, offs_m, m_ok, offs_d, d_ok
 
 @triton.jit
 def _store_state(state_ptr, norm_ptr, extra_ptr, feat, offs_m, m_ok, offs_d, d_ok, head_dim,
-                 state, norm, extra):
-    tl.store(state_ptr + feat * head_dim + offs_m[:, None] * head_dim + offs_d[None, :], state,
-             mask=m_ok[:, None] & d_ok[None, :])
+                 state, norm, extra, TRANSPOSED: tl.constexpr):
+    offs, mask = _state_offsets(feat, offs_m, m_ok, offs_d, d_ok, head_dim, TRANSPOSED)
+    tl.store(state_ptr + offs, state, mask=mask)
     tl.store(norm_ptr + feat + offs_m, norm, mask=m_ok)
     tl.store(extra_ptr + feat + offs_m, extra, mask=m_ok)
 
@@ -235,7 +261,7 @@ def _reset_state(state_ptr, norm_ptr, extra_ptr, feat, n_mblocks, n_features, he
         _store_state(state_ptr, norm_ptr, extra_ptr, feat, offs_m, m_ok, offs_d, d_ok, head_dim,
                      tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
                      tl.zeros([BLOCK_M], dtype=tl.float32),
-                     tl.full([BLOCK_M], float("-inf"), tl.float32))
+                     tl.full([BLOCK_M], float("-inf"), tl.float32), False)
     tl.debug_barrier()  # the scratch is re-read by other threads of this program
 
 
@@ -273,8 +299,8 @@ def _performer_fwd_kernel(
         for mb in range(n_mblocks):
             w, offs_m, m_ok = _features(w_ptr, mb, n_features, head_dim, BLOCK_M, BLOCK_D)
             state, norm, c = _load_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok,
-                                         offs_d, d_ok, head_dim, 0.0)
-            a, _ = _logits(q, w, scale, PREC)
+                                         offs_d, d_ok, head_dim, 0.0, False)
+            a = _logits(q, w, scale, PREC)
             a = tl.where(m_ok[None, :], a + c[None, :], float("-inf"))
             r_new = tl.maximum(r, tl.max(a, axis=1))    # finite: block 0 has a valid feature
             decay = tl.exp(r - r_new)
@@ -296,6 +322,7 @@ def _performer_fwd_kernel(
             q = _load(q_base, offs_n, stride_q_n, offs_d, tile_ok)
             k = _load(k_base, offs_n, stride_k_n, offs_d, tile_ok)
             v = _load(v_base, offs_n, stride_v_n, offs_d, tile_ok)
+            k_half = _half_sq_norm(k, scale)
             # Past chunks (state): inter_i = sum_m exp(a_im + c_m - rho_i) S'_m, rho_i its max.
             rho = tl.full([BLOCK_N], float("-inf"), tl.float32)
             inter_num = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -307,18 +334,18 @@ def _performer_fwd_kernel(
             pair = tl.zeros([BLOCK_N, BLOCK_N], dtype=tl.float32)
             for mb in range(n_mblocks):
                 w, offs_m, m_ok = _features(w_ptr, mb, n_features, head_dim, BLOCK_M, BLOCK_D)
-                a, _ = _logits(q, w, scale, PREC)
+                a = _logits(q, w, scale, PREC)
                 a = tl.where(m_ok[None, :], a, float("-inf"))
-                kb, half = _logits(k, w, scale, PREC)
-                kb = tl.where(m_ok[None, :] & n_ok[:, None], kb - half[:, None], float("-inf"))
-                state, norm, c = _load_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok,
-                                             offs_d, d_ok, head_dim, float("-inf"))
+                kb = _logits(k, w, scale, PREC) - k_half[:, None]
+                kb = tl.where(m_ok[None, :] & n_ok[:, None], kb, float("-inf"))
+                state_t, norm, c = _load_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok,
+                                               offs_d, d_ok, head_dim, float("-inf"), True)
                 e = a + c[None, :]                      # -inf for features with no past key
                 rho_new = tl.maximum(rho, tl.max(e, axis=1))
                 rho_safe = _finite_or_minus_inf(rho_new)
                 qe = tl.exp(e - rho_safe[:, None])
                 f = tl.exp(rho - rho_safe)
-                inter_num = inter_num * f[:, None] + _mm(qe, state, FEAT_BF16, PREC)
+                inter_num = inter_num * f[:, None] + _mm(qe, tl.trans(state_t), FEAT_BF16, PREC)
                 inter_den = inter_den * f + tl.sum(qe * norm[None, :], axis=1)
                 rho = rho_new
                 alpha_new = tl.maximum(alpha, tl.max(a, axis=1))
@@ -335,10 +362,12 @@ def _performer_fwd_kernel(
                 c_safe = _finite_or_minus_inf(c_new)
                 kwc = tl.exp(kb - c_safe[None, :])
                 decay = tl.exp(c - c_safe)
-                state = state * decay[:, None] + _mm(tl.trans(kwc), v, FEAT_BF16, PREC)
+                # (transposed, [BD, BM]: the M side of the product is the head dim, so it stays
+                # a wgmma with 32-feature blocks)
+                state_t = state_t * decay[None, :] + _mm(tl.trans(v), kwc, FEAT_BF16, PREC)
                 norm = norm * decay + tl.sum(kwc, axis=0)
                 _store_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok, offs_d, d_ok,
-                             head_dim, state, norm, c_new)
+                             head_dim, state_t, norm, c_new, True)
             # Row stabiliser from past chunks and keys j <= i only: nothing after i can change
             # any rounding of row i. Masked entries are selected away (tl.where), never
             # multiplied by 0, and v enters the product only where finite, so a NaN or inf in
@@ -416,11 +445,12 @@ def _performer_bwd_kernel(
             o = _load(o_base, offs_n, stride_o_n, offs_d, tile_ok)
             lse = tl.load(lse_base + offs_n, mask=n_ok, other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        half = _half_sq_norm(x, scale)   # (used by the key side only)
         for mb in range(n_mblocks):
             w, offs_m, m_ok = _features(w_ptr, mb, n_features, head_dim, BLOCK_M, BLOCK_D)
             state, norm, c = _load_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok,
-                                         offs_d, d_ok, head_dim, 0.0)
-            logit, half = _logits(x, w, scale, PREC)
+                                         offs_d, d_ok, head_dim, 0.0, False)
+            logit = _logits(x, w, scale, PREC)
             ok = m_ok[None, :] & n_ok[:, None]
             if KEY_GRADS:
                 # exp(b_jm - c_m) <= 1: c_m is the max over all keys. state = R, norm = zeta.
@@ -460,6 +490,7 @@ def _performer_bwd_kernel(
             alpha = tl.load(alpha_base + offs_n, mask=n_ok, other=0.0)
             s = tl.load(s_base + offs_n, mask=n_ok, other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            k_half = _half_sq_norm(k, scale)
             # Within the chunk w_ijm = exp(a_im - alpha_i) exp(b_jm - s_j) E_ij with
             # E_ij = exp(alpha_i + s_j - L_i) <= 1 / den_i (the forward's sigma_i >= alpha_i +
             # s_j), capped at e^GRAD_EXP_CAP; the first two factors are <= 1.
@@ -469,7 +500,6 @@ def _performer_bwd_kernel(
                                              GRAD_EXP_CAP))
                 vdo = tl.dot(v, tl.trans(do), input_precision=PREC)   # [j, i] v_j . dO_i
                 et = tl.where(vis, pair_exp * (vdo - delta[None, :]), 0.0)
-                pair_exp = tl.where(vis, pair_exp, 0.0)
                 pair = tl.zeros([BLOCK_N, BLOCK_N], dtype=tl.float32)  # [j, i]
             else:
                 vis = offs_n[None, :] <= offs_n[:, None]                  # [i, j]: j <= i
@@ -482,22 +512,21 @@ def _performer_bwd_kernel(
             total = tl.zeros([BLOCK_N], dtype=tl.float32)
             for mb in range(n_mblocks):
                 w, offs_m, m_ok = _features(w_ptr, mb, n_features, head_dim, BLOCK_M, BLOCK_D)
-                a, _ = _logits(q, w, scale, PREC)
-                kb, half = _logits(k, w, scale, PREC)
-                kb = kb - half[:, None]
+                a = _logits(q, w, scale, PREC)
+                kb = _logits(k, w, scale, PREC) - k_half[:, None]
                 ok = m_ok[None, :] & n_ok[:, None]
                 qa = tl.where(ok, tl.exp(tl.minimum(a - alpha[:, None], 0.0)), 0.0)
                 kw = tl.where(ok, tl.exp(tl.minimum(kb - s[:, None], 0.0)), 0.0)
-                state, norm, c = _load_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok,
-                                             offs_d, d_ok, head_dim, float("-inf"))
+                state_t, norm, c = _load_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok,
+                                               offs_d, d_ok, head_dim, float("-inf"), True)
                 if KEY_GRADS:
                     # Later chunks: exp(b_jm + d_m) <= 1 since d_m = max (a_im - L_i) over
                     # rows i > j. state = R', norm = zeta', c = d.
                     ki = tl.where(ok, tl.exp(tl.minimum(kb + c[None, :], 0.0)), 0.0)
                     pair += _mm(kw, tl.trans(qa), FEAT_BF16, PREC)
                     g = kw * _mm(et, qa, FEAT_BF16, PREC) \
-                        + ki * (_mm(v, tl.trans(state), FEAT_BF16, PREC) - norm[None, :])
-                    dv += _mm(ki, state, FEAT_BF16, PREC)
+                        + ki * (_mm(v, state_t, FEAT_BF16, PREC) - norm[None, :])
+                    dv += _mm(ki, tl.trans(state_t), FEAT_BF16, PREC)
                     grad += _mm(g, w, FEAT_BF16, PREC)
                     # Fold this chunk's queries into the reverse state.
                     ad = tl.where(ok, a - lse[:, None], float("-inf"))
@@ -505,14 +534,14 @@ def _performer_bwd_kernel(
                     c_safe = _finite_or_minus_inf(c_new)
                     qd = tl.exp(ad - c_safe[None, :])
                     decay = tl.exp(c - c_safe)
-                    state = state * decay[:, None] + _mm(tl.trans(qd), do, FEAT_BF16, PREC)
+                    state_t = state_t * decay[None, :] + _mm(tl.trans(do), qd, FEAT_BF16, PREC)
                     norm = norm * decay + tl.sum(qd * delta[:, None], axis=0)
                 else:
                     # Past chunks: exp(a_im + c_m - L_i) <= 1 (c_m: max over past keys).
                     qc = tl.where(ok, tl.exp(tl.minimum(a + c[None, :] - lse[:, None], 0.0)),
                                   0.0)
                     g = qa * _mm(et, kw, FEAT_BF16, PREC) \
-                        + qc * (_mm(do, tl.trans(state), FEAT_BF16, PREC)
+                        + qc * (_mm(do, state_t, FEAT_BF16, PREC)
                                 - delta[:, None] * norm[None, :])
                     grad += _mm(g, w, FEAT_BF16, PREC)
                     # Fold this chunk's keys into the forward state.
@@ -521,12 +550,17 @@ def _performer_bwd_kernel(
                     c_safe = _finite_or_minus_inf(c_new)
                     kwc = tl.exp(kbm - c_safe[None, :])
                     decay = tl.exp(c - c_safe)
-                    state = state * decay[:, None] + _mm(tl.trans(kwc), v, FEAT_BF16, PREC)
+                    state_t = state_t * decay[None, :] + _mm(tl.trans(v), kwc, FEAT_BF16, PREC)
                     norm = norm * decay + tl.sum(kwc, axis=0)
                 total += tl.sum(g, axis=1)
                 _store_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok, offs_d, d_ok,
-                             head_dim, state, norm, c_new)
+                             head_dim, state_t, norm, c_new, True)
             if KEY_GRADS:
+                # pair_exp again (from row vectors): kept from before the feature loop it held
+                # a [64, 64] fp32 tile in registers across the loop
+                vis = (offs_n[None, :] >= offs_n[:, None]) & n_ok[None, :]
+                pair_exp = tl.where(vis, tl.exp(tl.minimum(alpha[None, :] + s[:, None]
+                                                           - lse[None, :], GRAD_EXP_CAP)), 0.0)
                 dv += _mm(pair * pair_exp, do, FEAT_BF16, PREC)
                 grad = (grad - k.to(tl.float32) * (scale * total)[:, None]) * scale
                 _store(dk_ptr + g_off, offs_n, stride_g_n, offs_d, grad, tile_ok)

@@ -311,7 +311,7 @@ def test_torch_compile_traces_triton_path(triton_device):
 
 
 _AOT_SCRIPT = """
-import subprocess, tempfile
+import re, subprocess, tempfile
 import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
@@ -344,7 +344,9 @@ def ptxas_serialisation_warnings(compiled):
         f.flush()
         log = subprocess.run([knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", f.name,
                               "-o", "/dev/null"], capture_output=True, text=True)
-    return [line for line in (log.stdout + log.stderr).splitlines() if "(C751" in line]
+    text = log.stdout + log.stderr
+    spills = sum(int(n) for n in re.findall(r"([0-9]+) bytes spill stores", text))
+    return [line for line in text.splitlines() if "(C751" in line], spills
 
 common = {"HEAD_DIM": 64, "BLOCK_D": 64, "PERMUTED": True, "COUNT_TILES": False,
           "INPUT_PRECISION": "tf32", "BLOCK_M": 64, "BLOCK_N": 64}
@@ -357,19 +359,32 @@ for k in kernels:
           "pipelined" if "async_copy_global_to_local" in ir else "not-pipelined")
 # Every dk/dv configuration the autotuner may pick (default atomic mode; the deterministic mode
 # at the first), D = 64 and 128: no serialised wgmma (masked tiles first got C7515 in all).
-warnings = []
+warnings, spills = [], []
 for head_dim in (64, 128):
-    for cfg in triton_impl._BWD_CONFIGS:
-        if triton_impl._prune([cfg], None, BLOCK_D=head_dim) != [cfg]:
-            continue
-        for atomic in (True, False) if cfg is triton_impl._BWD_CONFIGS[0] else (True,):
+    kept = triton_impl._prune(triton_impl._BWD_CONFIGS, None, BLOCK_D=head_dim, DQ_PASS=False,
+                              DQ_ATOMIC=True)
+    for cfg in kept:
+        for atomic in (True, False) if cfg is kept[0] else (True,):
             consts = {**common, **cfg.kwargs, "HEAD_DIM": head_dim, "BLOCK_D": head_dim,
                       "DQ_PASS": False, "DQ_ATOMIC": atomic}
             compiled = build(triton_impl._frame_causal_bwd_kernel.fn, cfg.num_warps,
                              cfg.num_stages, **consts)
-            warnings += [(head_dim, str(cfg), line) for line in
-                         ptxas_serialisation_warnings(compiled)]
+            lines, spilled = ptxas_serialisation_warnings(compiled)
+            warnings += [(head_dim, str(cfg), line) for line in lines]
+            if spilled:
+                spills.append((head_dim, str(cfg), atomic, spilled))
+# Every forward configuration the autotuner may pick at D = 64 and 128: no spills either.
+for head_dim in (64, 128):
+    for cfg in triton_impl._prune(triton_impl._FWD_CONFIGS, None, BLOCK_D=head_dim):
+        consts = {**common, **cfg.kwargs, "HEAD_DIM": head_dim, "BLOCK_D": head_dim}
+        compiled = build(triton_impl._frame_causal_fwd_kernel.fn, cfg.num_warps, cfg.num_stages,
+                         **consts)
+        lines, spilled = ptxas_serialisation_warnings(compiled)
+        warnings += [(head_dim, str(cfg), line) for line in lines]
+        if spilled:
+            spills.append((head_dim, "fwd " + str(cfg), spilled))
 print("serialised", len(warnings), warnings)
+print("spilling", len(spills), spills)
 """
 
 
@@ -379,11 +394,14 @@ def test_kernels_compile_for_hopper_with_pipelined_loads():
     and both backward passes for sm_90 in bf16, D=64: catches compiled-path errors the
     interpreter cannot see, and checks that the tile loads are software-pipelined (async copies)
     and the products use wgmma, which the performance depends on; and that ptxas serialises the
-    wgmma of no dk/dv configuration the autotuner can choose (D = 64 and 128)."""
+    wgmma of no dk/dv configuration the autotuner can choose (D = 64 and 128), and none of them
+    spills."""
     done = run_compiled_mode(_AOT_SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[:6] == ["wgmma", "pipelined"] * 3, done.stdout
     assert done.stdout.split()[6:8] == ["serialised", "0"], done.stdout
+    # ... and that none of them spills registers (the pruner's per-D register budget)
+    assert "spilling 0 []" in done.stdout, done.stdout
 
 
 def test_default_backend_on_plain_cpu_is_ref(monkeypatch):
