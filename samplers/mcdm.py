@@ -35,6 +35,8 @@ import torch
 
 from samplers.schedules import DEFAULT_SCHEDULE, make_scheduler, scheduler_step
 
+ARCHIVED_CLIP_MODES = ("rolling", "reference")
+
 
 @dataclass(frozen=True)
 class MCDMSettings:
@@ -112,7 +114,8 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 writer: Callable[[torch.Tensor, int], None] | None = None,
                 generator: torch.Generator | None = None, device="cpu", progress: bool = True,
-                callback: Callable[[int, dict], None] | None = None) -> dict:
+                callback: Callable[[int, dict], None] | None = None,
+                archived_clip: str = "rolling") -> dict:
     """Generate ``total_frames`` frames clip by clip; returns {"frames", "clips", "seams"}.
 
     Args:
@@ -123,6 +126,9 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
         decode: latents [k, C, S, S] -> what ``writer`` takes (default: identity).
         writer: ``writer(decoded new frames, first frame index)`` after every clip.
         callback: ``callback(clip_index, {"archived", "f_ac", "motion", "clip"})`` per clip.
+        archived_clip: ``"rolling"`` (the paper: the last a generated frames) or ``"reference"``
+            (Table 4's w/o F_a and Fig. 5's "without the archived clip" at inference: the
+            archived clip stays the repeated reference, so no history reaches the model).
     """
     from tqdm.auto import tqdm
 
@@ -130,6 +136,9 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
     f, a = cfg.clip_frames, cfg.archived_frames
     if total_frames < 1:
         raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if archived_clip not in ARCHIVED_CLIP_MODES:
+        raise ValueError(f"archived_clip must be one of {ARCHIVED_CLIP_MODES}, got "
+                         f"{archived_clip!r}")
     if reference.shape != (cfg.in_channels, cfg.latent_size, cfg.latent_size):
         raise ValueError(f"reference must be [{cfg.in_channels}, {cfg.latent_size}, "
                          f"{cfg.latent_size}], got {list(reference.shape)}")
@@ -184,6 +193,7 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
                 writer(clip[:keep] if decode is None else decode(clip[:keep]), first)
         written += keep
         previous_last = clip[keep - 1].clone()
-        archived = roll_archive(archived, clip[:keep])
+        if archived_clip == "rolling":
+            archived = roll_archive(archived, clip[:keep])
         del x, z, f_ac, clip
     return {"frames": written, "clips": clips, "seams": seams.summary()}

@@ -58,6 +58,21 @@ def test_archived_clip_starts_as_the_repeated_reference_then_holds_the_last_a_fr
     assert torch.equal(seen[3], made[6:12])
 
 
+def test_reference_archived_clip_never_holds_generated_frames():
+    # w/o F_a (Table 4) / Fig. 5 "without the archived clip": the archive stays the reference
+    model = _model()
+    inputs = _inputs(model, 12)
+    seen = []
+    mcdm_sample(model, **inputs, total_frames=12, settings=FAST, progress=False,
+                callback=lambda c, state: seen.append(state["archived"].clone()),
+                archived_clip="reference")
+    ref = inputs["reference"][None].expand(4, -1, -1, -1)
+    assert len(seen) == 3 and all(torch.equal(a, ref) for a in seen)
+    with pytest.raises(ValueError, match="archived_clip must be one of"):
+        mcdm_sample(model, **inputs, total_frames=4, settings=FAST, progress=False,
+                    archived_clip="none")
+
+
 def test_archive_helpers():
     ref = torch.randn(3, 2, 2)
     arch = initial_archive(ref, 3)
