@@ -204,7 +204,7 @@ def evaluate(generated: torch.Tensor, pair: dict, probe: MouthProbe, clip_frames
         sync = lip_sync_score(energy, mouth, max_lag=lag)
         out["lip_sync" + name] = sync["peak_minus_median"]
         out["lip_lag" + name] = sync["lag"]
-        out["mouth_corr" + name] = _pearson(mouth, pair["mouth"])
+        out["mouth_corr" + name] = _pearson(mouth, pair["mouth"].double())
     starts = list(range(clip_frames, n, clip_frames))
     if starts:
         out["seam_ratio"] = seam_jump(generated, starts)["ratio"]
