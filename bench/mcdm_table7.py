@@ -163,13 +163,15 @@ def _kernel_ms(fn, device: str) -> float:
 def crossover(shape: dict, lengths: list[int], device: str, dtype: torch.dtype,
               score_budget: float = 2 ** 27) -> dict:
     """Time ``performer_attention`` and ``attention3d`` (default backends) over ``lengths`` at
-    ``shape``; ``score_budget``: the most softmax scores (sequences * H * T * T) timed at once."""
+    ``shape``; ``score_budget``: the most elements of the largest intermediate (softmax's
+    sequences * H * T * T scores, the reference Performer's sequences * H * T * M features)
+    timed at once."""
     b, h, d, m = shape["batch"], shape["heads"], shape["head_dim"], shape["features"]
     gen = torch.Generator().manual_seed(0)
     features = kernels.orthogonal_features(m, d, generator=gen).to(device, dtype)
     rows = []
     for t in lengths:
-        seqs = max(1, min(b, int(score_budget // (h * t * t))))
+        seqs = max(1, min(b, int(score_budget // (h * t * max(t, m)))))
         q, k, v = (torch.randn(seqs, t, h, d, generator=gen).to(device, dtype) for _ in range(3))
         with torch.no_grad():
             perf = _kernel_ms(lambda: kernels.performer_attention(q, k, v, features), device)
@@ -191,13 +193,13 @@ def crossover(shape: dict, lengths: list[int], device: str, dtype: torch.dtype,
 
 
 def run(config: str, frames: list[int], steps: int, lengths: list[int], device: str) -> dict:
-    """The whole Table 7 document (see the module docstring)."""
+    """The whole Table 7 document (see the module docstring); no ``frames``: kernel rows only."""
     from avatar_models.mcdm import MCDMConfig
 
     cfg = MCDMConfig.from_name(config)
-    performer, softmax = build_arms(config, device)
     e2e = {"performer": [], "softmax": []}
-    for model in (performer, softmax):   # warm-up: first calls pay for allocation and imports
+    performer, softmax = build_arms(config, device) if frames else (None, None)
+    for model in (performer, softmax) if frames else ():   # warm-up: allocation and imports
         end_to_end(model, cfg.clip_frames, 1, device)
     for n in frames:
         for arm, model in (("performer", performer), ("softmax", softmax)):
@@ -210,7 +212,7 @@ def run(config: str, frames: list[int], steps: int, lengths: list[int], device: 
         "device": device, "machine": platform.machine(), "environment": environment(device),
         "config": config, "clip_frames": cfg.clip_frames,
         "temporal_sequence_length": 2 * cfg.clip_frames,
-        "steps": {"video": steps, "prior": steps}, "end_to_end": e2e,
+        "steps": {"video": steps, "prior": steps}, "frames": frames, "end_to_end": e2e,
         "kernel_dtype": str(dtype).removeprefix("torch."), "kernel": kernel,
         "paper_table7_minutes": {"frames": [30, 300, 1800, 3600, 7200],
                                  "vanilla": [0.97, 8.6, 54.1, 122.5, 264.6],
@@ -255,9 +257,11 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def default_out(device: str) -> Path:
+def default_out(device: str, config: str = "tiny", kernel_only: bool = False) -> Path:
     folder = "cpu" if device == "cpu" else device_slug(device)
-    return RESULTS_DIR / folder / "mcdm" / "table7.json"
+    name = "table7" + ("" if config == "tiny" else f"_{config}") + ("_kernel" if kernel_only
+                                                                   else "")
+    return RESULTS_DIR / folder / "mcdm" / f"{name}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=_ints,
                         default=[2 ** i for i in range(3, 14)],
                         help="sequence lengths T of the kernel-level crossover")
+    parser.add_argument("--kernel-only", action="store_true",
+                        help="only the kernel-level crossover (e.g. --config paper on a CPU, "
+                             "where the paper-size model is too slow end to end)")
     parser.add_argument("--smoke", action="store_true",
                         help="CI: tiny config, 4 and 8 frames, 1 step, T in 8..64")
     parser.add_argument("--out", type=Path, default=None,
@@ -281,15 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
         args.config, args.frames, args.steps, args.lengths = "tiny", [4, 8], 1, [8, 16, 32, 64]
-    doc = run(args.config, args.frames, args.steps, args.lengths, device)
-    out = args.out or default_out(device)
+    doc = run(args.config, [] if args.kernel_only else args.frames, args.steps, args.lengths,
+              device)
+    out = args.out or default_out(device, args.config, args.kernel_only)
     if device == "cpu" and args.out is None and "cpu" not in out.parts:
         raise RuntimeError(f"refusing to write a CPU result outside a cpu folder: {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     s = doc["summary"]
     print(doc["label"])
-    for n, r, sp, ss in zip(args.frames, s["performer_over_softmax_end_to_end"],
+    for n, r, sp, ss in zip(doc["frames"], s["performer_over_softmax_end_to_end"],
                             s["temporal_share_performer"], s["temporal_share_softmax"]):
         print(f"{n:6d} frames: performer/softmax end to end {r:.3f}; temporal layer share "
               f"{sp:.1%} (performer) vs {ss:.1%} (softmax)")

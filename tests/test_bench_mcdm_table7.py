@@ -61,3 +61,18 @@ def test_paper_seconds_per_frame_falls_with_length():
 def test_bad_frames_option_is_rejected():
     with pytest.raises(SystemExit):
         mcdm_table7.main(["--frames", "0,4"])
+
+
+def test_kernel_only_skips_the_end_to_end_rows(tmp_path):
+    out = tmp_path / "k.json"
+    assert mcdm_table7.main(["--kernel-only", "--lengths", "8,16", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["end_to_end"] == {"performer": [], "softmax": []}
+    assert [r["T"] for r in doc["kernel"][0]["rows"]] == [8, 16]
+
+
+def test_paper_shapes_are_sd15_levels():
+    shapes = mcdm_table7.temporal_shapes("paper")
+    assert [(s["batch"], s["heads"], s["head_dim"]) for s in shapes] == [
+        (4096, 8, 40), (1024, 8, 80), (256, 8, 160), (64, 8, 160)]
+    assert {s["features"] for s in shapes} == {148}
