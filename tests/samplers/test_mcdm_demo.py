@@ -130,3 +130,25 @@ def test_demo_cli_errors_name_the_option(tmp_path, capsys):
     assert "--arms" in capsys.readouterr().err
     assert main(["demo", "mcdm", "--assets", str(tmp_path), "--frames", "8"]) == 2
     assert "s3_full.safetensors" in capsys.readouterr().err
+
+
+def test_training_recipe_chains_stages_and_sweeps_only_stage_3(tmp_path):
+    from samplers.cli import build_parser
+    from samplers.demo import mcdm_train
+
+    names = list(mcdm_train.RUNS)
+    for name in names:                                       # --init must name existing files
+        (tmp_path / f"{name}.safetensors").touch()
+    for name in names:
+        args = mcdm_train.train_args(name, tmp_path)
+        parsed = build_parser(args).parse_args(args)         # every run is a valid command
+        init, stage = mcdm_train.RUNS[name][:2]
+        assert parsed.stage == stage
+        assert parsed.init == (None if init is None else tmp_path / f"{init}.safetensors")
+    assert mcdm_train.train_args("s3_no_mta", tmp_path)[-5:-2] == ["--no-memory", "--temporal",
+                                                                   "softmax"]
+    sweep = mcdm_train.sweep_runs(tmp_path / "s2.safetensors", tmp_path)
+    assert len(sweep) == 3 * (len(mcdm_train.SWEEP_ARCHIVED) + len(mcdm_train.SWEEP_ALPHA))
+    for args in sweep.values():
+        parsed = build_parser(args).parse_args(args)
+        assert parsed.stage == 3 and parsed.init == tmp_path / "s2.safetensors"
