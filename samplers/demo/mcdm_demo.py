@@ -192,11 +192,10 @@ def evaluate(generated: torch.Tensor, pair: dict, probe: MouthProbe, clip_frames
            "ssim": per_frame_ssim.mean().item()}
     ref = appearance_readout(ideal01[:1], pair["regions"])[0]
     for name, video in (("", gen01), ("_ideal", ideal01)):
-        curve = windowed_consistency(appearance_readout(video, pair["regions"]), window,
-                                     reference=ref, kind="l2")["to_reference"]
-        out["identity_curve" + name] = curve
-        dist = (appearance_readout(video, pair["regions"]) - ref).norm(dim=1)
-        out["identity_distance" + name] = dist.mean().item()
+        readout = appearance_readout(video, pair["regions"])                  # [N, R]
+        out["identity_curve" + name] = windowed_consistency(
+            readout, window, reference=ref, kind="l2")["to_reference"]
+        out["identity_distance" + name] = (readout - ref).norm(dim=1).mean().item()
     energy = pair["audio"].double().mean(1)
     lag = min(15, n - 3)
     for name, video in (("", generated), ("_ideal", pair["ideal"])):
