@@ -42,11 +42,31 @@ ARCHIVED_CLIP_MODES = ("rolling", "reference")
 class MCDMSettings:
     steps: int = 25               # chosen: video DDIM steps
     prior_steps: int = 25         # chosen: motion-prior DDIM steps
+    # DDIM's predicted x0 clamped to [-r, r] (None: not clamped, the default). An undertrained
+    # epsilon model's x0 estimate at high noise is its epsilon error times sqrt(1 - abar) /
+    # sqrt(abar) (~100x at t = 950), which unclamped sampling can carry to the output.
+    clip_video: float | None = None
+    clip_prior: float | None = None
 
     def __post_init__(self):
         for name in ("steps", "prior_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("clip_video", "clip_prior"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None or > 0, got {value}")
+
+
+def _ddim(steps: int, clip: float | None):
+    """The DDIM scheduler of the training betas, x0 clamped to [-clip, clip] when given."""
+    sched = make_scheduler("ddim", DEFAULT_SCHEDULE, steps)
+    if clip is None:
+        return sched
+    clipped = type(sched).from_config(sched.config, clip_sample=True, clip_sample_range=clip)
+    clipped.set_timesteps(steps)
+    clipped.avatar_eta = sched.avatar_eta
+    return clipped
 
 
 def initial_archive(reference: torch.Tensor, archived_frames: int) -> torch.Tensor:
@@ -153,8 +173,8 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
     ref = reference.to(device, torch.float32)
     img = image.to(device, torch.float32)[None]                               # [1, I]
     archived = initial_archive(ref, a)                                        # [a, C, S, S]
-    video_sched = make_scheduler("ddim", DEFAULT_SCHEDULE, settings.steps)
-    prior_sched = make_scheduler("ddim", DEFAULT_SCHEDULE, settings.prior_steps)
+    video_sched = _ddim(settings.steps, settings.clip_video)
+    prior_sched = _ddim(settings.prior_steps, settings.clip_prior)
     clips = -(-total_frames // f)
     seams = SeamStats()
     previous_last = None

@@ -306,6 +306,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames per window of the Fig. 5 curves")
     parser.add_argument("--arms", default=",".join(d.arms),
                         help=f"comma-separated subset of {list(ARMS)}")
+    parser.add_argument("--clip-x0", type=positive_float, nargs=2, default=None,
+                        metavar=("VIDEO", "PRIOR"),
+                        help="clamp DDIM's predicted x0 of the video to [-VIDEO, VIDEO] and of "
+                             "the motion prior to [-PRIOR, PRIOR] (default: no clamp)")
     parser.add_argument("--seed", type=int, default=d.seed, help="noise seed of pair 0")
     parser.add_argument("--no-progress", action="store_true", help="no progress lines")
 
@@ -316,6 +320,8 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         opts = MCDMDemoOptions(pairs=args.pairs, frames=args.frames, steps=args.steps,
                                prior_steps=args.prior_steps, window=args.window,
+                               clip_video=args.clip_x0[0] if args.clip_x0 else None,
+                               clip_prior=args.clip_x0[1] if args.clip_x0 else None,
                                seed=args.seed, arms=tuple(a for a in args.arms.split(",") if a),
                                assets=args.assets)
     except ValueError as exc:

@@ -71,6 +71,8 @@ class MCDMDemoOptions:
     steps: int = 10                # chosen for the CPU budget (the sampler's default is 25)
     prior_steps: int = 10
     window: int = 16
+    clip_video: float | None = None   # DDIM x0 clamp (None: none, the pre-registered protocol)
+    clip_prior: float | None = None
     seed: int = 0                  # noise seed of pair i: seed + i, the same for every arm
     arms: tuple[str, ...] = tuple(ARMS)
     assets: Path = field(default=ASSETS)
@@ -274,7 +276,8 @@ def run_mcdm_demo(options: MCDMDemoOptions, out: Path, progress: bool = True) ->
     data = next(iter(models.values()))[1].get("data", {})
     fps, rate = float(data.get("fps", 25.0)), int(data.get("sample_rate", 16000))
     probe = MouthProbe.fit(cfg.latent_size, fps)
-    settings = MCDMSettings(steps=options.steps, prior_steps=options.prior_steps)
+    settings = MCDMSettings(steps=options.steps, prior_steps=options.prior_steps,
+                            clip_video=options.clip_video, clip_prior=options.clip_prior)
     per_arm: dict[str, list[dict]] = {arm: [] for arm in options.arms}
     for i in range(options.pairs):
         pair = held_out_pair(i, options.frames, cfg.latent_size, fps, rate, cfg.audio_dim)
