@@ -146,3 +146,15 @@ train-lookahead-finetunes: $(STAMP)
 		$(LOOKAHEAD_MODEL) --init $(LOOKAHEAD_ASSETS)/base.safetensors --steps 300 --lr 5e-4 \
 		--warmup-steps 10 --seed 1 --out $(LOOKAHEAD_ASSETS)/baseline.safetensors
 	$(LOOKAHEAD_COMPACT) $(LOOKAHEAD_ASSETS)/baseline.safetensors
+
+# MCDM toy models (docs/mcdm.md, "Toy models"): stages 0-2 shared, stage 3 full and w/o MTA,
+# written to assets/mcdm/ by `avatar-kernels train mcdm`; ~15 min on one CPU thread.
+.PHONY: train-mcdm sweep-mcdm
+train-mcdm: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m samplers.demo.mcdm_train --out assets/mcdm
+
+# Table 8 / Fig. 7: stage 3 per a in {2,4,8,16} and alpha in {0,0.1,0.5,0.9}, seeds 3-5, from
+# assets/mcdm/s2.safetensors (24 runs, ~50 min on one thread; not run for the shipped results).
+sweep-mcdm: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m samplers.demo.mcdm_train --sweep \
+		--out out/mcdm-sweep

@@ -35,16 +35,38 @@ import torch
 
 from samplers.schedules import DEFAULT_SCHEDULE, make_scheduler, scheduler_step
 
+ARCHIVED_CLIP_MODES = ("rolling", "reference")
+
 
 @dataclass(frozen=True)
 class MCDMSettings:
     steps: int = 25               # chosen: video DDIM steps
     prior_steps: int = 25         # chosen: motion-prior DDIM steps
+    # DDIM's predicted x0 clamped to [-r, r] (None: not clamped, the default). An undertrained
+    # epsilon model's x0 estimate at high noise is its epsilon error times sqrt(1 - abar) /
+    # sqrt(abar) (~100x at t = 950), which unclamped sampling can carry to the output.
+    clip_video: float | None = None
+    clip_prior: float | None = None
 
     def __post_init__(self):
         for name in ("steps", "prior_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("clip_video", "clip_prior"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None or > 0, got {value}")
+
+
+def _ddim(steps: int, clip: float | None):
+    """The DDIM scheduler of the training betas, x0 clamped to [-clip, clip] when given."""
+    sched = make_scheduler("ddim", DEFAULT_SCHEDULE, steps)
+    if clip is None:
+        return sched
+    clipped = type(sched).from_config(sched.config, clip_sample=True, clip_sample_range=clip)
+    clipped.set_timesteps(steps)
+    clipped.avatar_eta = sched.avatar_eta
+    return clipped
 
 
 def initial_archive(reference: torch.Tensor, archived_frames: int) -> torch.Tensor:
@@ -112,7 +134,8 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 writer: Callable[[torch.Tensor, int], None] | None = None,
                 generator: torch.Generator | None = None, device="cpu", progress: bool = True,
-                callback: Callable[[int, dict], None] | None = None) -> dict:
+                callback: Callable[[int, dict], None] | None = None,
+                archived_clip: str = "rolling") -> dict:
     """Generate ``total_frames`` frames clip by clip; returns {"frames", "clips", "seams"}.
 
     Args:
@@ -123,6 +146,9 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
         decode: latents [k, C, S, S] -> what ``writer`` takes (default: identity).
         writer: ``writer(decoded new frames, first frame index)`` after every clip.
         callback: ``callback(clip_index, {"archived", "f_ac", "motion", "clip"})`` per clip.
+        archived_clip: ``"rolling"`` (the paper: the last a generated frames) or ``"reference"``
+            (Table 4's w/o F_a and Fig. 5's "without the archived clip" at inference: the
+            archived clip stays the repeated reference, so no history reaches the model).
     """
     from tqdm.auto import tqdm
 
@@ -130,6 +156,9 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
     f, a = cfg.clip_frames, cfg.archived_frames
     if total_frames < 1:
         raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if archived_clip not in ARCHIVED_CLIP_MODES:
+        raise ValueError(f"archived_clip must be one of {ARCHIVED_CLIP_MODES}, got "
+                         f"{archived_clip!r}")
     if reference.shape != (cfg.in_channels, cfg.latent_size, cfg.latent_size):
         raise ValueError(f"reference must be [{cfg.in_channels}, {cfg.latent_size}, "
                          f"{cfg.latent_size}], got {list(reference.shape)}")
@@ -144,8 +173,8 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
     ref = reference.to(device, torch.float32)
     img = image.to(device, torch.float32)[None]                               # [1, I]
     archived = initial_archive(ref, a)                                        # [a, C, S, S]
-    video_sched = make_scheduler("ddim", DEFAULT_SCHEDULE, settings.steps)
-    prior_sched = make_scheduler("ddim", DEFAULT_SCHEDULE, settings.prior_steps)
+    video_sched = _ddim(settings.steps, settings.clip_video)
+    prior_sched = _ddim(settings.prior_steps, settings.clip_prior)
     clips = -(-total_frames // f)
     seams = SeamStats()
     previous_last = None
@@ -184,6 +213,7 @@ def mcdm_sample(model, *, reference: torch.Tensor, image: torch.Tensor, audio: t
                 writer(clip[:keep] if decode is None else decode(clip[:keep]), first)
         written += keep
         previous_last = clip[keep - 1].clone()
-        archived = roll_archive(archived, clip[:keep])
+        if archived_clip == "rolling":
+            archived = roll_archive(archived, clip[:keep])
         del x, z, f_ac, clip
     return {"frames": written, "clips": clips, "seams": seams.summary()}

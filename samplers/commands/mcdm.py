@@ -282,3 +282,50 @@ def run_sample(args: argparse.Namespace) -> int:
           f"; seam/inner jump {'n/a' if ratio is None else f'{ratio:.3f}'} over "
           f"{seams['boundaries']} boundaries)")
     return 0
+
+
+# ---- demo ----
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from samplers.demo.mcdm_demo import ARMS, ASSETS, MCDMDemoOptions
+
+    d = MCDMDemoOptions()
+    parser.add_argument("--out", type=Path, default=Path("out-mcdm"), help="output folder")
+    parser.add_argument("--assets", type=Path, default=ASSETS,
+                        help="folder of the toy checkpoints (`make train-mcdm`)")
+    parser.add_argument("--pairs", type=positive_int, default=d.pairs,
+                        help="held-out identities (seeds 1,000,000 + i); intervals over them")
+    parser.add_argument("--frames", type=int_range(8), default=d.frames,
+                        help="frames per video (Fig. 5's frame axis; about 0.2 s per frame "
+                             "and arm on one CPU thread at the default steps)")
+    parser.add_argument("--steps", type=positive_int, default=d.steps,
+                        help="video DDIM steps (chosen for the CPU budget)")
+    parser.add_argument("--prior-steps", type=positive_int, default=d.prior_steps,
+                        help="motion-prior DDIM steps")
+    parser.add_argument("--window", type=positive_int, default=d.window,
+                        help="frames per window of the Fig. 5 curves")
+    parser.add_argument("--arms", default=",".join(d.arms),
+                        help=f"comma-separated subset of {list(ARMS)}")
+    parser.add_argument("--clip-x0", type=positive_float, nargs=2, default=None,
+                        metavar=("VIDEO", "PRIOR"),
+                        help="clamp DDIM's predicted x0 of the video to [-VIDEO, VIDEO] and of "
+                             "the motion prior to [-PRIOR, PRIOR] (default: no clamp)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="noise seed of pair 0")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from samplers.demo.mcdm_demo import MCDMDemoOptions, finite, run_mcdm_demo
+
+    try:
+        opts = MCDMDemoOptions(pairs=args.pairs, frames=args.frames, steps=args.steps,
+                               prior_steps=args.prior_steps, window=args.window,
+                               clip_video=args.clip_x0[0] if args.clip_x0 else None,
+                               clip_prior=args.clip_x0[1] if args.clip_x0 else None,
+                               seed=args.seed, arms=tuple(a for a in args.arms.split(",") if a),
+                               assets=args.assets)
+    except ValueError as exc:
+        raise OptionError(f"--arms/--frames: {exc}") from None
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    doc = run_mcdm_demo(opts, args.out, progress=not args.no_progress)
+    return 0 if finite(doc) else 1

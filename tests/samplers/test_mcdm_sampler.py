@@ -58,6 +58,21 @@ def test_archived_clip_starts_as_the_repeated_reference_then_holds_the_last_a_fr
     assert torch.equal(seen[3], made[6:12])
 
 
+def test_reference_archived_clip_never_holds_generated_frames():
+    # w/o F_a (Table 4) / Fig. 5 "without the archived clip": the archive stays the reference
+    model = _model()
+    inputs = _inputs(model, 12)
+    seen = []
+    mcdm_sample(model, **inputs, total_frames=12, settings=FAST, progress=False,
+                callback=lambda c, state: seen.append(state["archived"].clone()),
+                archived_clip="reference")
+    ref = inputs["reference"][None].expand(4, -1, -1, -1)
+    assert len(seen) == 3 and all(torch.equal(a, ref) for a in seen)
+    with pytest.raises(ValueError, match="archived_clip must be one of"):
+        mcdm_sample(model, **inputs, total_frames=4, settings=FAST, progress=False,
+                    archived_clip="none")
+
+
 def test_archive_helpers():
     ref = torch.randn(3, 2, 2)
     arch = initial_archive(ref, 3)
@@ -265,3 +280,23 @@ def test_300_frame_run_keeps_peak_rss_flat_after_the_first_clips(tmp_path):
     assert len(rss) == 75
     early, late = max(rss[5:20]), max(rss[50:])
     assert late - early < 16.0, (early, late)
+
+
+def test_clip_video_keeps_every_frame_in_range():
+    # a random model's unclamped DDIM output leaves [-1, 1]; with clip_video=1 the last step's
+    # x0 is clamped, so a written frame is sqrt(abar_0) x0 + sqrt(1 - abar_0) eps: within
+    # [-1, 1] up to 1% of the predicted noise (abar_0 = 0.9999)
+    model = _model()
+    inputs = _inputs(model, 8)
+    got = {}
+    for clip in (None, 1.0):
+        frames = []
+        mcdm_sample(model, **inputs, total_frames=8, progress=False,
+                    settings=MCDMSettings(steps=3, prior_steps=3, clip_video=clip,
+                                          clip_prior=clip),
+                    generator=torch.Generator().manual_seed(0),
+                    writer=lambda x, first: frames.append(x))
+        got[clip] = torch.cat(frames)
+    assert got[1.0].abs().max() < 1.05 < got[None].abs().max()
+    with pytest.raises(ValueError, match="clip_video must be None or > 0"):
+        MCDMSettings(clip_video=0.0)
