@@ -492,7 +492,7 @@ def evaluate(folder: Path = ASSETS, out: Path = Path("out/warpface"),
         metrics = {m: [] for m in ("self", "cross")}
         null_vs_source, canon, sweeps = [], [], []
         null_metrics = {m: [] for m in ("self", "cross")}
-        for i, (pair, frames) in enumerate(zip(pairs, rendered)):
+        for pair, frames in zip(pairs, rendered):
             keys = [k for k in ("self", "cross", "null", "canonical", "sweep") if k in frames]
             fitted_all = fit(pair.source_ident, torch.cat([frames[k] for k in keys]))
             fitted, at = {}, 0
