@@ -150,3 +150,23 @@ def test_arm_summary_pairs_the_differences():
     assert arms["warpca"]["seeds"] == 2 and arms["warpca"]["self"]["aed"]["mean"] == 2.0
     d = diffs["warpca-cross"]["self"]["aed"]
     assert d["mean"] == -4.0 and d["low"] == d["high"] == -4.0   # the same gap in every pair
+
+
+def test_edit_finds_the_codec_beside_a_moved_checkpoint(tmp_path):
+    from avatar_models.checkpoint import load_checkpoint, save_checkpoint
+    from avatar_models.media import write_image
+    from samplers.cli import main
+
+    _write_checkpoint(tmp_path, "warpca_s0")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    ckpt = load_checkpoint(tmp_path / "warpca_s0.safetensors")
+    (tmp_path / "warpca_s0.codec.safetensors").rename(moved / "warpca_s0.codec.safetensors")
+    save_checkpoint(moved / "warpca_s0.safetensors", ckpt.model, system="warpface",
+                    config=ckpt.config, extra=ckpt.extra)    # still records the old path
+    frame = (pf.render(pf.sample_identity(1_000_000), pf.sample_motion(0, 1))[0][0] * 255)
+    write_image(tmp_path / "src.png", frame.round().byte().permute(1, 2, 0))
+    rc = main(["edit", "warpface", "--checkpoint", str(moved / "warpca_s0.safetensors"),
+               "--source", str(tmp_path / "src.png"), "--canonical", "--steps", "1",
+               "--out-dir", str(tmp_path / "edit"), "--device", "cpu", "--no-progress"])
+    assert rc == 0 and (tmp_path / "edit" / "canonical.png").is_file()
