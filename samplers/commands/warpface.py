@@ -453,7 +453,7 @@ def run_edit(args: argparse.Namespace) -> int:
 # ---- demo ----
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from samplers.demo.warpface import ASSETS, EvalOptions
+    from samplers.demo.warpface import ASSETS, ArmRecipe, EvalOptions
 
     d = EvalOptions()
     parser.add_argument("--assets", type=Path, default=ASSETS,
@@ -479,13 +479,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", action="store_true",
                         help="train every arm and seed of the toy recipe into --assets instead "
                              "(`make train-warpface`)")
+    parser.add_argument("--train-steps", type=positive_int, default=ArmRecipe().steps,
+                        help="with --train: optimiser steps per run (the shipped recipe's "
+                             "default; more than the CPU budget gives better-trained arms)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from samplers.demo.warpface import EvalOptions, evaluate, train_arms
+    from samplers.demo.warpface import ArmRecipe, EvalOptions, evaluate, train_arms
 
     if args.train:
-        record = train_arms(folder=args.assets)
+        record = train_arms(ArmRecipe(steps=args.train_steps), folder=args.assets)
         print(f"trained {len(record['runs'])} runs into {args.assets} "
               f"({record['total_train_seconds']:.0f} s of training)")
         return 0

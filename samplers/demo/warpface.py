@@ -45,6 +45,7 @@ FRAME_GAP = 5                 # driving frames are 5 apart (> 0.2 s at 25 fps)
 POSE, EXPRESSION = (0, 1, 2), (3, 4, 5, 6, 7)
 PARAM_RANGE = torch.tensor([2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 2.0, 1.0])
 SENSITIVITY_SOURCES, SENSITIVITY_STD = 4, 2.0
+DIAGNOSTIC_TIMESTEPS = (10, 100, 300, 500, 800, 950)
 
 
 def checkpoint_name(arm: str, seed: int) -> str:
@@ -420,6 +421,36 @@ def semantic_collapse(model, codec, probe: dict) -> dict:
             "theta_dim": int(thetas["test"].shape[1])}
 
 
+def denoising_diagnostics(model, codec, pairs: list[EvalPair], device="cpu") -> dict:
+    """Why samples look as they do (added after the first look at a sample, not a ranking
+    metric): the eps-MSE of the model on the pairs' first self-driving frame at fixed timesteps,
+    with the pair's theta_(s->d) and with theta = 0, and the norm of theta_(s->d)."""
+    from avatar_models.training.diffusion import GaussianDiffusion
+    from samplers.warpface import encode_motion
+
+    def encode(frames):
+        with torch.no_grad():
+            return codec.encode(frames * 2 - 1).float().to(device)
+
+    z_s = encode(torch.stack([p.source_frame for p in pairs]))
+    z_d = encode(torch.stack([p.driving_frames["self"][0] for p in pairs]))
+    theta = encode_motion(model, z_d).theta_rs - encode_motion(model, z_s).theta_rs
+    diffusion = GaussianDiffusion(model.config.diffusion_schedule())
+    gen = torch.Generator().manual_seed(0)
+    out = {"timesteps": list(DIAGNOSTIC_TIMESTEPS), "eps_mse": [], "eps_mse_theta_zero": [],
+           "theta_norm_mean": theta.norm(dim=1).mean().item()}
+    with torch.no_grad():
+        reference = model.reference_features(z_s)
+        for t in DIAGNOSTIC_TIMESTEPS:
+            tt = torch.full((len(pairs),), t, device=device)
+            noise = torch.randn(z_d.shape, generator=gen).to(device)
+            z_t = diffusion.q_sample(z_d, tt, noise)
+            for key, th in (("eps_mse", theta), ("eps_mse_theta_zero", torch.zeros_like(theta))):
+                out[key].append((model(z_t, tt, th, reference).float() - noise).pow(2)
+                                .mean().item())
+    return out
+
+
 def sensitivity_table(fitted_sweeps: list[torch.Tensor], groups: int) -> dict:
     """S[k, j] and per-group concentration from fitted parameters of the +-2 std sweeps, each
     [K * 2, 8] (group k: row 2k at -2 std, row 2k + 1 at +2 std)."""
@@ -524,6 +555,7 @@ def evaluate(folder: Path = ASSETS, out: Path = Path("out/warpface"),
                                  "source_std": source_params.std(0).tolist(),
                                  "fitted_mean": canon.mean(0).tolist()},
             "semantic_collapse": semantic_collapse(model, codec, probe),
+            "denoising": denoising_diagnostics(model, codec, pairs, device),
         }
         if sweeps:
             entry["sensitivity"] = sensitivity_table(sweeps, model.config.groups)

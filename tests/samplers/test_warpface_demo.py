@@ -50,6 +50,7 @@ def test_demo_smoke_on_tiny_random_checkpoints(tmp_path):
                 assert entry[mode][key]["n"] == 2 and math.isfinite(entry[mode][key]["mean"])
         assert "leakage_sim" in entry["cross"] and "leakage_sim" not in entry["self"]
         assert entry["semantic_collapse"]["theta_dim"] == 16
+    assert len(result["checkpoints"]["warpca_s0"]["denoising"]["eps_mse"]) == 6
     assert "sensitivity" in result["checkpoints"]["warpca_s0"]
     assert len(result["checkpoints"]["warpca_s0"]["sensitivity"]["table"]) == 2   # K groups
     assert "warpca-cross" in result["differences"]
