@@ -572,6 +572,7 @@ def evaluate(folder: Path = ASSETS, out: Path = Path("out/warpface"),
                            "interval": dm.INTERVAL_ABOUT, "readout": dm.READOUT_ABOUT}
     results["seconds"] = round(time.perf_counter() - start, 1)
     (out / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(results_markdown(results))
     plot_trends(results["modulation_trends"], out / "gamma_delta.png")
     plot_samples(pairs, samples, out / "samples.png")
     log(f"wrote {out / 'metrics.json'}, gamma_delta.png, samples.png "
@@ -654,3 +655,68 @@ def plot_samples(pairs: list[EvalPair], samples: dict, path: Path, shown: int = 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the report tables (docs/warpface.md copies them from out/warpface/results.md)
+
+REPORTED = (("apd_px", "APD px"), ("apd_roll_deg", "APD roll deg"), ("aed", "AED"),
+            ("psnr_db", "PSNR dB"), ("identity_sim", "ID sim"), ("leakage_sim", "leak sim"))
+
+
+def _cell(stat: dict | None) -> str:
+    if stat is None:
+        return "-"
+    return f"{stat['mean']:.3g} [{stat['low']:.3g}, {stat['high']:.3g}]"
+
+
+def results_markdown(results: dict) -> str:
+    """Markdown tables of :func:`evaluate`'s results: per mode the floor, the baselines, every
+    arm (seeds pooled) and checkpoint, the paired arm differences, then the diagnostics."""
+    lines = []
+    for mode in ("self", "cross"):
+        keys = [(k, name) for k, name in REPORTED if mode == "cross" or k != "leakage_sim"]
+        lines += [f"**{mode}-reenactment** (mean [95% interval] over pairs)", "",
+                  "| row | " + " | ".join(n for _, n in keys) + " |",
+                  "|---" * (len(keys) + 1) + "|"]
+        rows = [("estimator floor / codec ceiling", results["floor"][mode]),
+                ("copy-source", results["copy_source"][mode])]
+        rows += [(f"arm {a} ({r['seeds']} seeds)", r[mode]) for a, r in results["arms"].items()]
+        rows += [(f"{n}", c[mode]) for n, c in results["checkpoints"].items()]
+        rows += [(f"{n} theta = 0", c["theta_zero"][mode])
+                 for n, c in results["checkpoints"].items()]
+        rows += [(f"difference {d}", v[mode]) for d, v in results["differences"].items()]
+        for name, stats in rows:
+            lines.append(f"| {name} | " + " | ".join(_cell(stats.get(k)) for k, _ in keys)
+                         + " |")
+        lines.append("")
+    lines += ["**Diagnostics per checkpoint**", "",
+              "| checkpoint | probe R^2 pose | probe R^2 expr | eff. rank theta (of 64) | "
+              "mean norm theta_(s->d) | theta=0 vs source APD px / AED | eps-MSE t=100/500/950 "
+              "(theta=0) | seconds |", "|---" * 8 + "|"]
+    for n, c in results["checkpoints"].items():
+        sc, dn, tz = c["semantic_collapse"], c["denoising"], c["theta_zero_vs_source"]
+        at = [dn["timesteps"].index(t) for t in (100, 500, 950)]
+        eps = "/".join(f"{dn['eps_mse'][i]:.3f}" for i in at)
+        eps0 = "/".join(f"{dn['eps_mse_theta_zero'][i]:.3f}" for i in at)
+        lines.append(f"| {n} | {sc['r2_pose']:.3f} | {sc['r2_expression']:.3f} | "
+                     f"{sc['effective_rank']:.2f} | {dn['theta_norm_mean']:.2e} | "
+                     f"{tz['apd_px']['mean']:.2f} / {tz['aed']['mean']:.3f} | {eps} ({eps0}) | "
+                     f"{c['seconds']:.0f} |")
+    lines.append("")
+    for n, c in results["checkpoints"].items():
+        spread = c["canonical_spread"]
+        lines.append(f"canonical spread {n}: fitted std / source std per parameter: " + ", ".join(
+            f"{p} {f:.2f}/{s:.2f}" for p, f, s in zip(spread["params"], spread["fitted_std"],
+                                                     spread["source_std"])))
+    for n, c in results["checkpoints"].items():
+        if "sensitivity" in c:
+            sens = c["sensitivity"]
+            lines += ["", f"**K x parameter sensitivity ({n})**: S[k, j] = mean |p_j(+2 std) - "
+                          "p_j(-2 std)| / range_j", "",
+                      "| group | " + " | ".join(sens["params"]) + " | concentration |",
+                      "|---" * (len(sens["params"]) + 2) + "|"]
+            for k, (row, conc) in enumerate(zip(sens["table"], sens["concentration"])):
+                lines.append(f"| G{k + 1} | " + " | ".join(f"{v:.3f}" for v in row)
+                             + f" | {conc:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -56,6 +56,7 @@ def test_demo_smoke_on_tiny_random_checkpoints(tmp_path):
     assert "warpca-cross" in result["differences"]
     assert set(result["modulation_trends"]) == {"timesteps", "warpca_s0", "cross_s0"}
     assert (out / "gamma_delta.png").stat().st_size > 0 and (out / "samples.png").is_file()
+    assert "| arm warpca (1 seeds) |" in (out / "results.md").read_text()
 
 
 def test_demo_refuses_a_folder_without_checkpoints(tmp_path):
