@@ -105,8 +105,6 @@ def train_arms(recipe: ArmRecipe = ArmRecipe(), folder: Path = ASSETS, *,
                runs: list[tuple[str, int]] | None = None) -> dict:
     """Train (arm, seed) runs (default: all of ``recipe``) with ``avatar-kernels train warpface``
     into ``folder``; write ``training.json`` and ``training.png`` there."""
-    from avatar_models.training.engine import plot_curves
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / "training.json"
@@ -123,11 +121,18 @@ def train_arms(recipe: ArmRecipe = ArmRecipe(), folder: Path = ASSETS, *,
         run["command"] = "avatar-kernels " + " ".join(args)
         record["runs"][f"{arm}_s{seed}"] = run
         record_path.write_text(json.dumps(record, indent=1) + "\n")
+    return write_training_record(record, folder)
+
+
+def write_training_record(record: dict, folder: Path) -> dict:
+    """``training.json`` (recipe, every run's loss curve, times) and ``training.png``."""
+    from avatar_models.training.engine import plot_curves
+
     record["total_train_seconds"] = round(sum(r["train_seconds"]
                                               for r in record["runs"].values()), 1)
-    record_path.write_text(json.dumps(record, indent=1) + "\n")
-    plot_curves({name: r["ldm"] for name, r in record["runs"].items()}, folder / "training.png",
-                "WarpFace toy arms: weighted eps-MSE per step")
+    (Path(folder) / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    plot_curves({name: r["ldm"] for name, r in record["runs"].items()},
+                Path(folder) / "training.png", "WarpFace toy arms: weighted eps-MSE per step")
     return record
 
 
