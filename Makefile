@@ -158,3 +158,14 @@ train-mcdm: $(STAMP)
 sweep-mcdm: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m samplers.demo.mcdm_train --sweep \
 		--out out/mcdm-sweep
+
+# Rewrites assets/warpface/ (issue 18, docs/warpface.md): the Table 3 arms (WarpCA, plain
+# cross-attention, WarpCA without timestep modulation) x seeds 0, 1, each 500 steps of the toy
+# recipe through `avatar-kernels train warpface`; about 14 min on one CPU thread in all.
+.PHONY: train-warpface demo-warpface
+train-warpface: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/avatar-kernels demo warpface --train
+
+# The fixed evaluation of docs/warpface.md on the shipped checkpoints -> out/warpface/.
+demo-warpface: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/avatar-kernels demo warpface --out out/warpface

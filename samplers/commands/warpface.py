@@ -278,6 +278,9 @@ def _validate_model_args(args: argparse.Namespace):
         if recorded is None:
             raise OptionError("the checkpoint records no codec: pass --codec FILE")
         args.codec, option = Path(recorded), "the checkpoint's codec"
+        beside = Path(args.checkpoint).parent / args.codec.name
+        if not args.codec.is_file() and beside.is_file():   # a moved checkout: same folder
+            args.codec = beside
     if not Path(args.codec).is_file():
         raise OptionError(f"{option} {str(args.codec)!r}: file not found (pass --codec FILE)")
     codec = load_codec(args.codec, option)
@@ -444,4 +447,56 @@ def run_edit(args: argparse.Namespace) -> int:
               "images": [f"{n}.png" for n in names]}
     (args.out_dir / "motion.json").write_text(json.dumps(record))
     print(f"wrote {len(names)} image(s) and motion.json to {args.out_dir}")
+    return 0
+
+
+# ---- demo ----
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from samplers.demo.warpface import ASSETS, ArmRecipe, EvalOptions
+
+    d = EvalOptions()
+    parser.add_argument("--assets", type=Path, default=ASSETS,
+                        help="folder of the <arm>_s<seed>.safetensors checkpoints (with --train: "
+                             "where they are written)")
+    parser.add_argument("--out", type=Path, default=Path("out/warpface"),
+                        help="folder for metrics.json and the plots")
+    parser.add_argument("--pairs", type=positive_int, default=d.pairs,
+                        help="held-out identity pairs (intervals over pairs)")
+    parser.add_argument("--frames", type=positive_int, default=d.frames,
+                        help="driving frames per pair and mode, 5 frames apart (the issue's full "
+                             "protocol: 20)")
+    parser.add_argument("--steps", type=positive_int, default=d.steps, help="DDIM steps")
+    parser.add_argument("--guidance", type=float_range(0.0), default=d.guidance,
+                        help="classifier-free guidance scale (1: off)")
+    parser.add_argument("--fit-steps", type=positive_int, default=d.fit_steps,
+                        help="iterations of the pose / expression fit")
+    parser.add_argument("--no-sensitivity", action="store_true",
+                        help="skip the K x parameter sensitivity sweeps")
+    parser.add_argument("--seed", type=int, default=d.seed, help="noise seed")
+    add_device_argument(parser)
+    parser.add_argument("--no-progress", action="store_true", help="quiet")
+    parser.add_argument("--train", action="store_true",
+                        help="train every arm and seed of the toy recipe into --assets instead "
+                             "(`make train-warpface`)")
+    parser.add_argument("--train-steps", type=positive_int, default=ArmRecipe().steps,
+                        help="with --train: optimiser steps per run (the shipped recipe's "
+                             "default; more than the CPU budget gives better-trained arms)")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from samplers.demo.warpface import ArmRecipe, EvalOptions, evaluate, train_arms
+
+    if args.train:
+        record = train_arms(ArmRecipe(steps=args.train_steps), folder=args.assets)
+        print(f"trained {len(record['runs'])} runs into {args.assets} "
+              f"({record['total_train_seconds']:.0f} s of training)")
+        return 0
+    if args.pairs < 2:
+        raise OptionError(f"--pairs must be >= 2 (intervals over pairs), got {args.pairs}")
+    options = EvalOptions(pairs=args.pairs, frames=args.frames, steps=args.steps,
+                          guidance=args.guidance, seed=args.seed, fit_steps=args.fit_steps,
+                          sensitivity=not args.no_sensitivity)
+    evaluate(args.assets, args.out, options, device=resolve_device(args.device),
+             progress=not args.no_progress)
     return 0
