@@ -372,7 +372,7 @@ def test_item16_one_device_rule(monkeypatch):
 def test_item16_demo_time_agrees_between_readme_and_docs():
     readme = (REPO / "README.md").read_text()
     docs = (REPO / "docs" / "demo.md").read_text()
-    figure = "about 90 s on 2 CPU cores"
+    figure = "about 75 s on 2 CPU cores"
     assert figure in readme and figure in docs
 
 
