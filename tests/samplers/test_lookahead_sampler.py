@@ -328,3 +328,50 @@ def test_distance_pilot_moves_only_the_clean_frames_time():
     assert torch.equal(rec.calls[0]["x"], rec.calls[2]["x"])       # same noise for every k
     assert all(torch.equal(c["keyframe"][0], clean) for c in rec.calls)
     assert not torch.equal(frames[1], frames[8])
+
+
+def test_cli_sample_on_real_inputs_with_local_wav2vec_and_vae_folders(tmp_path, tiny_vae_dir):
+    """The real-data path of `sample lookahead`: a latent-space checkpoint trained on wav2vec
+    features, sampled from a photo and a wav with local (tiny, random) Wav2Vec2 and VAE
+    folders; the mp4 has the VAE's pixel size and the audio's duration."""
+    import json
+
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from avatar_models.checkpoint import save_checkpoint
+    from avatar_models.lookahead import LookaheadConfig, LookaheadDiT
+    from avatar_models.media import read_audio, video_info, write_image
+    from samplers.cli import main
+
+    w2v = tmp_path / "w2v"
+    torch.manual_seed(0)
+    Wav2Vec2Model(Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8, 8), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4),
+        num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, vocab_size=10)) \
+        .save_pretrained(w2v, safe_serialization=True)
+    (w2v / "preprocessor_config.json").write_text(json.dumps(
+        {"sampling_rate": 16000, "do_normalize": True, "feature_size": 1}))
+    # 4 latent channels at 4x4 = 32x32 pixels through the tiny VAE's 8x downsampling
+    cfg = LookaheadConfig.from_name("tiny", in_channels=4, input_height=4, input_width=4,
+                                    audio_dim=16)
+    ckpt = tmp_path / "latent.safetensors"
+    save_checkpoint(ckpt, LookaheadDiT(cfg).state_dict(), system="lookahead",
+                    config=cfg.to_dict(),
+                    extra={"data": {"kind": "video", "audio": "wav2vec", "fps": 25,
+                                    "sample_rate": 16000},
+                           "train": {"stage": "lookahead", "distance": 3, "d_max": 3,
+                                     "starting_frames": 1}})
+    write_image(tmp_path / "face.png", torch.randint(0, 255, (48, 40, 3), dtype=torch.uint8))
+    _speech_wav(tmp_path / "speech.wav")
+    out = tmp_path / "out.mp4"
+    common = ["sample", "lookahead", "--checkpoint", str(ckpt), "--reference",
+              str(tmp_path / "face.png"), "--audio", str(tmp_path / "speech.wav"), "--out",
+              str(out), "--steps", "2", "--no-progress", "--device", "cpu"]
+    assert main([*common, "--vae", str(tiny_vae_dir)]) == 2     # no --wav2vec: refused
+    assert main([*common, "--vae", str(tiny_vae_dir), "--wav2vec", str(w2v)]) == 0
+    info = video_info(out)
+    assert info.num_frames == 30 and info.has_audio
+    assert (info.height, info.width) == (32, 32)
+    wave, rate = read_audio(out)[:2]
+    assert wave.shape[-1] == 30 * rate // 25
