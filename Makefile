@@ -125,10 +125,8 @@ LOOKAHEAD_SHAPE  := --config tiny --set input_height=16 --set input_width=16 --s
 	--set frames=8 --set hidden=96 --set depth=4 --set heads=4
 LOOKAHEAD_MODEL  := --starting-frames 2 --d-max 24 --distance 12 --batch-size 8 \
 	--ema-decay 0.99 --no-progress
-LOOKAHEAD_COMPACT = $(PY) -c "import sys, shutil; from pathlib import Path; \
-	from samplers.demo.train import compact_checkpoint; \
-	from avatar_models.training.run_state import checkpoint_root; p = Path(sys.argv[1]); \
-	compact_checkpoint(p); shutil.rmtree(checkpoint_root(p), ignore_errors=True)"
+LOOKAHEAD_COMPACT = $(PY) -c "import sys; from samplers.demo.train import ship_checkpoint; \
+	ship_checkpoint(sys.argv[1], keep_training_log=True)"
 .PHONY: train-lookahead train-lookahead-base train-lookahead-finetunes
 train-lookahead: train-lookahead-base train-lookahead-finetunes
 train-lookahead-base: $(STAMP)

@@ -87,7 +87,7 @@ def train_lavieid(recipe: LaVieIDRecipe | None = None, out_dir: Path = ASSETS,
     ``training.json`` there keeps the record of every run done so far."""
     from avatar_models.training.engine import metrics_path, read_metrics
     from samplers.cli import main
-    from samplers.demo.train import _remove_engine_sidecars, compact_checkpoint
+    from samplers.demo.train import ship_checkpoint
 
     recipe = recipe or LaVieIDRecipe()
     out_dir = Path(out_dir)
@@ -108,8 +108,7 @@ def train_lavieid(recipe: LaVieIDRecipe | None = None, out_dir: Path = ASSETS,
             raise RuntimeError(f"training run {name} failed: avatar-kernels {' '.join(argv)}")
         wall = time.perf_counter() - start
         steps = read_metrics(metrics_path(out))
-        compact_checkpoint(out)
-        _remove_engine_sidecars(out)
+        ship_checkpoint(out)
         terms = [k for k in steps[0] if k in ("loss", "diff", "route", "tam")]
         runs[name] = {"command": "avatar-kernels " + " ".join(argv),
                       "wall_seconds": round(wall, 1),

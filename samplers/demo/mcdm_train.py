@@ -79,7 +79,7 @@ def run_one(name: str, args: list[str], out_dir: Path) -> dict:
     """Train, read the loss curve, compact to EMA float16, drop the engine's side files."""
     from avatar_models.training.engine import metrics_path, read_metrics
     from samplers.cli import main
-    from samplers.demo.train import _remove_engine_sidecars, compact_checkpoint
+    from samplers.demo.train import ship_checkpoint
 
     ckpt = out_dir / f"{name}.safetensors"
     print("avatar-kernels " + " ".join(args), flush=True)
@@ -89,8 +89,7 @@ def run_one(name: str, args: list[str], out_dir: Path) -> dict:
     if status:
         raise RuntimeError(f"run {name} failed with status {status}")
     rows = read_metrics(metrics_path(ckpt))
-    compact_checkpoint(ckpt)
-    _remove_engine_sidecars(ckpt)
+    ship_checkpoint(ckpt)
     losses = [r["loss"] for r in rows]
     tail = losses[-50:]
     print(f"{name}: {wall:.1f} s, last-50 mean loss {sum(tail) / len(tail):.4f}", flush=True)

@@ -130,17 +130,22 @@ def compact_checkpoint(path: Path) -> Path:
     return path
 
 
-def _remove_engine_sidecars(checkpoint: Path) -> None:
-    """The bundled assets keep the compact checkpoint, loss.json and loss.png only: drop the
-    engine's resumable checkpoints, metrics.jsonl and plot written beside ``checkpoint``."""
+def ship_checkpoint(checkpoint: Path, *, keep_training_log: bool = False) -> Path:
+    """Make a finished engine run shippable in ``assets/``: compact ``checkpoint`` (EMA
+    float16, :func:`compact_checkpoint`) and drop the engine's resumable checkpoints beside it;
+    also its metrics.jsonl and loss plot unless ``keep_training_log``."""
     import shutil
 
     from avatar_models.training.engine import metrics_path, plot_path
     from avatar_models.training.run_state import checkpoint_root
 
+    checkpoint = Path(checkpoint)
+    compact_checkpoint(checkpoint)
     shutil.rmtree(checkpoint_root(checkpoint), ignore_errors=True)
-    metrics_path(checkpoint).unlink(missing_ok=True)
-    plot_path(checkpoint).unlink(missing_ok=True)
+    if not keep_training_log:
+        metrics_path(checkpoint).unlink(missing_ok=True)
+        plot_path(checkpoint).unlink(missing_ok=True)
+    return checkpoint
 
 
 def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, *,
@@ -175,8 +180,7 @@ def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, 
                             progress=progress,
                             callback=lambda step, terms: mse.append(terms["mse"]))
     wall = time.perf_counter() - start
-    compact_checkpoint(checkpoint)
-    _remove_engine_sidecars(checkpoint)
+    ship_checkpoint(checkpoint)
     params = sum(p.numel() for p in result.model.parameters())
     record = {
         "recipe": recipe.__dict__, "command": train_command(recipe, checkpoint),

@@ -85,14 +85,11 @@ class ArmRecipe:
 def finalize_run(checkpoint: Path) -> dict:
     """Read the engine's per-step metrics of a finished run, then keep only the compact
     checkpoint (EMA float16) and its codec: returns the run's loss record."""
-    from avatar_models.training.engine import metrics_path
-    from samplers.demo.train import _remove_engine_sidecars, compact_checkpoint
+    from avatar_models.training.engine import metrics_path, read_metrics
+    from samplers.demo.train import ship_checkpoint
 
-    rows = [json.loads(line) for line in metrics_path(checkpoint).read_text().splitlines()
-            if line.strip()]
-    rows = [r for r in rows if "loss" in r]
-    compact_checkpoint(checkpoint)
-    _remove_engine_sidecars(checkpoint)
+    rows = [r for r in read_metrics(metrics_path(checkpoint)) if "loss" in r]
+    ship_checkpoint(checkpoint)
     last = rows[-100:]
     return {"checkpoint": checkpoint.name, "steps": len(rows),
             "train_seconds": round(rows[-1]["time_s"], 1),
