@@ -9,7 +9,7 @@ TORCH_CPU   ?= torch==2.13.0
 STAMP       := $(VENV)/.installed
 OPS         := adaln attention3d warp performer frame_causal
 
-.PHONY: test demo train-demo demo-report bench test-gpu build-cuda lint install clean bench-host \
+.PHONY: test demo train-demo demo-report demo-diagnose bench test-gpu build-cuda lint install clean bench-host \
 	gpu-evidence import-evidence gpu-image-rehearsal
 
 $(PY):
@@ -49,6 +49,11 @@ train-demo: $(STAMP)
 demo-report: $(STAMP)
 	$(VENV)/bin/avatar-kernels demo --out out-report --pairs 8 --frames 96 \
 		--methods anchored,multidiffusion,independent
+
+# Where the demo model loses fidelity (docs/demo.md, "Why the fidelity target is missed"):
+# one-step x0 predictions per noise level with true / null / another identity's G; ~40 s.
+demo-diagnose: $(STAMP)
+	$(PY) -m samplers.demo.diagnose --out docs/demo_results/diagnose.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
