@@ -30,8 +30,9 @@ Everything works in a codec's latent space (patch-PCA on the toy, SD's VAE for r
   concat(g_k); transfer theta_(s->d) = theta_(r->d) - theta_(r->s) (Eq. 4).
 
 This is an own UNet-lite with SD1.5's block structure (``paper`` config: widths 320/640/1280/1280,
-2 layers per block, 8 heads, attention in the first three levels), NOT diffusers'
-``UNet2DConditionModel``: SD1.5 weights are not loaded (see docs/warpface.md).
+2 layers per block, 8 heads, attention in the first three levels, GEGLU feed-forward), not
+diffusers' ``UNet2DConditionModel``; ``avatar_models/warpface_sd15.py`` maps a local SD1.5 UNet's
+weights into both UNets (see docs/warpface.md).
 
 Loss (:func:`warpface_loss`, Eqs. 11-13): per-pixel adaptive weight inside the eps-MSE plus
 lambda_sym * ||theta_(s->r) + theta_(r->s)||^2 for source and driving. Condition dropout (CFG):
@@ -53,10 +54,17 @@ from torch import nn
 import kernels
 from avatar_models.layers import Attention, Mlp, TimestepEmbedder, sincos_2d
 from avatar_models.layers.named_config import NamedConfig
-from avatar_models.layers.unet_lite import Downsample, ResBlock, Upsample, group_norm
+from avatar_models.layers.unet_lite import (
+    Downsample,
+    GegluFeedForward,
+    ResBlock,
+    Upsample,
+    group_norm,
+)
 from avatar_models.training.diffusion import DiffusionSchedule, GaussianDiffusion
 
 MOTION_ATTENTIONS = ("warpca", "cross")
+FEED_FORWARDS = ("gelu", "geglu")
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,9 @@ class WarpFaceConfig(NamedConfig):
     motion_attention: str = "warpca"        # "warpca" or "cross" (Table 3 row 2)
     time_modulation: bool = True            # Eq. 9 (False: Table 3 row 4)
     occlusion_init_logit: float = -4.0      # O = sigmoid(-4) = 0.018 at init (see docs)
+    motion_out_init_std: float = 0.0        # flow MLP's last / plain CA's proj weight: N(0, std)
+    feed_forward: str = "gelu"              # transformer MLP: "gelu" (tiny) or SD's "geglu"
+    transformer_norm_eps: float = 1e-5      # the transformers' GroupNorm eps (SD: 1e-6)
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085             # SD1.5's scaled-linear schedule
     beta_end: float = 0.012
@@ -93,6 +104,13 @@ class WarpFaceConfig(NamedConfig):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "attention_levels",
                            tuple(bool(a) for a in self.attention_levels))
+        if self.feed_forward not in FEED_FORWARDS:
+            raise ValueError(f"feed_forward must be one of {FEED_FORWARDS}, got "
+                             f"{self.feed_forward!r}")
+        if not self.motion_out_init_std >= 0:
+            raise ValueError(f"motion_out_init_std must be >= 0, got {self.motion_out_init_std}")
+        if not self.transformer_norm_eps > 0:
+            raise ValueError(f"transformer_norm_eps must be > 0, got {self.transformer_norm_eps}")
         if self.motion_attention not in MOTION_ATTENTIONS:
             raise ValueError(f"motion_attention must be one of {MOTION_ATTENTIONS}, got "
                              f"{self.motion_attention!r}")
@@ -148,9 +166,11 @@ NAMED_CONFIGS: dict[str, dict] = {
                  layers_per_block=1, heads=2, groups=4, codebook_size=16, group_dim=16,
                  vit_depth=2, vit_width=64, vit_heads=4, vit_patch=2, group_hidden=64,
                  flow_hidden=32),
-    # SD1.5 UNet on 256 px (32 x 32 x 4 latents); MGME as in section 4.1 and appendix C.
+    # SD1.5 UNet on 256 px (32 x 32 x 4 latents), shapes equal to SD1.5's so that
+    # avatar_models/warpface_sd15.py loads its weights; MGME as in section 4.1 and appendix C.
     "paper": dict(in_channels=4, latent_size=32, channels=(320, 640, 1280, 1280),
                   attention_levels=(True, True, True, False), layers_per_block=2, heads=8,
+                  feed_forward="geglu", transformer_norm_eps=1e-6,
                   groups=4, codebook_size=128, group_dim=256, vit_depth=6, vit_width=256,
                   vit_heads=4, vit_patch=2, group_hidden=256, flow_hidden=128),
 }
@@ -245,13 +265,20 @@ class WarpCA(nn.Module):
 
     def reset_parameters(self) -> None:
         """xavier q/kv; the flow MLP's last layer zero (F = 0 at init); the occlusion MLP's last
-        layer zero weight and bias ``occlusion_init_logit``; plain CA's proj zero."""
+        layer zero weight and bias ``occlusion_init_logit``; plain CA's proj zero.
+
+        ``motion_out_init_std`` > 0 draws the flow MLP's last weight (plain CA: proj's weight)
+        from N(0, std) instead: with both it and MGME's output projections at zero, the gradient
+        reaching theta is zero at init and the motion path leaves that saddle only at second
+        order (docs/warpface.md, toy results); a small non-zero weight gives MGME a first-order
+        gradient from step one."""
         self.motion.reset_parameters()
         for layer in (self.q, self.kv):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
+        std = self.cfg.motion_out_init_std
         if self.proj is not None:
-            nn.init.zeros_(self.proj.weight)
+            nn.init.normal_(self.proj.weight, std=std) if std else nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
             return
         for mlp in (self.flow_mlp, self.occlusion_mlp):
@@ -259,6 +286,8 @@ class WarpCA(nn.Module):
             nn.init.zeros_(mlp[0].bias)
             nn.init.zeros_(mlp[2].weight)
             nn.init.zeros_(mlp[2].bias)
+        if std:
+            nn.init.normal_(self.flow_mlp[2].weight, std=std)
         nn.init.constant_(self.occlusion_mlp[2].bias, self.cfg.occlusion_init_logit)
 
     def flow_occlusion(self, attended: torch.Tensor, h: int, w: int, dtype: torch.dtype
@@ -314,14 +343,15 @@ class Transformer(nn.Module):
     def __init__(self, cfg: WarpFaceConfig, dim: int, *, motion: bool,
                  attention_backend: str | None = None, warp_backend: str | None = None):
         super().__init__()
-        self.norm = group_norm(dim)
+        self.norm = group_norm(dim, eps=cfg.transformer_norm_eps)
         self.proj_in = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, cfg.heads, attention_backend)
         self.motion = (WarpCA(cfg, dim, attention_backend=attention_backend,
                               warp_backend=warp_backend) if motion else None)
         self.norm3 = nn.LayerNorm(dim)
-        self.ff = Mlp(dim, 4 * dim)
+        self.ff = Mlp(dim, 4 * dim) if cfg.feed_forward == "gelu" else GegluFeedForward(dim,
+                                                                                      4 * dim)
         self.proj_out = nn.Linear(dim, dim)
 
     def attention_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 
-def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
     """GroupNorm with SD's 32 groups, fewer when the width is not a multiple of 32 (tiny)."""
     g = min(groups, channels)
     while channels % g:
         g -= 1
-    return nn.GroupNorm(g, channels, eps=1e-5)
+    return nn.GroupNorm(g, channels, eps=eps)
 
 
 class ResBlock(nn.Module):
@@ -61,3 +61,17 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class GegluFeedForward(nn.Module):
+    """SD's transformer feed-forward (diffusers' FeedForward with GEGLU): x [B, N, C] ->
+    Linear(C, 2 hidden) -> value * GELU(gate) (exact GELU) -> Linear(hidden, C)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)                       # [B, N, hidden] each
+        return self.out(value * nn.functional.gelu(gate))                # [B, N, C]

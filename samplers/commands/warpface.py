@@ -106,6 +106,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                      grad_clip=1.0), set_example="groups=2")
     m.add_argument("--init", type=input_file("a checkpoint", (".safetensors",)),
                    help="start from this warpface checkpoint's weights (its config is used)")
+    m.add_argument("--sd15", type=Path, default=None,
+                   help="start both UNets from a local Stable Diffusion 1.5 folder (its unet/, "
+                        "diffusers UNet2DConditionModel weights; nothing downloads); needs "
+                        "SD-shaped configs, e.g. --config paper --vae SD_DIR/vae")
     t.add_argument("--warp-backend", choices=("ref", "triton", "cuda"), default=None,
                    help="force one warp_occlusion backend")
 
@@ -130,6 +134,8 @@ def validate_train_args(args: argparse.Namespace):
             clip_frames=args.clip_frames, jitter=args.jitter)
     except (TypeError, ValueError) as exc:
         raise OptionError(str(exc)) from None
+    if args.sd15 is not None:
+        check_sd15_option(args, cfg)
     if args.vae is not None:
         folder = check_model_folder(args.vae, "--vae", "vae")
         vae_cfg = json.loads((folder / "config.json").read_text())
@@ -154,6 +160,22 @@ def validate_train_args(args: argparse.Namespace):
         codec = load_codec(args.codec, "--codec")
         check_codec(codec, cfg, "--codec")
     return cfg, train
+
+
+def check_sd15_option(args: argparse.Namespace, cfg) -> None:
+    """--sd15: a UNet2DConditionModel folder whose config.json matches the model config."""
+    from avatar_models.warpface_sd15 import check_sd15_config, read_sd15_config, sd15_unet_folder
+
+    if args.init is not None:
+        raise OptionError("--sd15 and --init both set the starting weights; pass one")
+    try:
+        folder = sd15_unet_folder(args.sd15)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--sd15: {exc}") from None
+    try:
+        check_sd15_config(cfg, read_sd15_config(folder), str(folder / "config.json"))
+    except ValueError as exc:
+        raise OptionError(f"--sd15: {exc}") from None
 
 
 def load_codec(path: Path, option: str):
@@ -211,12 +233,22 @@ def run_train(args: argparse.Namespace) -> int:
         from avatar_models.checkpoint import load_checkpoint
 
         model.load_state_dict(load_checkpoint(args.init, system="warpface").weights("ema"))
+    sd15 = None
+    if args.sd15 is not None:
+        from avatar_models.warpface_sd15 import load_sd15_unets
+
+        sd15 = load_sd15_unets(model, args.sd15)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print_note(f"loaded {sd15['loaded']} SD1.5 tensors from {sd15['folder']} into "
+                       f"ReferenceNet and DenoisingNet ({sd15['kept_init']} new UNet tensors "
+                       f"keep their init)")
     if int(os.environ.get("RANK", "0")) == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"training warpface {cfg.name} ({params / 1e6:.2f}M parameters, "
               f"{cfg.motion_attention}, time modulation {cfg.time_modulation})")
     extra = {"data": {"kind": "toy", "fps": TOY_FPS}, **codec_record,
-             "init": None if args.init is None else str(args.init)}
+             "init": None if args.init is None else str(args.init),
+             "sd15": None if sd15 is None else sd15["folder"]}
     try:
         train(warpface_system(model, dataset, tcfg, extra), engine_config_from_args(args),
               out=args.out, resume=args.resume)
@@ -482,13 +514,35 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=positive_int, default=ArmRecipe().steps,
                         help="with --train: optimiser steps per run (the shipped recipe's "
                              "default; more than the CPU budget gives better-trained arms)")
+    parser.add_argument("--runs", default=None,
+                        help="with --train: only these runs, comma-separated <arm>_s<seed> (e.g. "
+                             "warpca_s0,cross_s1; default: every arm and seed); each writes its "
+                             "entry into the folder's training.json")
+
+
+def parse_runs(text: str) -> list[tuple[str, int]]:
+    """``warpca_s0,cross_s1`` -> [("warpca", 0), ("cross", 1)]; OptionError naming a bad item."""
+    from samplers.demo.warpface import ARM_FLAGS
+
+    runs = []
+    for item in text.split(","):
+        arm, sep, seed = item.strip().rpartition("_s")
+        if not sep or arm not in ARM_FLAGS or not seed.isdigit():
+            raise OptionError(f"--runs: {item!r} must be <arm>_s<seed> with arm one of "
+                              f"{tuple(ARM_FLAGS)} and an integer seed (e.g. warpca_s0)")
+        runs.append((arm, int(seed)))
+    return runs
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from samplers.demo.warpface import ArmRecipe, EvalOptions, evaluate, train_arms
 
+    if args.runs is not None and not args.train:
+        raise OptionError("--runs needs --train")
     if args.train:
-        record = train_arms(ArmRecipe(steps=args.train_steps), folder=args.assets)
+        recipe = ArmRecipe(steps=args.train_steps)
+        runs = None if args.runs is None else parse_runs(args.runs)
+        record = train_arms(recipe, folder=args.assets, runs=runs)
         print(f"trained {len(record['runs'])} runs into {args.assets} "
               f"({record['total_train_seconds']:.0f} s of training)")
         return 0

@@ -105,8 +105,12 @@ def train_arms(recipe: ArmRecipe = ArmRecipe(), folder: Path = ASSETS, *,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / "training.json"
-    record = (json.loads(record_path.read_text()) if record_path.exists()
-              else {"recipe": asdict(recipe), "runs": {}})
+
+    def current_record() -> dict:     # re-read: runs of this recipe may train in parallel
+        return (json.loads(record_path.read_text()) if record_path.exists()
+                else {"recipe": asdict(recipe), "runs": {}})
+
+    record = current_record()
     for arm, seed in runs or recipe.runs():
         out = folder / checkpoint_name(arm, seed)
         args = recipe.train_arguments(arm, seed, out)
@@ -116,6 +120,7 @@ def train_arms(recipe: ArmRecipe = ArmRecipe(), folder: Path = ASSETS, *,
         run = finalize_run(out)
         run["process_seconds"] = round(time.perf_counter() - start, 1)
         run["command"] = "avatar-kernels " + " ".join(args)
+        record = current_record()
         record["runs"][f"{arm}_s{seed}"] = run
         record_path.write_text(json.dumps(record, indent=1) + "\n")
     return write_training_record(record, folder)

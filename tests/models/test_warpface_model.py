@@ -389,3 +389,29 @@ def test_activation_checkpointing_step_and_modulation_trends():
                                torch.ones(2))
     assert modulation_trends(WarpFace(_cfg(time_modulation=False), **REF),
                              torch.tensor([1])) == {}
+
+
+@pytest.mark.parametrize("attention", ["warpca", "cross"])
+def test_motion_out_init_std_gives_mgme_a_gradient_from_the_first_step(attention):
+    """With every motion output layer at zero (the default), no gradient reaches MGME even once
+    the denoiser's zero output conv has moved; motion_out_init_std > 0 (flow MLP's last weight,
+    or plain CA's proj) gives it one."""
+    torch.manual_seed(0)
+    batch = next(iter(WarpFacePairs(None, size=16, seed=0)))
+    grads = {}
+    for std in (0.0, 0.02):
+        torch.manual_seed(0)
+        cfg = WarpFaceConfig.from_name("tiny", in_channels=3, motion_attention=attention,
+                                       motion_out_init_std=std)
+        model = WarpFace(cfg, **REF)
+        with torch.no_grad():                       # as after a few steps: eps is no longer 0
+            model.denoising_net.conv_out.weight.normal_(std=0.05)
+        pair = {k: batch[k][None].repeat(2, 1, 1, 1) for k in
+                ("source", "driving", "source_motion", "driving_motion")}
+        pair["driving_motion"] = pair["driving_motion"].flip(-1)         # a different motion
+        warpface_loss(model, WarpFaceTrainConfig(condition_drop=0.0), pair,
+                      torch.Generator().manual_seed(0))["loss"].backward()
+        grads[std] = float(model.mgme.out2.weight.grad.abs().sum())
+    assert grads[0.0] == 0.0 and grads[0.02] > 0
+    with pytest.raises(ValueError, match="motion_out_init_std must be >= 0, got -1"):
+        WarpFaceConfig.from_name("tiny", motion_out_init_std=-1.0)

@@ -83,6 +83,19 @@ def test_train_arguments_are_accepted_by_the_train_command(tmp_path):
         recipe.train_arguments("keypoints", 0, tmp_path / "x.safetensors")
 
 
+def test_train_runs_option_picks_runs(tmp_path, capsys):
+    from samplers.cli import main
+    from samplers.commands.validation import OptionError
+    from samplers.commands.warpface import parse_runs
+
+    assert parse_runs("warpca_s0, cross_s1") == [("warpca", 0), ("cross", 1)]
+    for bad in ("keypoints_s0", "warpca_sx", "warpca"):
+        with pytest.raises(OptionError, match=f"--runs: '{bad}' must be <arm>_s<seed>"):
+            parse_runs(bad)
+    assert main(["demo", "warpface", "--runs", "warpca_s0", "--assets", str(tmp_path)]) == 2
+    assert "--runs needs --train" in capsys.readouterr().err
+
+
 def test_motion_errors_units():
     target = torch.zeros(1, 8)
     fitted = torch.zeros(1, 8)

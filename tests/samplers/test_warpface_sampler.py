@@ -235,3 +235,31 @@ def test_train_arm_flags_set_the_config(tmp_path, flags, attention, modulation):
     cfg, train_cfg = validate_train_args(build_parser(argv).parse_args(argv))
     assert (cfg.motion_attention, cfg.time_modulation) == (attention, modulation)
     assert (train_cfg.lambda_sym, train_cfg.tau, train_cfg.epsilon) == (0.1, 0.5, 2.0)
+
+
+def test_train_starts_both_unets_from_a_local_sd15_folder(tmp_path, capsys):
+    """--sd15: a Stable Diffusion folder's unet/ (tiny random, tiny's shapes with SD's GEGLU and
+    norm eps) loads into both UNets and the checkpoint records the folder; a config that does not
+    match is refused before a model is built."""
+    from diffusers import UNet2DConditionModel
+
+    from avatar_models.checkpoint import load_checkpoint
+
+    torch.manual_seed(0)
+    levels = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4,
+                         block_out_channels=(32, 64), layers_per_block=1,
+                         down_block_types=levels, up_block_types=("CrossAttnUpBlock2D",) * 2,
+                         cross_attention_dim=24, attention_head_dim=2,
+                         norm_num_groups=32).save_pretrained(tmp_path / "sd" / "unet")
+    ckpt = tmp_path / "sd15.safetensors"
+    shape = ["--set", "in_channels=4", "--set", "feed_forward=geglu", "--set",
+             "transformer_norm_eps=1e-6"]
+    assert main(["train", "warpface", "--sd15", str(tmp_path / "sd"), *shape, "--steps", "1",
+                 "--batch-size", "2", "--device", "cpu", "--no-progress", "--out",
+                 str(ckpt)]) == 0
+    assert "loaded" in capsys.readouterr().err
+    assert load_checkpoint(ckpt).extra["sd15"] == str((tmp_path / "sd" / "unet").resolve())
+    assert main(["train", "warpface", "--sd15", str(tmp_path / "sd"), *shape[:2], "--out",
+                 str(tmp_path / "x.safetensors")]) == 2
+    assert "--sd15: SD1.5 weights need feed_forward='geglu'" in capsys.readouterr().err
