@@ -1,6 +1,7 @@
 """Denoiser diagnostics of a demo checkpoint: where the fidelity to the ideal video is lost.
 
 ``python -m samplers.demo.diagnose [--checkpoint PATH] [--pairs 8] [--out diagnose.json]``
+``python -m samplers.demo.diagnose --continue-steps 400 --mapping-lr-scale 1.0 --out pilot.json``
 
 For each held-out pair of the demo (the same seeds as ``avatar-kernels demo``), one window of
 T frames of the ideal video is encoded, noised at fixed timesteps with a fixed seed, and
@@ -18,6 +19,10 @@ reconstruction bound the picture from below and above; the epsilon MSE per group
 channels (PCA components in order of variance) shows which components the model has learnt.
 Nothing here is a ranking metric of the demo's protocol: it says why the protocol's numbers are
 what they are (docs/demo.md, "Why the fidelity target is missed").
+
+``--continue-steps N`` first continues the checkpoint's weights for N steps of its own recipe
+(fresh data, constant lr, raw weights: no EMA) with the given mapping-network learning-rate
+scale: a pilot of a recipe change, read on the same table.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from samplers.demo.train import CHECKPOINT
 TIMESTEPS = (50, 150, 300, 500, 700, 900, 999)
 CONDITIONS = ("true", "null", "other_G")
 CHANNEL_GROUP = 8
+PILOT_DATA_SEED = 7  # training data of a pilot: not the bundled run's stream (seed 0)
 
 
 def masked_psnr(video: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> float:
@@ -53,11 +59,40 @@ def _mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 3)
 
 
+def continue_training(model, ckpt, codec, steps: int, mapping_lr_scale: float, *,
+                      lr: float = 3e-4, seed: int = 1, progress: bool = True):
+    """The checkpoint's model after ``steps`` more steps of its own demo recipe (batch, loss,
+    world) at constant ``lr`` (20 warm-up steps), mapping network at ``lr *
+    mapping_lr_scale``, without EMA; returns the raw trained weights, in eval mode."""
+    from dataclasses import replace
+
+    from avatar_models.data import procedural_faces as pf
+    from avatar_models.training.anchored import train_anchored
+    from samplers.demo.train import DemoRecipe
+
+    if steps < 1:
+        raise ValueError(f"steps: expected >= 1, got {steps}")
+    if "demo_recipe" not in ckpt.extra:
+        raise ValueError("checkpoint: expected a demo checkpoint that records its demo_recipe, "
+                         "got one without it")
+    recipe = DemoRecipe(**ckpt.extra["demo_recipe"])
+    train = replace(recipe.train_config(), steps=steps, lr=lr, warmup_steps=min(20, steps),
+                    min_lr_ratio=1.0, ema_decay=0.0, seed=seed,
+                    mapping_lr_scale=mapping_lr_scale)
+    data = pf.ProceduralFaces(frames=recipe.frames, seed=PILOT_DATA_SEED, autoencoder=codec,
+                              identity_grid=recipe.identity_grid, world=recipe.world)
+    result = train_anchored(model.config, data, train, device="cpu", model=model.float(),
+                            progress=progress)
+    return result.model.eval()
+
+
 @torch.no_grad()
 def diagnose(checkpoint: Path = CHECKPOINT, pairs: int = 8,
              timesteps: tuple[int, ...] = TIMESTEPS, ddim_steps: int = 25,
-             progress: bool = True) -> dict:
-    """The diagnostics of ``checkpoint`` (see the module docstring), means over ``pairs``."""
+             progress: bool = True, continue_steps: int = 0,
+             mapping_lr_scale: float | None = None) -> dict:
+    """The diagnostics of ``checkpoint`` (see the module docstring), means over ``pairs``;
+    with ``continue_steps``, of its weights after :func:`continue_training`."""
     from avatar_models.anchored_diffusion import Conditions
     from avatar_models.training.diffusion import DiffusionSchedule, GaussianDiffusion
 
@@ -68,6 +103,17 @@ def diagnose(checkpoint: Path = CHECKPOINT, pairs: int = 8,
     if codec is None:
         raise ValueError(f"checkpoint: expected a latent demo checkpoint with a patch-PCA codec, "
                          f"got {checkpoint} without one")
+    pilot = None
+    if continue_steps < 0:
+        raise ValueError(f"continue_steps: expected >= 0, got {continue_steps}")
+    if continue_steps:
+        scale = (ckpt.extra["train"]["mapping_lr_scale"] if mapping_lr_scale is None
+                 else mapping_lr_scale)
+        with torch.enable_grad():
+            model = continue_training(model, ckpt, codec, continue_steps, scale,
+                                      progress=progress)
+        pilot = {"continue_steps": continue_steps, "mapping_lr_scale": scale, "lr": 3e-4,
+                 "seed": 1, "data_seed": PILOT_DATA_SEED, "ema": False}
     model = model.float()
     schedule = ckpt.extra.get("diffusion")
     diffusion = GaussianDiffusion(DiffusionSchedule(**schedule) if schedule else None)
@@ -116,7 +162,7 @@ def diagnose(checkpoint: Path = CHECKPOINT, pairs: int = 8,
     shown = Path(checkpoint).resolve()
     if shown.is_relative_to(Path.cwd()):
         shown = shown.relative_to(Path.cwd())
-    result = {"checkpoint": str(shown), "pairs": pairs, "world": world,
+    result = {"checkpoint": str(shown), "pilot": pilot, "pairs": pairs, "world": world,
               "ddim_steps": ddim_steps, "region": "face_hair",
               "x0_psnr_db": {}, "eps_mse_by_channel_group": {},
               "full_ddim_psnr_db": _mean(rows["ddim"]), "codec_psnr_db": _mean(rows["codec"]),
@@ -150,9 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--ddim-steps", type=int, default=25)
+    parser.add_argument("--continue-steps", type=int, default=0,
+                        help="first continue the weights for this many steps (a pilot)")
+    parser.add_argument("--mapping-lr-scale", type=float, default=None,
+                        help="mapping-network lr scale of the pilot (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    result = diagnose(args.checkpoint, args.pairs, ddim_steps=args.ddim_steps)
+    result = diagnose(args.checkpoint, args.pairs, ddim_steps=args.ddim_steps,
+                      continue_steps=args.continue_steps,
+                      mapping_lr_scale=args.mapping_lr_scale)
     print(format_table(result))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,3 +56,14 @@ def test_diagnose_arguments_are_checked():
         diagnose(pairs=1)
     with pytest.raises(ValueError, match="timesteps"):
         diagnose(pairs=2, timesteps=(1000,))
+
+
+def test_pilot_continues_training_before_the_diagnostic():
+    base = diagnose(pairs=2, timesteps=(500,), ddim_steps=1, progress=False)
+    pilot = diagnose(pairs=2, timesteps=(500,), ddim_steps=1, progress=False,
+                     continue_steps=2, mapping_lr_scale=1.0)
+    assert base["pilot"] is None
+    assert pilot["pilot"]["continue_steps"] == 2 and pilot["pilot"]["mapping_lr_scale"] == 1.0
+    assert pilot["x0_psnr_db"]["500"]["true"] != base["x0_psnr_db"]["500"]["true"]
+    with pytest.raises(ValueError, match="steps"):
+        diagnose(pairs=2, timesteps=(500,), continue_steps=-1)
