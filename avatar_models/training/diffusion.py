@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 
 @dataclass(frozen=True)
 class DiffusionSchedule:
@@ -21,6 +23,17 @@ class DiffusionSchedule:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     beta_schedule: str = "linear"  # "linear" or "scaled_linear" (diffusers names)
+    # What the model's first C output channels predict (diffusers names): "epsilon" (the
+    # papers' DiT/ADM choice) or "v_prediction" (v = sqrt(abar) eps - sqrt(1 - abar) x0,
+    # Salimans & Ho 2022): at high noise epsilon's x0 estimate divides the network's error by
+    # sqrt(abar) (~156x at t = 999 on the linear schedule), v's does not (docs/demo.md, "Why
+    # the fidelity target is missed"). Samplers pass it to the diffusers scheduler.
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got "
+                             f"{self.prediction_type!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +78,30 @@ class GaussianDiffusion:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return _at(self.sqrt_acp, t, x0) * x0 + _at(self.sqrt_one_minus_acp, t, x0) * noise
+
+    def training_target(self, x0: torch.Tensor, t: torch.Tensor,
+                        noise: torch.Tensor) -> torch.Tensor:
+        """What the model is trained to output for ``q_sample(x0, t, noise)``."""
+        if self.schedule.prediction_type == "v_prediction":
+            return _at(self.sqrt_acp, t, x0) * noise - _at(self.sqrt_one_minus_acp, t, x0) * x0
+        return noise
+
+    def epsilon(self, prediction: torch.Tensor, xt: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
+        """The noise estimate of a model ``prediction`` (its first C channels) at ``xt``."""
+        if self.schedule.prediction_type == "v_prediction":
+            return (_at(self.sqrt_acp, t, xt) * prediction
+                    + _at(self.sqrt_one_minus_acp, t, xt) * xt)
+        return prediction
+
+    def predict_x0(self, prediction: torch.Tensor, xt: torch.Tensor,
+                   t: torch.Tensor) -> torch.Tensor:
+        """The clean-sample estimate of a model ``prediction`` at ``xt``."""
+        if self.schedule.prediction_type == "v_prediction":
+            return (_at(self.sqrt_acp, t, xt) * xt
+                    - _at(self.sqrt_one_minus_acp, t, xt) * prediction)
+        return (_at(self.sqrt_recip_acp, t, xt) * xt
+                - _at(self.sqrt_recipm1_acp, t, xt) * prediction)
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""

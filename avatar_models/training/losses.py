@@ -32,10 +32,12 @@ def _mean_per_sample(x: torch.Tensor) -> torch.Tensor:
 def dit_loss(diffusion: GaussianDiffusion, model_out: torch.Tensor, x0: torch.Tensor,
              xt: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
              weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """DiT learned-sigma loss per sample: weighted epsilon MSE + variational bound term.
+    """DiT learned-sigma loss per sample: weighted MSE of the schedule's prediction target
+    (epsilon, or v) + variational bound term.
 
     Args:
-        model_out: [B, T, 2C, H, W] (epsilon, variance interpolation v in [-1, 1]) on channel dim 2
+        model_out: [B, T, 2C, H, W] (the prediction: epsilon or v per the schedule, and the
+            variance interpolation in [-1, 1]) on channel dim 2
             (or [B, 2C, H, W] with channel dim 1: any layout whose channel dim is ``x0.dim()-3``).
         x0, xt, noise: [B, T, C, H, W]; t: [B] timesteps.
         weight: per-pixel weights broadcastable to x0 (e.g. [B, T, 1, H, W]); MSE only.
@@ -45,14 +47,15 @@ def dit_loss(diffusion: GaussianDiffusion, model_out: torch.Tensor, x0: torch.Te
         variance: the mean enters it detached, as in improved-DDPM / DiT.
     """
     cdim = x0.dim() - 3
-    eps, var_interp = model_out.float().chunk(2, dim=cdim)
+    pred, var_interp = model_out.float().chunk(2, dim=cdim)
     x0, xt, noise = x0.float(), xt.float(), noise.float()
-    err = (noise - eps) ** 2
+    err = (diffusion.training_target(x0, t, noise) - pred) ** 2
     if weight is not None:
         err = err * weight.to(err.dtype)
     mse = _mean_per_sample(err)
     true_mean, true_logvar = diffusion.q_posterior(x0, xt, t)
-    mean, logvar, _ = diffusion.p_mean_logvar(eps.detach(), var_interp, xt, t)
+    eps = diffusion.epsilon(pred.detach(), xt, t)
+    mean, logvar, _ = diffusion.p_mean_logvar(eps, var_interp, xt, t)
     kl = _mean_per_sample(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2.0)
     nll = _mean_per_sample(discretized_gaussian_nll(x0, mean, 0.5 * logvar)) / math.log(2.0)
     vb = torch.where(t == 0, nll, kl)

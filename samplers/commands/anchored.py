@@ -250,6 +250,7 @@ DATA_FIELDS = ("in_channels", "input_size", "frames", "control_dim", "global_dim
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from avatar_models.anchored_diffusion import NAMED_CONFIGS
     from avatar_models.training.anchored import TrainConfig
+    from avatar_models.training.diffusion import PREDICTION_TYPES
 
     d = TrainConfig()
     src = parser.add_argument_group("data (one of)")
@@ -302,6 +303,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    default=d.schedule.num_train_timesteps, help="diffusion timesteps")
     t.add_argument("--beta-schedule", choices=("linear", "scaled_linear"),
                    default=d.schedule.beta_schedule, help="diffusion beta schedule")
+    t.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                   default=d.schedule.prediction_type,
+                   help="what the model predicts: epsilon (the paper's) or v_prediction; "
+                        "recorded in the checkpoint's schedule, which the samplers follow")
     o = parser.add_argument_group("output")
     o.add_argument("--out", type=output_file(".safetensors"), required=True,
                    help="checkpoint path (.safetensors)")
@@ -472,7 +477,8 @@ def run_train(args: argparse.Namespace) -> int:
             raise OptionError(f"--resume: the dataset's samples do not fit the checkpoint's "
                               f"model (field: data, model): {wrong}")
     schedule = DiffusionSchedule(num_train_timesteps=args.num_train_timesteps,
-                                 beta_schedule=args.beta_schedule)
+                                 beta_schedule=args.beta_schedule,
+                                 prediction_type=args.prediction_type)
     train = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         mapping_lr_scale=args.mapping_lr_scale, weight_decay=args.weight_decay,

@@ -140,13 +140,13 @@ def diagnose(checkpoint: Path = CHECKPOINT, pairs: int = 8,
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1000 * p + t))
             tt = torch.tensor([t])
             xt = diffusion.q_sample(x0, tt, noise)
-            abar = diffusion.alphas_cumprod[t].float()
             for name, cond in conds.items():
-                eps = model(xt, tt, cond)[:, :, :channels].float()
-                x0_hat = (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
+                pred = model(xt, tt, cond)[:, :, :channels].float()
+                x0_hat = diffusion.predict_x0(pred, xt, tt)
                 video = (codec.decode(x0_hat[0]).clamp(-1, 1) + 1) / 2
                 per_t[t][name].append(masked_psnr(video, truth, face_hair))
                 if name == "true":
+                    eps = diffusion.epsilon(pred, xt, tt)
                     err = ((eps - noise) ** 2).mean(dim=(0, 1, 3, 4))        # [C]
                     per_t[t]["eps_mse"].append(
                         [float(err[i:i + CHANNEL_GROUP].mean())

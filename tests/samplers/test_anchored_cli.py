@@ -22,9 +22,10 @@ def test_train_sample_eval(tmp_path, capsys):
     assert main(["train", "anchored", "--synthetic", "8", "--config", "tiny",
                  "--set", "in_channels=3", "--set", "input_size=16", "--set", "patch=4",
                  "--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--out", str(ckpt),
-                 "--no-progress"]) == 0
+                 "--prediction-type", "v_prediction", "--no-progress"]) == 0
     meta = load_checkpoint(ckpt)
     assert meta.config["in_channels"] == 3 and meta.extra["train"]["lr"] == 1e-3
+    assert meta.extra["diffusion"]["prediction_type"] == "v_prediction"
     assert meta.extra["conditioner"].endswith(":stats_conditioner")
     for strategy, sampler in (("anchored", "ddim"), ("multidiffusion", "ddpm")):
         out = tmp_path / f"{strategy}.mp4"
