@@ -143,10 +143,12 @@ def test_ref_large_norm_fp16_long_sequence_is_finite():
 # ----------------------------------------------------------------------------------------------
 # Triton vs reference (interpreter on CPU)
 
-CASES = [  # (B, N, H, D, M): odd N, M not a power of two (two feature blocks), one token
+CASES = [  # (B, N, H, D, M): odd N, M not a power of two (two feature blocks), one token,
+    # D not a multiple of 8 (the kernels' generic path, ALIGNED_8 off)
     (1, 37, 2, 16, 20),
     (2, 29, 1, 40, 45),
     (1, 1, 1, 16, 5),
+    (1, 23, 2, 12, 20),
 ]
 
 
@@ -408,7 +410,7 @@ for arch, dt, head_dims in ((80, "fp16", (64,)), (90, "bf16", (40, 64))):
         for kernel, flags in variants:
             cfg = ti.config(7200, head_dim, n_features, causal=bool(flags.get("CAUSAL")))
             consts = {"BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d,
-                      "FEAT_BF16": dt == "bf16", "PREC": "tf32"}
+                      "FEAT_BF16": dt == "bf16", "PREC": "tf32", "ALIGNED_8": True}
             compiled = compile_for_gpu(kernel, types, {**consts, **flags}, arch=arch,
                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             ptx = compiled.asm["ptx"]
