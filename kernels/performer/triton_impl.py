@@ -190,7 +190,9 @@ def _performer_state_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     feat = pid_bh.to(tl.int64) * n_features
-    state = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # The state is summed transposed, [BD, BM] = y^T @ weights (stored back as [M, D] rows): as
+    # [BM, BD] = weights^T @ y, ptxas serialised its wgmma (C7515) at D = 64 in bf16
+    state = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
     norm = tl.zeros([BLOCK_M], dtype=tl.float32)
     if QUERY_SIDE:
         o_base = o_ptr + b * stride_o_b + h * stride_o_h
@@ -209,7 +211,7 @@ def _performer_state_kernel(
             a = _logits(x, w, scale, PREC)
             qw = tl.exp(tl.minimum(a + c[None, :] - lse[:, None], 0.0))
             qw = tl.where(m_ok[None, :] & n_ok[:, None], qw, 0.0)
-            state += _mm(tl.trans(qw), y, FEAT_BF16, PREC)
+            state += _mm(tl.trans(y), qw, FEAT_BF16, PREC)
             norm += tl.sum(qw * delta[:, None], axis=0)
         else:
             kb = _logits(x, w, scale, PREC) - _half_sq_norm(x, scale)[:, None]
@@ -217,12 +219,11 @@ def _performer_state_kernel(
             c_new = tl.maximum(c, tl.max(kb, axis=0))    # finite: every chunk has a valid row
             kw = tl.exp(kb - c_new[None, :])
             decay = tl.exp(c - c_new)
-            state = state * decay[:, None] + _mm(tl.trans(kw), y, FEAT_BF16, PREC)
+            state = state * decay[None, :] + _mm(tl.trans(y), kw, FEAT_BF16, PREC)
             norm = norm * decay + tl.sum(kw, axis=0)
             c = c_new
-    state_mask = m_ok[:, None] & d_ok[None, :]
-    tl.store(state_ptr + feat * head_dim + offs_m[:, None] * head_dim + offs_d[None, :], state,
-             mask=state_mask)
+    offs, state_mask = _state_offsets(feat, offs_m, m_ok, offs_d, d_ok, head_dim, True)
+    tl.store(state_ptr + offs, state, mask=state_mask)
     tl.store(norm_ptr + feat + offs_m, norm, mask=m_ok)
     if not QUERY_SIDE:
         tl.store(cmax_ptr + feat + offs_m, c, mask=m_ok)
@@ -319,21 +320,23 @@ def _performer_fwd_kernel(
         q = _load(q_base, offs_n, stride_q_n, offs_d, tile_ok)
         # Online max over feature blocks of r_i = max_m (a_im + c_m), as in flash attention.
         r = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        num = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # num transposed, [BD, BN] = S^T @ qw^T (the state loaded as [BD, BM]): as [BN, BD] =
+        # qw @ S, ptxas serialised the wgmma (C7515) in fp16 (tf32 products) at D = 64
+        num = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         den = tl.zeros([BLOCK_N], dtype=tl.float32)
         for mb in range(n_mblocks):
             w, offs_m, m_ok = _features(w_ptr, mb, n_features, head_dim, BLOCK_M, BLOCK_D)
             state, norm, c = _load_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok,
-                                         offs_d, d_ok, head_dim, 0.0, False)
+                                         offs_d, d_ok, head_dim, 0.0, True)
             a = _logits(q, w, scale, PREC)
             a = tl.where(m_ok[None, :], a + c[None, :], float("-inf"))
             r_new = tl.maximum(r, tl.max(a, axis=1))    # finite: block 0 has a valid feature
             decay = tl.exp(r - r_new)
             qw = tl.exp(a - r_new[:, None])                                  # [BN, BM] <= 1
-            num = num * decay[:, None] + _mm(qw, state, FEAT_BF16, PREC)
+            num = num * decay[None, :] + _mm(state, tl.trans(qw), FEAT_BF16, PREC)
             den = den * decay + tl.sum(qw * norm[None, :], axis=1)          # >= 1 at the end
             r = r_new
-        _store(o_base, offs_n, stride_o_n, offs_d, num / den[:, None], tile_ok)
+        _store(o_base, offs_n, stride_o_n, offs_d, tl.trans(num / den[None, :]), tile_ok)
         tl.store(lse_base + offs_n, r + tl.log(den), mask=n_ok)
     else:
         k_base = k_ptr + b * stride_k_b + h * stride_k_h
