@@ -18,7 +18,8 @@ j ^ 1 (INTERLEAVED: a reshape / split / join pair swap in registers).
 Where each rotation happens (nothing rotates inside an N^2 loop):
 - K is rotated once per call by the memory-bound ``_rope3d_kernel`` into a contiguous k_rot (the
   anchor's redirected rows are read from source's rows and rotated with b's own positions).
-- Q is rotated once per program, when its tile is loaded, outside the key loop (forward). The
+- Q is rotated once per program, when its tile is loaded, outside the key loop (forward, one
+  column block of 128 or more); at D <= 64 and with a split head dim by the same pass as K. The
   backward rotates Q once per call (its key-tile programs stream every query tile).
 - dK is rotated back once per program (epilogue), dQ once per call (the pass that also scales and
   casts the fp32 atomic accumulator).
@@ -273,7 +274,8 @@ def _attention3d_fwd_kernel(
 ):
     """k_ptr is k (HAS_ROPE False: anchor rows redirected here) or the rotated, already
     redirected k_rot (HAS_ROPE True). The head dim is one column block of BLOCK_D, or with
-    BLOCK_D1 > 0 two (see :func:`head_blocks`); then q_ptr is also already rotated."""
+    BLOCK_D1 > 0 two (see :func:`head_blocks`); then, and when BLOCK_D <= 64, q_ptr is also
+    already rotated."""
     if ALIGNED_8:  # (launcher-checked) so the tile loads/stores are 16-byte vectors
         head_dim = _mult8(head_dim)
         stride_q_b, stride_q_n, stride_q_h = _mult8(stride_q_b), _mult8(stride_q_n), \
@@ -327,8 +329,10 @@ def _attention3d_fwd_kernel(
             q1 = tl.load(q_ptr + q_rows[:, None] + cols1[None, :],
                          mask=m_mask[:, None] & d_mask1[None, :], other=0.0)
             acc1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
-        if HAS_ROPE and BLOCK_D1 == 0:  # once per program, outside the key loop (a split head
-            # dim gets q already rotated: the partner of a column may lie in the other block)
+        if HAS_ROPE and BLOCK_D1 == 0 and BLOCK_D >= 128:  # once per program, outside the key
+            # loop. A split head dim gets q already rotated (the partner of a column may lie in
+            # the other block), and so does BLOCK_D <= 64: q rotated in registers becomes the
+            # wgmma's register operand, and ptxas serialised the key loop's wgmma (C7515)
             partner = tl.load(meta_ptr + cols)
             tab = b.to(tl.int64) * stride_t_b + offs_m.to(tl.int64) * stride_t_n
             q = _rotate(q, partner, q_cos_ptr, q_sin_ptr, tab, m_mask, cols, d_mask,
@@ -737,7 +741,7 @@ def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
         k_in = torch.empty(*k.shape, dtype=k.dtype, device=k.device)
         _rope_launch(k, k_in, *tables.k, partner, starts, length, source, False, interleaved)
         (cos, sin), t_strides = tables.q, tables.q[0].stride()[:2]
-        if bd1:  # split head dim: q rotated by the same pass (see _attention3d_fwd_kernel)
+        if bd1 or bd < 128:  # q rotated by the same pass (see _attention3d_fwd_kernel)
             q_in = torch.empty(*q.shape, dtype=q.dtype, device=q.device)
             _rope_launch(q, q_in, *tables.q, partner, None, 0, 0, False, interleaved)
     aligned = aligned_8(head_dim, q_in, k_in, v, out)
