@@ -391,6 +391,7 @@ def test_gpu_long_large_norm_is_finite_and_causal(dtype):
 
 _AOT_SCRIPT = """
 import math
+from kernels.attention.profile import profile
 from kernels.performer import triton_impl as ti
 from kernels.testing import compile_for_gpu
 
@@ -417,6 +418,9 @@ for arch, dt, head_dims in ((80, "fp16", (64,)), (90, "bf16", (40, 64))):
             assert ".entry" in ptx
             if arch == 90:  # every product on Hopper's warpgroup tensor cores
                 assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx, (kernel, flags)
+                # and no spill but in the causal backward (its chunk code, see the README)
+                if not (kernel is ti._performer_bwd_kernel and flags["CAUSAL"]):
+                    assert profile(compiled)["stack"] == 0, (kernel, flags, head_dim)
             count += 1
 print("compiled", count)
 """
@@ -427,7 +431,8 @@ def test_kernels_compile_for_a100_and_hopper():
     """The compiled path (not the interpreter): the state kernel (both sides), forward and
     backward (both passes), causal and not, at the launcher's GPU tile sizes for the MCDM head
     dims 40 and 64 with the default feature count (five feature blocks at D=64), fp16 on sm_80
-    and bf16 on sm_90, where every product must be a wgmma (no mma.sync fallback)."""
+    and bf16 on sm_90, where every product must be a wgmma (no mma.sync fallback) and every
+    kernel but the causal backward must compile without spills."""
     done = run_compiled_mode(_AOT_SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["compiled", "24"], done.stdout
