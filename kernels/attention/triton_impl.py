@@ -711,6 +711,14 @@ def _anchor_args(anchor, batch: int, device):
     return True, starts_tensor(anchor[0], device), int(anchor[1]), int(anchor[2])
 
 
+def _aligned_copy(v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """v, or a contiguous copy when its rows are not 16-byte aligned. Used with RoPE, where q and
+    k are already rewritten by the rotation pass: with v copied too (one O(N D) pass) the N^2
+    kernels run their aligned path; on the generic one the RoPE forward spilled 32-160 B at
+    D = 128 and the backward 120 B at D = 72 (compile-only profile, sm_90a)."""
+    return v if aligned_8(head_dim, v) else v.clone(memory_format=torch.contiguous_format)
+
+
 def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
                     interleaved=False):
     """out [B, Nq, H, D] (q's dtype) and lse [B, H, Nq] fp32. anchor: (starts, length, source),
@@ -741,9 +749,11 @@ def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
         k_in = torch.empty(*k.shape, dtype=k.dtype, device=k.device)
         _rope_launch(k, k_in, *tables.k, partner, starts, length, source, False, interleaved)
         (cos, sin), t_strides = tables.q, tables.q[0].stride()[:2]
-        if bd1 or bd < 128:  # q rotated by the same pass (see _attention3d_fwd_kernel)
+        if bd1 or bd < 128 or not aligned_8(head_dim, q):  # q rotated by the same pass (see
+            # _attention3d_fwd_kernel; an unaligned q is copied by it anyway, see below)
             q_in = torch.empty(*q.shape, dtype=q.dtype, device=q.device)
             _rope_launch(q, q_in, *tables.q, partner, None, 0, 0, False, interleaved)
+        v = _aligned_copy(v, head_dim)
     aligned = aligned_8(head_dim, q_in, k_in, v, out)
     LAUNCH_STATS.update(fwd_aligned_8=aligned)
     _attention3d_fwd_kernel[(slots, heads)](
@@ -814,6 +824,7 @@ def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta
         k_in = torch.empty(*k.shape, dtype=k.dtype, device=k.device)
         _rope_launch(k, k_in, *tables.k, partner, starts, length, source, False, interleaved)
         (cos, sin), t_strides = tables.k, tables.k[0].stride()[:2]
+        v = _aligned_copy(v, head_dim)
     # two column blocks with RoPE: dk leaves the kernel in the rotated basis, in fp32
     dk_out = torch.empty(*dk.shape, dtype=torch.float32, device=q.device) if (
         has_rope and bd1) else dk
