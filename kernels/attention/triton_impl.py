@@ -678,7 +678,10 @@ def _rope_launch(x, y, cos, sin, partner, starts, anchor_len: int, anchor_src: i
     if n_rows == 0:
         return y
     bd = block_d(head_dim)
-    block_r = 32 if interpreter_enabled() else rope_block_rows(head_dim)
+    # half the rows for fp32 inputs (the dq accumulator's inverse rotation): the same elements
+    # per program as 16-bit tiles; 32 x 64 fp32 tiles spilled 8 B (compile-only, sm_90a)
+    rows = max(1, rope_block_rows(head_dim) * 2 // x.element_size())
+    block_r = 32 if interpreter_enabled() else rows
     has_anchor = starts is not None
     _rope3d_kernel[(triton.cdiv(n_rows, block_r),)](
         x, y, cos, sin, partner, starts if has_anchor else partner,
