@@ -151,6 +151,13 @@ def _finite_or_minus_inf(x):
 
 
 @triton.jit
+def _mult8_strides(stride_b, stride_n, stride_h):
+    """A tensor's three strides through attention3d's _mult8 (ALIGNED_8: launcher-checked
+    multiples of 8 elements, now visible to the compiler's divisibility analysis)."""
+    return _mult8(stride_b), _mult8(stride_n), _mult8(stride_h)
+
+
+@triton.jit
 def _head(pid_bh, n_heads):
     """(batch, head) as int64, so batch * stride never wraps at 2^31 elements."""
     return (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)
@@ -175,12 +182,9 @@ def _performer_state_kernel(
     zeta_m = sum_i exp(a_im + c_m - L_i) delta_i (exponent <= 0 exactly: L_i >= a_im + c_m)."""
     if ALIGNED_8:  # (launcher-checked, see aligned_8) 16-byte rows: vector and async tile loads
         head_dim = _mult8(head_dim)
-        stride_x_b, stride_x_n, stride_x_h = _mult8(stride_x_b), _mult8(stride_x_n), \
-            _mult8(stride_x_h)
-        stride_y_b, stride_y_n, stride_y_h = _mult8(stride_y_b), _mult8(stride_y_n), \
-            _mult8(stride_y_h)
-        stride_o_b, stride_o_n, stride_o_h = _mult8(stride_o_b), _mult8(stride_o_n), \
-            _mult8(stride_o_h)
+        stride_x_b, stride_x_n, stride_x_h = _mult8_strides(stride_x_b, stride_x_n, stride_x_h)
+        stride_y_b, stride_y_n, stride_y_h = _mult8_strides(stride_y_b, stride_y_n, stride_y_h)
+        stride_o_b, stride_o_n, stride_o_h = _mult8_strides(stride_o_b, stride_o_n, stride_o_h)
     mb = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h = _head(pid_bh, n_heads)
@@ -299,14 +303,10 @@ def _performer_fwd_kernel(
     no alignment: scalar loads, whose addresses spilled 212-304 B in the causal forward)."""
     if ALIGNED_8:
         head_dim = _mult8(head_dim)
-        stride_q_b, stride_q_n, stride_q_h = _mult8(stride_q_b), _mult8(stride_q_n), \
-            _mult8(stride_q_h)
-        stride_k_b, stride_k_n, stride_k_h = _mult8(stride_k_b), _mult8(stride_k_n), \
-            _mult8(stride_k_h)
-        stride_v_b, stride_v_n, stride_v_h = _mult8(stride_v_b), _mult8(stride_v_n), \
-            _mult8(stride_v_h)
-        stride_o_b, stride_o_n, stride_o_h = _mult8(stride_o_b), _mult8(stride_o_n), \
-            _mult8(stride_o_h)
+        stride_q_b, stride_q_n, stride_q_h = _mult8_strides(stride_q_b, stride_q_n, stride_q_h)
+        stride_k_b, stride_k_n, stride_k_h = _mult8_strides(stride_k_b, stride_k_n, stride_k_h)
+        stride_v_b, stride_v_n, stride_v_h = _mult8_strides(stride_v_b, stride_v_n, stride_v_h)
+        stride_o_b, stride_o_n, stride_o_h = _mult8_strides(stride_o_b, stride_o_n, stride_o_h)
     pid_bh = tl.program_id(1)
     b, h = _head(pid_bh, n_heads)
     q_base = q_ptr + b * stride_q_b + h * stride_q_h
@@ -450,18 +450,13 @@ def _performer_bwd_kernel(
     share one layout (stride_g_*). ALIGNED_8: as in the forward."""
     if ALIGNED_8:
         head_dim = _mult8(head_dim)
-        stride_do_b, stride_do_n, stride_do_h = _mult8(stride_do_b), _mult8(stride_do_n), \
-            _mult8(stride_do_h)
-        stride_q_b, stride_q_n, stride_q_h = _mult8(stride_q_b), _mult8(stride_q_n), \
-            _mult8(stride_q_h)
-        stride_k_b, stride_k_n, stride_k_h = _mult8(stride_k_b), _mult8(stride_k_n), \
-            _mult8(stride_k_h)
-        stride_v_b, stride_v_n, stride_v_h = _mult8(stride_v_b), _mult8(stride_v_n), \
-            _mult8(stride_v_h)
-        stride_o_b, stride_o_n, stride_o_h = _mult8(stride_o_b), _mult8(stride_o_n), \
-            _mult8(stride_o_h)
-        stride_g_b, stride_g_n, stride_g_h = _mult8(stride_g_b), _mult8(stride_g_n), \
-            _mult8(stride_g_h)
+        stride_do_b, stride_do_n, stride_do_h = _mult8_strides(stride_do_b, stride_do_n,
+                                                               stride_do_h)
+        stride_q_b, stride_q_n, stride_q_h = _mult8_strides(stride_q_b, stride_q_n, stride_q_h)
+        stride_k_b, stride_k_n, stride_k_h = _mult8_strides(stride_k_b, stride_k_n, stride_k_h)
+        stride_v_b, stride_v_n, stride_v_h = _mult8_strides(stride_v_b, stride_v_n, stride_v_h)
+        stride_o_b, stride_o_n, stride_o_h = _mult8_strides(stride_o_b, stride_o_n, stride_o_h)
+        stride_g_b, stride_g_n, stride_g_h = _mult8_strides(stride_g_b, stride_g_n, stride_g_h)
     pid_bh = tl.program_id(1)
     b, h = _head(pid_bh, n_heads)
     do_base = do_ptr + b * stride_do_b + h * stride_do_h
