@@ -18,7 +18,8 @@ j ^ 1 (INTERLEAVED: a reshape / split / join pair swap in registers).
 Where each rotation happens (nothing rotates inside an N^2 loop):
 - K is rotated once per call by the memory-bound ``_rope3d_kernel`` into a contiguous k_rot (the
   anchor's redirected rows are read from source's rows and rotated with b's own positions).
-- Q is rotated once per program, when its tile is loaded, outside the key loop (forward). The
+- Q is rotated once per program, when its tile is loaded, outside the key loop (forward, one
+  column block of 128 or more); at D <= 64 and with a split head dim by the same pass as K. The
   backward rotates Q once per call (its key-tile programs stream every query tile).
 - dK is rotated back once per program (epilogue), dQ once per call (the pass that also scales and
   casts the fp32 atomic accumulator).
@@ -273,7 +274,8 @@ def _attention3d_fwd_kernel(
 ):
     """k_ptr is k (HAS_ROPE False: anchor rows redirected here) or the rotated, already
     redirected k_rot (HAS_ROPE True). The head dim is one column block of BLOCK_D, or with
-    BLOCK_D1 > 0 two (see :func:`head_blocks`); then q_ptr is also already rotated."""
+    BLOCK_D1 > 0 two (see :func:`head_blocks`); then, and when BLOCK_D <= 64, q_ptr is also
+    already rotated."""
     if ALIGNED_8:  # (launcher-checked) so the tile loads/stores are 16-byte vectors
         head_dim = _mult8(head_dim)
         stride_q_b, stride_q_n, stride_q_h = _mult8(stride_q_b), _mult8(stride_q_n), \
@@ -327,8 +329,10 @@ def _attention3d_fwd_kernel(
             q1 = tl.load(q_ptr + q_rows[:, None] + cols1[None, :],
                          mask=m_mask[:, None] & d_mask1[None, :], other=0.0)
             acc1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
-        if HAS_ROPE and BLOCK_D1 == 0:  # once per program, outside the key loop (a split head
-            # dim gets q already rotated: the partner of a column may lie in the other block)
+        if HAS_ROPE and BLOCK_D1 == 0 and BLOCK_D >= 128:  # once per program, outside the key
+            # loop. A split head dim gets q already rotated (the partner of a column may lie in
+            # the other block), and so does BLOCK_D <= 64: q rotated in registers becomes the
+            # wgmma's register operand, and ptxas serialised the key loop's wgmma (C7515)
             partner = tl.load(meta_ptr + cols)
             tab = b.to(tl.int64) * stride_t_b + offs_m.to(tl.int64) * stride_t_n
             q = _rotate(q, partner, q_cos_ptr, q_sin_ptr, tab, m_mask, cols, d_mask,
@@ -674,7 +678,10 @@ def _rope_launch(x, y, cos, sin, partner, starts, anchor_len: int, anchor_src: i
     if n_rows == 0:
         return y
     bd = block_d(head_dim)
-    block_r = 32 if interpreter_enabled() else rope_block_rows(head_dim)
+    # half the rows for fp32 inputs (the dq accumulator's inverse rotation): the same elements
+    # per program as 16-bit tiles; 32 x 64 fp32 tiles spilled 8 B (compile-only, sm_90a)
+    rows = max(1, rope_block_rows(head_dim) * 2 // x.element_size())
+    block_r = 32 if interpreter_enabled() else rows
     has_anchor = starts is not None
     _rope3d_kernel[(triton.cdiv(n_rows, block_r),)](
         x, y, cos, sin, partner, starts if has_anchor else partner,
@@ -707,6 +714,14 @@ def _anchor_args(anchor, batch: int, device):
     return True, starts_tensor(anchor[0], device), int(anchor[1]), int(anchor[2])
 
 
+def _aligned_copy(v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """v, or a contiguous copy when its rows are not 16-byte aligned. Used with RoPE, where q and
+    k are already rewritten by the rotation pass: with v copied too (one O(N D) pass) the N^2
+    kernels run their aligned path; on the generic one the RoPE forward spilled 32-160 B at
+    D = 128 and the backward 120 B at D = 72 (compile-only profile, sm_90a)."""
+    return v if aligned_8(head_dim, v) else v.clone(memory_format=torch.contiguous_format)
+
+
 def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
                     interleaved=False):
     """out [B, Nq, H, D] (q's dtype) and lse [B, H, Nq] fp32. anchor: (starts, length, source),
@@ -737,9 +752,11 @@ def attention3d_fwd(q, k, v, q_pos, k_pos, rope_dims, rope_theta, anchor, scale,
         k_in = torch.empty(*k.shape, dtype=k.dtype, device=k.device)
         _rope_launch(k, k_in, *tables.k, partner, starts, length, source, False, interleaved)
         (cos, sin), t_strides = tables.q, tables.q[0].stride()[:2]
-        if bd1:  # split head dim: q rotated by the same pass (see _attention3d_fwd_kernel)
+        if bd1 or bd < 128 or not aligned_8(head_dim, q):  # q rotated by the same pass (see
+            # _attention3d_fwd_kernel; an unaligned q is copied by it anyway, see below)
             q_in = torch.empty(*q.shape, dtype=q.dtype, device=q.device)
             _rope_launch(q, q_in, *tables.q, partner, None, 0, 0, False, interleaved)
+        v = _aligned_copy(v, head_dim)
     aligned = aligned_8(head_dim, q_in, k_in, v, out)
     LAUNCH_STATS.update(fwd_aligned_8=aligned)
     _attention3d_fwd_kernel[(slots, heads)](
@@ -810,6 +827,7 @@ def attention3d_bwd(dout, q, k, v, out, lse, q_pos, k_pos, rope_dims, rope_theta
         k_in = torch.empty(*k.shape, dtype=k.dtype, device=k.device)
         _rope_launch(k, k_in, *tables.k, partner, starts, length, source, False, interleaved)
         (cos, sin), t_strides = tables.k, tables.k[0].stride()[:2]
+        v = _aligned_copy(v, head_dim)
     # two column blocks with RoPE: dk leaves the kernel in the rotated basis, in fp32
     dk_out = torch.empty(*dk.shape, dtype=torch.float32, device=q.device) if (
         has_rope and bd1) else dk

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention.triton_impl import head_blocks
 from kernels.frame_causal.ref import rope_inv_freq
 from kernels.registry import interpreter_enabled
 
@@ -69,7 +70,9 @@ def _prune(configs, named_args, **kwargs):
     D <= 128 those that would spill registers or miss wgmma (a tile whose wgmma M side, the query
     tile in the forward and dq pass, the key tile in the dk/dv pass and also the query tile of
     its atomic dq share, is under 64 rows falls back to mma.sync)."""
-    block_d = kwargs["BLOCK_D"]
+    # a split head dim (BLOCK_D1 > 0, see head_blocks) holds BLOCK_D + BLOCK_D1 columns
+    split = kwargs.get("BLOCK_D1", 0) > 0
+    block_d = kwargs["BLOCK_D"] + kwargs.get("BLOCK_D1", 0)
     dq_pass = kwargs.get("DQ_PASS")      # None: the forward
     budget = _MAX_FP32_PER_THREAD["fwd" if dq_pass is None else "bwd"]
     kept = []
@@ -84,17 +87,25 @@ def _prune(configs, named_args, **kwargs):
             if bm * bn <= 2048:
                 kept.append(cfg)
             continue
-        if dq_pass is None and bm > 16 * cfg.num_warps:
+        if dq_pass is not False and bm > 16 * cfg.num_warps:
             # 128-row query tiles on 4 warps (one warpgroup, two m64 wgmma per product):
-            # ptxas serialises the wgmma (C7515) at D = 64
+            # ptxas serialises the wgmma (C7515) at D = 64, in the forward and the dq pass
             continue
         wgmma_rows = bn if dq_pass is False else bm
+        if dq_pass is False and bm > bn:
+            # query steps longer than the key tile: with atomics, the [BM, D] fp32 dq share and
+            # the atomics' addresses outweigh the budget's estimate (128 x 64 spilled 316 B at
+            # D = 64 and 1180 B at D = 128, ptxas), and without (deterministic mode) the
+            # [BN, BM] score tiles do (128 x 64 spilled 856 B at D = 128)
+            continue
         if dq_pass is False and kwargs.get("DQ_ATOMIC", False):
             wgmma_rows = min(bn, bm)  # the dq share dS^T K has the query tile as its M side
-            if bm > bn:
-                # its [BM, D] fp32 share and the atomics' addresses outweigh the budget's
-                # estimate: 128 x 64 spilled 316 B at D = 64 and 1180 B at D = 128 (ptxas)
-                continue
+        streamed = bm if dq_pass is False else bn  # rows of the tiles loaded per loop step
+        if split and streamed * block_d > 32 * 32 * cfg.num_warps:
+            # a split head dim loads each streamed tile as two column blocks with their own
+            # masks: above 32 elements per thread and step it spilled at D = 72 (64 + 16;
+            # 128 x 128 on 8 warps 192 B, 64 x 64 on 4 warps 20 B; 20 per thread did not)
+            continue
         if wgmma_rows >= 64 and _fp32_per_thread(bm, bn, block_d, cfg.num_warps, dq_pass,
                                                  kwargs.get("DQ_ATOMIC", False)) <= budget:
             kept.append(cfg)
@@ -182,6 +193,16 @@ def _frame_causal_rope_kernel(
 
 
 @triton.jit
+def _columns_ok(offs_d, HEAD_DIM: tl.constexpr):
+    """Head-dim columns inside D. A block that lies inside D entirely (D a power of two, or the
+    first block of a split head dim) gets a constant mask, which the compiler folds away: at
+    D = 72 the computed one kept a mask per tile element live and spilled."""
+    if offs_d.shape[0] + 0 <= HEAD_DIM:
+        return tl.full(offs_d.shape, 1, tl.int1)
+    return offs_d < HEAD_DIM
+
+
+@triton.jit
 def _rows(perm_ptr, idx, ok, PERMUTED: tl.constexpr):
     """Frame-order positions -> token rows of the caller's tensors."""
     if PERMUTED:
@@ -190,18 +211,28 @@ def _rows(perm_ptr, idx, ok, PERMUTED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_k_n, stride_v_n, perm, start_n, offs_n,
-              offs_d, d_ok, kv_end_m, tokens, qk_scale,
-              MASKED: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _fwd_tile(acc, acc1, m_i, l_i, q, q1, k_base, v_base, stride_k_n, stride_v_n, perm, start_n,
+              offs_n, offs_d, d_ok, offs_d1, d_ok1, kv_end_m, tokens, qk_scale,
+              MASKED: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              BLOCK_D1: tl.constexpr):
+    """One key tile; with BLOCK_D1 > 0 the head dim's second column block (q1, acc1 over
+    offs_d1) adds its share to S and has its own P V product."""
     cols = start_n + offs_n
     col_ok = cols < tokens
     tok_n = _rows(perm, cols, col_ok, PERMUTED)
     if MASKED:
         kv_mask = col_ok[:, None] & d_ok[None, :]
+        kv_mask1 = col_ok[:, None] & d_ok1[None, :]
     else:  # fully visible tiles lie inside [0, N): no key bound needed
         kv_mask = d_ok[None, :]
+        kv_mask1 = d_ok1[None, :]
     k = tl.load(k_base + tok_n[:, None] * stride_k_n + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        k1 = tl.load(k_base + tok_n[:, None] * stride_k_n + offs_d1[None, :], mask=kv_mask1,
+                     other=0.0)
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=INPUT_PRECISION)
+    s = s * qk_scale
     if MASKED:
         s = tl.where(cols[None, :] < kv_end_m[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -210,7 +241,11 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_k_n, stride_v_n, perm, st
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_base + tok_n[:, None] * stride_v_n + offs_d[None, :], mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-    return acc, m_new, l_i
+    if BLOCK_D1 > 0:
+        v1 = tl.load(v_base + tok_n[:, None] * stride_v_n + offs_d1[None, :], mask=kv_mask1,
+                     other=0.0)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=INPUT_PRECISION)
+    return acc, acc1, m_new, l_i
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
@@ -221,10 +256,12 @@ def _frame_causal_fwd_kernel(
     stride_q_b, stride_q_n, stride_q_h, stride_k_b, stride_k_n, stride_k_h,
     stride_v_b, stride_v_n, stride_v_h, stride_o_b, stride_o_n, stride_o_h, stride_meta_b,
     tokens, heads, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr,
-    COUNT_TILES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    PERMUTED: tl.constexpr, COUNT_TILES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """The head dim is one column block of BLOCK_D or, with BLOCK_D1 > 0, two ([0, BLOCK_D) and
+    [BLOCK_D, BLOCK_D + BLOCK_D1), see head_blocks): D = 72 as 64 + 16 instead of 128 columns."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # most keys first: better tail balance
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
@@ -234,10 +271,15 @@ def _frame_causal_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < tokens
-    d_ok = offs_d < HEAD_DIM
+    d_ok = _columns_ok(offs_d, HEAD_DIM)
     tok_m = _rows(perm_ptr + meta, offs_m, row_ok, PERMUTED)
-    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + tok_m[:, None] * stride_q_n
-                + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_rows = q_ptr + b * stride_q_b + h * stride_q_h + tok_m[:, None] * stride_q_n
+    q = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    offs_d1 = BLOCK_D + tl.arange(0, max(BLOCK_D1, 16))  # (a 16-wide placeholder when unused)
+    d_ok1 = offs_d1 < HEAD_DIM
+    q1 = tl.zeros([BLOCK_M, max(BLOCK_D1, 16)], q_ptr.dtype.element_ty)
+    if BLOCK_D1 > 0:
+        q1 = tl.load(q_rows + offs_d1[None, :], mask=row_ok[:, None] & d_ok1[None, :], other=0.0)
     kv_end_m = tl.load(kv_end_ptr + meta + offs_m, mask=row_ok, other=tokens)
     first = pid_m * BLOCK_M
     full_end = tl.load(kv_end_ptr + meta + first) // BLOCK_N * BLOCK_N
@@ -247,21 +289,26 @@ def _frame_causal_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, max(BLOCK_D1, 16)], dtype=tl.float32)
     for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_k_n, stride_v_n,
-                                  perm_ptr + meta, start_n, offs_n, offs_d, d_ok, kv_end_m, tokens,
-                                  qk_scale, False, PERMUTED, INPUT_PRECISION)
+        acc, acc1, m_i, l_i = _fwd_tile(
+            acc, acc1, m_i, l_i, q, q1, k_base, v_base, stride_k_n, stride_v_n, perm_ptr + meta,
+            start_n, offs_n, offs_d, d_ok, offs_d1, d_ok1, kv_end_m, tokens, qk_scale,
+            False, PERMUTED, INPUT_PRECISION, BLOCK_D1)
     for start_n in range(full_end, kv_stop, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_k_n, stride_v_n,
-                                  perm_ptr + meta, start_n, offs_n, offs_d, d_ok, kv_end_m, tokens,
-                                  qk_scale, True, PERMUTED, INPUT_PRECISION)
+        acc, acc1, m_i, l_i = _fwd_tile(
+            acc, acc1, m_i, l_i, q, q1, k_base, v_base, stride_k_n, stride_v_n, perm_ptr + meta,
+            start_n, offs_n, offs_d, d_ok, offs_d1, d_ok1, kv_end_m, tokens, qk_scale,
+            True, PERMUTED, INPUT_PRECISION, BLOCK_D1)
     if COUNT_TILES:
         tl.atomic_add(stats_ptr, full_end // BLOCK_N)
         tl.atomic_add(stats_ptr + 1, tl.cdiv(kv_stop - full_end, BLOCK_N))
-    acc = acc / l_i[:, None]
-    tl.store(o_ptr + b * stride_o_b + h * stride_o_h + tok_m[:, None] * stride_o_n
-             + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
+    o_rows = o_ptr + b * stride_o_b + h * stride_o_h + tok_m[:, None] * stride_o_n
+    tl.store(o_rows + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
+    if BLOCK_D1 > 0:
+        tl.store(o_rows + offs_d1[None, :], (acc1 / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok1[None, :])
     # log2-domain logsumexp of the scaled scores, in frame order, for the backward
     tl.store(lse_ptr + pid_bh.to(tl.int64) * tokens + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
@@ -296,11 +343,14 @@ def _frame_causal_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_acc_base, stride_q_n, stride_do_n,
-                   stride_acc_n, lse_row, delta_row, perm, start_m, offs_m, offs_d, d_ok,
-                   q_begin_n, tokens, qk_scale, sm_scale,
+def _bwd_dkdv_tile(dk, dv, k, v, dk1, dv1, k1, v1, q_base, do_base, dq_acc_base, stride_q_n,
+                   stride_do_n, stride_acc_n, lse_row, delta_row, perm, start_m, offs_m, offs_d,
+                   d_ok, offs_d1, d_ok1, q_begin_n, tokens, qk_scale, sm_scale,
                    MASKED: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                   DQ_ATOMIC: tl.constexpr):
+                   DQ_ATOMIC: tl.constexpr, BLOCK_D1: tl.constexpr):
+    """One query tile against the program's key tile; with BLOCK_D1 > 0 the second head-dim
+    column block (k1, v1, dk1, dv1 over offs_d1) adds its share to S^T and dP^T and has its own
+    dV, dK and dQ products."""
     rows = start_m + offs_m
     row_ok = rows < tokens
     tok_m = _rows(perm, rows, row_ok, PERMUTED)
@@ -309,43 +359,74 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_acc_base, stride_q_n, strid
     do = tl.load(do_base + tok_m[:, None] * stride_do_n + offs_d[None, :], mask=mask, other=0.0)
     lse = tl.load(lse_row + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_row + rows, mask=row_ok, other=0.0)
-    s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # [keys, queries]
+    s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [keys, queries]
+    if BLOCK_D1 > 0:
+        mask1 = row_ok[:, None] & d_ok1[None, :]
+        q1 = tl.load(q_base + tok_m[:, None] * stride_q_n + offs_d1[None, :], mask=mask1,
+                     other=0.0)
+        do1 = tl.load(do_base + tok_m[:, None] * stride_do_n + offs_d1[None, :], mask=mask1,
+                      other=0.0)
+        s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=INPUT_PRECISION)
+    s_t = s_t * qk_scale
     if MASKED:
         s_t = tl.where((rows[None, :] >= q_begin_n[:, None]) & row_ok[None, :], s_t,
                        float("-inf"))
     p_t = tl.exp2(s_t - lse[None, :])  # padded query rows: q = do = 0, so they add nothing
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        dv1 += tl.dot(p_t.to(do1.dtype), do1, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v1, tl.trans(do1), input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), dp_t, input_precision=INPUT_PRECISION)
+    else:
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk += tl.dot(ds_t, q, input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        dk1 += tl.dot(ds_t, q1, input_precision=INPUT_PRECISION)
     if DQ_ATOMIC:  # the fifth product: this key tile's share of dq, summed in fp32 by atomics
+        dq_rows = dq_acc_base + tok_m[:, None] * stride_acc_n
         dq = tl.dot(tl.trans(ds_t), k, input_precision=INPUT_PRECISION) * sm_scale
-        tl.atomic_add(dq_acc_base + tok_m[:, None] * stride_acc_n + offs_d[None, :], dq,
-                      mask=mask, sem="relaxed")
-    return dk, dv
+        tl.atomic_add(dq_rows + offs_d[None, :], dq, mask=mask, sem="relaxed")
+        if BLOCK_D1 > 0:
+            dq1 = tl.dot(tl.trans(ds_t), k1, input_precision=INPUT_PRECISION) * sm_scale
+            tl.atomic_add(dq_rows + offs_d1[None, :], dq1, mask=mask1, sem="relaxed")
+    return dk, dv, dk1, dv1
 
 
 @triton.jit
-def _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_k_n, stride_v_n, perm, start_n,
-                 offs_n, offs_d, d_ok, kv_end_m, tokens, qk_scale,
-                 MASKED: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _bwd_dq_tile(dq, q, do, dq1, q1, do1, lse, delta, k_base, v_base, stride_k_n, stride_v_n,
+                 perm, start_n, offs_n, offs_d, d_ok, offs_d1, d_ok1, kv_end_m, tokens, qk_scale,
+                 MASKED: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 BLOCK_D1: tl.constexpr):
     cols = start_n + offs_n
     col_ok = cols < tokens
     tok_n = _rows(perm, cols, col_ok, PERMUTED)
     if MASKED:
         kv_mask = col_ok[:, None] & d_ok[None, :]
+        kv_mask1 = col_ok[:, None] & d_ok1[None, :]
     else:
         kv_mask = d_ok[None, :]
+        kv_mask1 = d_ok1[None, :]
     k = tl.load(k_base + tok_n[:, None] * stride_k_n + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + tok_n[:, None] * stride_v_n + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    if BLOCK_D1 > 0:
+        k1 = tl.load(k_base + tok_n[:, None] * stride_k_n + offs_d1[None, :], mask=kv_mask1,
+                     other=0.0)
+        v1 = tl.load(v_base + tok_n[:, None] * stride_v_n + offs_d1[None, :], mask=kv_mask1,
+                     other=0.0)
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do1, tl.trans(v1), dp, input_precision=INPUT_PRECISION)
+    s = s * qk_scale
     if MASKED:
         s = tl.where(cols[None, :] < kv_end_m[:, None], s, float("-inf"))
     p = tl.exp2(s - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-    return dq
+    if BLOCK_D1 > 0:
+        dq1 += tl.dot(ds.to(k1.dtype), k1, input_precision=INPUT_PRECISION)
+    return dq, dq1
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["DQ_PASS", "DQ_ATOMIC"],
@@ -359,16 +440,17 @@ def _frame_causal_bwd_kernel(
     stride_v_b, stride_v_n, stride_v_h, stride_do_b, stride_do_n, stride_do_h,
     stride_g_b, stride_g_n, stride_g_h, stride_meta_b,
     tokens, heads, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr,
-    COUNT_TILES: tl.constexpr, INPUT_PRECISION: tl.constexpr, DQ_PASS: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    PERMUTED: tl.constexpr, COUNT_TILES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DQ_PASS: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DQ_PASS=False: a program owns BLOCK_N keys and sweeps the query tiles that see them
     (dk, dv); with DQ_ATOMIC it also adds each tile's dS^T K to dq (then an fp32 accumulator,
     zeroed by the preprocess kernel) with relaxed fp32 atomics: five products per tile pair, as
     FlashAttention-2, and no dq launch. DQ_PASS=True: a program owns BLOCK_M queries and sweeps
     their keys (dq; the deterministic mode, seven products per tile pair in all). The gradient
-    tensors dq/dk/dv are contiguous [B, N, H, D] and share stride_g_*."""
+    tensors dq/dk/dv are contiguous [B, N, H, D] and share stride_g_*. The head dim is one
+    column block or two (BLOCK_D1 > 0), as in the forward."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
@@ -377,7 +459,9 @@ def _frame_causal_bwd_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    d_ok = _columns_ok(offs_d, HEAD_DIM)
+    offs_d1 = BLOCK_D + tl.arange(0, max(BLOCK_D1, 16))  # (a 16-wide placeholder when unused)
+    d_ok1 = offs_d1 < HEAD_DIM
     q_base = q_ptr + b * stride_q_b + h * stride_q_h
     k_base = k_ptr + b * stride_k_b + h * stride_k_h
     v_base = v_ptr + b * stride_v_b + h * stride_v_h
@@ -394,6 +478,14 @@ def _frame_causal_bwd_kernel(
         q = tl.load(q_base + tok_m[:, None] * stride_q_n + offs_d[None, :], mask=mask, other=0.0)
         do = tl.load(do_base + tok_m[:, None] * stride_do_n + offs_d[None, :], mask=mask,
                      other=0.0)
+        mask1 = row_ok[:, None] & d_ok1[None, :]
+        q1 = tl.zeros([BLOCK_M, max(BLOCK_D1, 16)], q_ptr.dtype.element_ty)
+        do1 = q1
+        if BLOCK_D1 > 0:
+            q1 = tl.load(q_base + tok_m[:, None] * stride_q_n + offs_d1[None, :], mask=mask1,
+                         other=0.0)
+            do1 = tl.load(do_base + tok_m[:, None] * stride_do_n + offs_d1[None, :], mask=mask1,
+                          other=0.0)
         lse = tl.load(lse_row + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_row + rows, mask=row_ok, other=0.0)
         kv_end_m = tl.load(kv_end_ptr + meta + rows, mask=row_ok, other=tokens)
@@ -401,19 +493,26 @@ def _frame_causal_bwd_kernel(
         full_end = tl.load(kv_end_ptr + meta + first) // BLOCK_N * BLOCK_N
         kv_stop = tl.load(kv_end_ptr + meta + tl.minimum(first + BLOCK_M, tokens) - 1)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dq1 = tl.zeros([BLOCK_M, max(BLOCK_D1, 16)], dtype=tl.float32)
         for start_n in range(0, full_end, BLOCK_N):
-            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_k_n, stride_v_n, perm,
-                              start_n, offs_n, offs_d, d_ok, kv_end_m, tokens, qk_scale,
-                              False, PERMUTED, INPUT_PRECISION)
+            dq, dq1 = _bwd_dq_tile(dq, q, do, dq1, q1, do1, lse, delta, k_base, v_base,
+                                   stride_k_n, stride_v_n, perm, start_n, offs_n, offs_d, d_ok,
+                                   offs_d1, d_ok1, kv_end_m, tokens, qk_scale,
+                                   False, PERMUTED, INPUT_PRECISION, BLOCK_D1)
         for start_n in range(full_end, kv_stop, BLOCK_N):
-            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_k_n, stride_v_n, perm,
-                              start_n, offs_n, offs_d, d_ok, kv_end_m, tokens, qk_scale,
-                              True, PERMUTED, INPUT_PRECISION)
+            dq, dq1 = _bwd_dq_tile(dq, q, do, dq1, q1, do1, lse, delta, k_base, v_base,
+                                   stride_k_n, stride_v_n, perm, start_n, offs_n, offs_d, d_ok,
+                                   offs_d1, d_ok1, kv_end_m, tokens, qk_scale,
+                                   True, PERMUTED, INPUT_PRECISION, BLOCK_D1)
         if COUNT_TILES:
             tl.atomic_add(stats_ptr, full_end // BLOCK_N)
             tl.atomic_add(stats_ptr + 1, tl.cdiv(kv_stop - full_end, BLOCK_N))
-        tl.store(dq_ptr + g_off + tok_m[:, None] * stride_g_n + offs_d[None, :],
-                 (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask)
+        dq_rows = dq_ptr + g_off + tok_m[:, None] * stride_g_n
+        tl.store(dq_rows + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+                 mask=mask)
+        if BLOCK_D1 > 0:
+            tl.store(dq_rows + offs_d1[None, :], (dq1 * sm_scale).to(dq_ptr.dtype.element_ty),
+                     mask=mask1)
     else:
         cols = tl.program_id(0) * BLOCK_N + offs_n
         col_ok = cols < tokens
@@ -421,6 +520,14 @@ def _frame_causal_bwd_kernel(
         tok_n = _rows(perm, cols, col_ok, PERMUTED)
         k = tl.load(k_base + tok_n[:, None] * stride_k_n + offs_d[None, :], mask=mask, other=0.0)
         v = tl.load(v_base + tok_n[:, None] * stride_v_n + offs_d[None, :], mask=mask, other=0.0)
+        mask1 = col_ok[:, None] & d_ok1[None, :]
+        k1 = tl.zeros([BLOCK_N, max(BLOCK_D1, 16)], k_ptr.dtype.element_ty)
+        v1 = k1
+        if BLOCK_D1 > 0:
+            k1 = tl.load(k_base + tok_n[:, None] * stride_k_n + offs_d1[None, :], mask=mask1,
+                         other=0.0)
+            v1 = tl.load(v_base + tok_n[:, None] * stride_v_n + offs_d1[None, :], mask=mask1,
+                         other=0.0)
         q_begin_n = tl.load(q_begin_ptr + meta + cols, mask=col_ok, other=tokens)
         first = tl.program_id(0) * BLOCK_N
         q_start = tl.load(q_begin_ptr + meta + first) // BLOCK_M * BLOCK_M
@@ -428,25 +535,33 @@ def _frame_causal_bwd_kernel(
         full_start = tl.cdiv(full_from, BLOCK_M) * BLOCK_M
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dk1 = tl.zeros([BLOCK_N, max(BLOCK_D1, 16)], dtype=tl.float32)
+        dv1 = dk1
         dq_acc = dq_ptr + g_off  # fp32 accumulator when DQ_ATOMIC
         # Fully visible query tiles first, then the masked ones: in the opposite order ptxas
         # serialises the wgmma of this loop (warning C7515) in every tile configuration.
         for start_m in range(full_start, tokens, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_acc, stride_q_n,
-                                    stride_do_n, stride_g_n, lse_row, delta_row, perm, start_m,
-                                    offs_m, offs_d, d_ok, q_begin_n, tokens, qk_scale, sm_scale,
-                                    False, PERMUTED, INPUT_PRECISION, DQ_ATOMIC)
+            dk, dv, dk1, dv1 = _bwd_dkdv_tile(
+                dk, dv, k, v, dk1, dv1, k1, v1, q_base, do_base, dq_acc, stride_q_n, stride_do_n,
+                stride_g_n, lse_row, delta_row, perm, start_m, offs_m, offs_d, d_ok, offs_d1,
+                d_ok1, q_begin_n, tokens, qk_scale, sm_scale,
+                False, PERMUTED, INPUT_PRECISION, DQ_ATOMIC, BLOCK_D1)
         for start_m in range(q_start, full_start, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_acc, stride_q_n,
-                                    stride_do_n, stride_g_n, lse_row, delta_row, perm, start_m,
-                                    offs_m, offs_d, d_ok, q_begin_n, tokens, qk_scale, sm_scale,
-                                    True, PERMUTED, INPUT_PRECISION, DQ_ATOMIC)
+            dk, dv, dk1, dv1 = _bwd_dkdv_tile(
+                dk, dv, k, v, dk1, dv1, k1, v1, q_base, do_base, dq_acc, stride_q_n, stride_do_n,
+                stride_g_n, lse_row, delta_row, perm, start_m, offs_m, offs_d, d_ok, offs_d1,
+                d_ok1, q_begin_n, tokens, qk_scale, sm_scale,
+                True, PERMUTED, INPUT_PRECISION, DQ_ATOMIC, BLOCK_D1)
         if COUNT_TILES:
             tl.atomic_add(stats_ptr, tl.cdiv(tl.maximum(tokens - full_start, 0), BLOCK_M))
             tl.atomic_add(stats_ptr + 1, (full_start - q_start) // BLOCK_M)
         out = g_off + tok_n[:, None] * stride_g_n + offs_d[None, :]
         tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=mask)
         tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        if BLOCK_D1 > 0:
+            out1 = g_off + tok_n[:, None] * stride_g_n + offs_d1[None, :]
+            tl.store(dk_ptr + out1, (dk1 * sm_scale).to(dk_ptr.dtype.element_ty), mask=mask1)
+            tl.store(dv_ptr + out1, dv1.to(dv_ptr.dtype.element_ty), mask=mask1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,6 +639,7 @@ def frame_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_end: 
     lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device)
     permuted = perm.shape[-1] > 0
     meta_stride = _meta_stride(kv_end)
+    block_d, block_d1 = head_blocks(head_dim)
 
     def grid(meta):
         return (triton.cdiv(tokens, meta["BLOCK_M"]), batch * heads)
@@ -534,7 +650,7 @@ def frame_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_end: 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         meta_stride, tokens, heads, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PERMUTED=permuted,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_D1=block_d1, PERMUTED=permuted,
         COUNT_TILES=stats is not None, INPUT_PRECISION=_input_precision(q.dtype))
     return o, lse
 
@@ -556,6 +672,7 @@ def frame_causal_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     perm_arg = perm if permuted else kv_end
     meta_stride = _meta_stride(kv_end)
     block_d = _block_d(head_dim)
+    block_d_mma, block_d1 = head_blocks(head_dim)
     delta = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device)
     dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
     # The atomic mode sums dq in fp32: the output itself for fp32 inputs, else a buffer.
@@ -581,7 +698,8 @@ def frame_causal_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), meta_stride,
             tokens, heads, scale * LOG2E, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, PERMUTED=permuted, COUNT_TILES=count,
+            HEAD_DIM=head_dim, BLOCK_D=block_d_mma, BLOCK_D1=block_d1, PERMUTED=permuted,
+            COUNT_TILES=count,
             INPUT_PRECISION=_input_precision(q.dtype), DQ_PASS=dq_pass,
             DQ_ATOMIC=not deterministic)
     return dq.to(q.dtype), dk, dv

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention.triton_impl import _mult8, aligned_8
 from kernels.registry import interpreter_enabled
 
 MAX_D = 128
@@ -50,21 +51,25 @@ class Config:
 
 
 def config(seq_len: int, head_dim: int, n_features: int, causal: bool = False) -> Config:
-    """Chunk and feature-block sizes. BLOCK_N = 64 and BLOCK_M = 64 (non-causal) or 32 (causal):
+    """Chunk and feature-block sizes. BLOCK_N = 64 and BLOCK_M = 64 (non-causal) or 16 (causal):
     every product has an m64 side (the logits [64, BM], the pair matrix [64, 64], the state
     update [BM, D], which the causal kernels compute transposed, [D, BM], so its M side is D),
     so all of them are wgmma on sm_90. M is padded to a multiple of BLOCK_M only (266 -> 320 or
-    288), the last block masked."""
+    272), the last block masked."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     # Interpreter: small tiles so CPU tests cover several chunks and feature blocks.
     block_n = block_m = 16 if interpreter_enabled() else 64
     block_n = min(block_n, max(16, triton.next_power_of_2(seq_len)))
-    # 8 warps: with 4, every kernel but the forward spills (ptxas, sm_90a, D = 64). The causal
-    # kernels keep the [64, 64] pair matrix and [64, D] accumulators live across the feature
-    # loop; with 64-feature blocks the block's [64, 64] temporaries on top of them spilled
-    # 336-820 B (compile-only profile), with 32-feature blocks they take half the registers.
+    # 8 warps: with 4, every kernel but the forward spills (ptxas, sm_90a, D = 64; 16 warps cap
+    # a thread at 128 registers and spill more). The causal kernels keep the [64, 64] pair
+    # matrix and [64, D] accumulators live across the feature loop, so the feature block's own
+    # [64, BM] temporaries decide what spills (compile-only profile, sm_90a, bf16, D = 64):
+    # 64-feature blocks spilled 336-820 B, 32-feature blocks 12-20 B in the forward and
+    # 180-528 B in the backward, 16-feature blocks none in the forward and none inside the
+    # backward's feature loop. m64n16 products keep every product on wgmma; the price is twice
+    # the feature-loop iterations (row maxima and state loads per 16 features).
     if causal:  # (interpreter: 32-token chunks over 16-feature blocks, the GPU's 2:1 ratio)
-        block_n, block_m = (block_n * 2, block_m) if interpreter_enabled() else (block_n, 32)
+        block_n, block_m = (block_n * 2, block_m) if interpreter_enabled() else (block_n, 16)
         block_n = min(block_n, max(16, triton.next_power_of_2(seq_len)))
     stages = 2 if causal else 3
     return Config(block_n, block_m, block_d, triton.cdiv(n_features, block_m), 8, stages)
@@ -146,6 +151,13 @@ def _finite_or_minus_inf(x):
 
 
 @triton.jit
+def _mult8_strides(stride_b, stride_n, stride_h):
+    """A tensor's three strides through attention3d's _mult8 (ALIGNED_8: launcher-checked
+    multiples of 8 elements, now visible to the compiler's divisibility analysis)."""
+    return _mult8(stride_b), _mult8(stride_n), _mult8(stride_h)
+
+
+@triton.jit
 def _head(pid_bh, n_heads):
     """(batch, head) as int64, so batch * stride never wraps at 2^31 elements."""
     return (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)
@@ -162,12 +174,17 @@ def _performer_state_kernel(
     stride_o_b, stride_o_n, stride_o_h,
     n_heads, seq_len, head_dim, n_features, scale,
     QUERY_SIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, FEAT_BF16: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, FEAT_BF16: tl.constexpr, PREC: tl.constexpr, ALIGNED_8: tl.constexpr,
 ):
     """Key side (forward; x = k, y = v): c_m = max_j b_jm (running), S_m = sum_j exp(b_jm - c_m)
     v_j, z_m = sum_j exp(b_jm - c_m); writes S, z and c. Query side (backward; x = q, y = dO,
     o = out): with the forward's c and L, R_m = sum_i exp(a_im + c_m - L_i) dO_i and
     zeta_m = sum_i exp(a_im + c_m - L_i) delta_i (exponent <= 0 exactly: L_i >= a_im + c_m)."""
+    if ALIGNED_8:  # (launcher-checked, see aligned_8) 16-byte rows: vector and async tile loads
+        head_dim = _mult8(head_dim)
+        stride_x_b, stride_x_n, stride_x_h = _mult8_strides(stride_x_b, stride_x_n, stride_x_h)
+        stride_y_b, stride_y_n, stride_y_h = _mult8_strides(stride_y_b, stride_y_n, stride_y_h)
+        stride_o_b, stride_o_n, stride_o_h = _mult8_strides(stride_o_b, stride_o_n, stride_o_h)
     mb = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h = _head(pid_bh, n_heads)
@@ -177,7 +194,9 @@ def _performer_state_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     feat = pid_bh.to(tl.int64) * n_features
-    state = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # The state is summed transposed, [BD, BM] = y^T @ weights (stored back as [M, D] rows): as
+    # [BM, BD] = weights^T @ y, ptxas serialised its wgmma (C7515) at D = 64 in bf16
+    state = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
     norm = tl.zeros([BLOCK_M], dtype=tl.float32)
     if QUERY_SIDE:
         o_base = o_ptr + b * stride_o_b + h * stride_o_h
@@ -196,7 +215,7 @@ def _performer_state_kernel(
             a = _logits(x, w, scale, PREC)
             qw = tl.exp(tl.minimum(a + c[None, :] - lse[:, None], 0.0))
             qw = tl.where(m_ok[None, :] & n_ok[:, None], qw, 0.0)
-            state += _mm(tl.trans(qw), y, FEAT_BF16, PREC)
+            state += _mm(tl.trans(y), qw, FEAT_BF16, PREC)
             norm += tl.sum(qw * delta[:, None], axis=0)
         else:
             kb = _logits(x, w, scale, PREC) - _half_sq_norm(x, scale)[:, None]
@@ -204,12 +223,11 @@ def _performer_state_kernel(
             c_new = tl.maximum(c, tl.max(kb, axis=0))    # finite: every chunk has a valid row
             kw = tl.exp(kb - c_new[None, :])
             decay = tl.exp(c - c_new)
-            state = state * decay[:, None] + _mm(tl.trans(kw), y, FEAT_BF16, PREC)
+            state = state * decay[None, :] + _mm(tl.trans(y), kw, FEAT_BF16, PREC)
             norm = norm * decay + tl.sum(kw, axis=0)
             c = c_new
-    state_mask = m_ok[:, None] & d_ok[None, :]
-    tl.store(state_ptr + feat * head_dim + offs_m[:, None] * head_dim + offs_d[None, :], state,
-             mask=state_mask)
+    offs, state_mask = _state_offsets(feat, offs_m, m_ok, offs_d, d_ok, head_dim, True)
+    tl.store(state_ptr + offs, state, mask=state_mask)
     tl.store(norm_ptr + feat + offs_m, norm, mask=m_ok)
     if not QUERY_SIDE:
         tl.store(cmax_ptr + feat + offs_m, c, mask=m_ok)
@@ -276,11 +294,19 @@ def _performer_fwd_kernel(
     stride_v_b, stride_v_n, stride_v_h, stride_o_b, stride_o_n, stride_o_h,
     n_heads, seq_len, head_dim, n_features, n_mblocks, scale,
     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    FEAT_BF16: tl.constexpr, PREC: tl.constexpr,
+    FEAT_BF16: tl.constexpr, PREC: tl.constexpr, ALIGNED_8: tl.constexpr,
 ):
     """Non-causal: one program per (chunk, batch * head) reads the state written by
     ``_performer_state_kernel``. Causal: one program per head scans every chunk; state, norm and
-    cmax are then this head's scratch (S'_m, z'_m over past chunks with per-feature max c_m)."""
+    cmax are then this head's scratch (S'_m, z'_m over past chunks with per-feature max c_m).
+    ALIGNED_8: as in the state kernel (D = 40 is not a multiple of 16, so without it the JIT sees
+    no alignment: scalar loads, whose addresses spilled 212-304 B in the causal forward)."""
+    if ALIGNED_8:
+        head_dim = _mult8(head_dim)
+        stride_q_b, stride_q_n, stride_q_h = _mult8_strides(stride_q_b, stride_q_n, stride_q_h)
+        stride_k_b, stride_k_n, stride_k_h = _mult8_strides(stride_k_b, stride_k_n, stride_k_h)
+        stride_v_b, stride_v_n, stride_v_h = _mult8_strides(stride_v_b, stride_v_n, stride_v_h)
+        stride_o_b, stride_o_n, stride_o_h = _mult8_strides(stride_o_b, stride_o_n, stride_o_h)
     pid_bh = tl.program_id(1)
     b, h = _head(pid_bh, n_heads)
     q_base = q_ptr + b * stride_q_b + h * stride_q_h
@@ -294,21 +320,23 @@ def _performer_fwd_kernel(
         q = _load(q_base, offs_n, stride_q_n, offs_d, tile_ok)
         # Online max over feature blocks of r_i = max_m (a_im + c_m), as in flash attention.
         r = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        num = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # num transposed, [BD, BN] = S^T @ qw^T (the state loaded as [BD, BM]): as [BN, BD] =
+        # qw @ S, ptxas serialised the wgmma (C7515) in fp16 (tf32 products) at D = 64
+        num = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         den = tl.zeros([BLOCK_N], dtype=tl.float32)
         for mb in range(n_mblocks):
             w, offs_m, m_ok = _features(w_ptr, mb, n_features, head_dim, BLOCK_M, BLOCK_D)
             state, norm, c = _load_state(state_ptr, norm_ptr, cmax_ptr, feat, offs_m, m_ok,
-                                         offs_d, d_ok, head_dim, 0.0, False)
+                                         offs_d, d_ok, head_dim, 0.0, True)
             a = _logits(q, w, scale, PREC)
             a = tl.where(m_ok[None, :], a + c[None, :], float("-inf"))
             r_new = tl.maximum(r, tl.max(a, axis=1))    # finite: block 0 has a valid feature
             decay = tl.exp(r - r_new)
             qw = tl.exp(a - r_new[:, None])                                  # [BN, BM] <= 1
-            num = num * decay[:, None] + _mm(qw, state, FEAT_BF16, PREC)
+            num = num * decay[None, :] + _mm(state, tl.trans(qw), FEAT_BF16, PREC)
             den = den * decay + tl.sum(qw * norm[None, :], axis=1)          # >= 1 at the end
             r = r_new
-        _store(o_base, offs_n, stride_o_n, offs_d, num / den[:, None], tile_ok)
+        _store(o_base, offs_n, stride_o_n, offs_d, tl.trans(num / den[None, :]), tile_ok)
         tl.store(lse_base + offs_n, r + tl.log(den), mask=n_ok)
     else:
         k_base = k_ptr + b * stride_k_b + h * stride_k_h
@@ -413,12 +441,22 @@ def _performer_bwd_kernel(
     n_heads, seq_len, head_dim, n_features, n_mblocks, scale,
     CAUSAL: tl.constexpr, KEY_GRADS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FEAT_BF16: tl.constexpr, PREC: tl.constexpr,
+    ALIGNED_8: tl.constexpr,
 ):
     """Non-causal: one program per (chunk, batch * head); state/norm/cmax hold the forward's
     S, z, c (dq) or the query-side R, zeta with c (dk, dv). Causal: one program per head scans
     forward (dq, recomputing S', z' into the scratch) or backward (dk, dv, carrying R', zeta'
     with per-feature max d_m of a_im - L_i over later rows). The gradient tensors dq, dk, dv
-    share one layout (stride_g_*)."""
+    share one layout (stride_g_*). ALIGNED_8: as in the forward."""
+    if ALIGNED_8:
+        head_dim = _mult8(head_dim)
+        stride_do_b, stride_do_n, stride_do_h = _mult8_strides(stride_do_b, stride_do_n,
+                                                               stride_do_h)
+        stride_q_b, stride_q_n, stride_q_h = _mult8_strides(stride_q_b, stride_q_n, stride_q_h)
+        stride_k_b, stride_k_n, stride_k_h = _mult8_strides(stride_k_b, stride_k_n, stride_k_h)
+        stride_v_b, stride_v_n, stride_v_h = _mult8_strides(stride_v_b, stride_v_n, stride_v_h)
+        stride_o_b, stride_o_n, stride_o_h = _mult8_strides(stride_o_b, stride_o_n, stride_o_h)
+        stride_g_b, stride_g_n, stride_g_h = _mult8_strides(stride_g_b, stride_g_n, stride_g_h)
     pid_bh = tl.program_id(1)
     b, h = _head(pid_bh, n_heads)
     do_base = do_ptr + b * stride_do_b + h * stride_do_h
@@ -562,10 +600,14 @@ def _performer_bwd_kernel(
                 pair_exp = tl.where(vis, tl.exp(tl.minimum(alpha[None, :] + s[:, None]
                                                            - lse[None, :], GRAD_EXP_CAP)), 0.0)
                 dv += _mm(pair * pair_exp, do, FEAT_BF16, PREC)
+                # k again (an L1/L2 hit) rather than a copy in the accumulator layout kept live
+                # across the feature loop: that copy pushed the chunk code over the registers
+                k = _load(k_base, offs_n, stride_k_n, offs_d, tile_ok)
                 grad = (grad - k.to(tl.float32) * (scale * total)[:, None]) * scale
                 _store(dk_ptr + g_off, offs_n, stride_g_n, offs_d, grad, tile_ok)
                 _store(dv_ptr + g_off, offs_n, stride_g_n, offs_d, dv, tile_ok)
             else:
+                q = _load(q_base, offs_n, stride_q_n, offs_d, tile_ok)  # (as k above)
                 grad = (grad - q.to(tl.float32) * (scale * total)[:, None]) * scale
                 _store(dq_ptr + g_off, offs_n, stride_g_n, offs_d, grad, tile_ok)
             tl.debug_barrier()  # the scratch state written above is read by the next chunk
@@ -609,7 +651,7 @@ def performer_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
                           dtype=torch.float32)
     consts = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
                   FEAT_BF16=feat_bf16, PREC=prec, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  num_stages=cfg.num_stages, ALIGNED_8=aligned_8(head_dim, q, k, v, out, features))
     sizes = (heads, seq_len, head_dim, n_features)
     if not causal:
         _performer_state_kernel[(cfg.n_mblocks, heads_total)](
@@ -638,7 +680,8 @@ def performer_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     consts = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
                   FEAT_BF16=feat_bf16, PREC=prec, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  num_stages=cfg.num_stages,
+                  ALIGNED_8=aligned_8(head_dim, do, q, k, v, out, dq, features))
     sizes = (heads, seq_len, head_dim, n_features)
     scale = head_dim ** -0.25
     if causal:  # one scratch state per head, reset by each pass

@@ -314,8 +314,9 @@ def _misaligned(t):
 def test_triton_alignment_flag_and_generic_path(triton_device):
     """ALIGNED_8 (16-byte tile rows: vector loads, async copies) is chosen per launch: packed
     views of a contiguous projection take it; a head-padded view (head stride 44) or a data
-    pointer off 16 bytes takes the generic path, which must give the same results. (With RoPE the
-    backward reads the rotated copies of q and k, which are contiguous: v decides there.)"""
+    pointer off 16 bytes takes the generic path, which must give the same results. With RoPE q
+    and k are rewritten by the rotation pass and an unaligned v is copied, so the N^2 kernels take
+    the aligned path whatever the input layout."""
     from kernels.attention import triton_impl
 
     assert triton_impl.aligned_8(40, *torch.randn(3, 2, 30, 2, 40).unbind(0))
@@ -325,10 +326,12 @@ def test_triton_alignment_flag_and_generic_path(triton_device):
     pos, anchor = _grid_positions(2, 3, 5).to(triton_device), ([15, 0], 15, 0)
     _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor)  # packed views: aligned
     assert triton_impl.LAUNCH_STATS["fwd_aligned_8"] and triton_impl.LAUNCH_STATS["bwd_aligned_8"]
-    _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor,
-                  layouts=(_head_padded, lambda t: t, _misaligned))
+    layouts = (_head_padded, lambda t: t, _misaligned)
+    _check_triton(*qkv.unbind(2), anchor=anchor, layouts=layouts)  # no RoPE: the generic path
     assert not triton_impl.LAUNCH_STATS["fwd_aligned_8"]
     assert not triton_impl.LAUNCH_STATS["bwd_aligned_8"]
+    _check_triton(*qkv.unbind(2), positions=pos, anchor=anchor, layouts=layouts)  # RoPE: copies
+    assert triton_impl.LAUNCH_STATS["fwd_aligned_8"] and triton_impl.LAUNCH_STATS["bwd_aligned_8"]
 
 
 @pytest.mark.parametrize("starts_on_device", [False, True])

@@ -348,7 +348,7 @@ def ptxas_serialisation_warnings(compiled):
     spills = sum(int(n) for n in re.findall(r"([0-9]+) bytes spill stores", text))
     return [line for line in text.splitlines() if "(C751" in line], spills
 
-common = {"HEAD_DIM": 64, "BLOCK_D": 64, "PERMUTED": True, "COUNT_TILES": False,
+common = {"HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_D1": 0, "PERMUTED": True, "COUNT_TILES": False,
           "INPUT_PRECISION": "tf32", "BLOCK_M": 64, "BLOCK_N": 64}
 kernels = [build(triton_impl._frame_causal_fwd_kernel.fn, **common)]
 kernels += [build(triton_impl._frame_causal_bwd_kernel.fn, DQ_PASS=p, DQ_ATOMIC=not p, **common)
@@ -373,10 +373,12 @@ for head_dim in (64, 128):
             warnings += [(head_dim, str(cfg), line) for line in lines]
             if spilled:
                 spills.append((head_dim, str(cfg), atomic, spilled))
-# Every forward configuration the autotuner may pick at D = 64 and 128: no spills either.
-for head_dim in (64, 128):
-    for cfg in triton_impl._prune(triton_impl._FWD_CONFIGS, None, BLOCK_D=head_dim):
-        consts = {**common, **cfg.kwargs, "HEAD_DIM": head_dim, "BLOCK_D": head_dim}
+# Every forward configuration the autotuner may pick at D = 64, 72 (split 64 + 16) and 128: no
+# spills either.
+for head_dim in (64, 72, 128):
+    blocks = dict(zip(("BLOCK_D", "BLOCK_D1"), triton_impl.head_blocks(head_dim)))
+    for cfg in triton_impl._prune(triton_impl._FWD_CONFIGS, None, **blocks):
+        consts = {**common, **cfg.kwargs, "HEAD_DIM": head_dim, **blocks}
         compiled = build(triton_impl._frame_causal_fwd_kernel.fn, cfg.num_warps, cfg.num_stages,
                          **consts)
         lines, spilled = ptxas_serialisation_warnings(compiled)
