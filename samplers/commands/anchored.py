@@ -946,6 +946,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--train-seed", type=int, default=r.seed, help="training seed")
     t.add_argument("--train-world", choices=("plain", "fine"), default=r.world,
                    help="toy world to train on")
+    t.add_argument("--train-prediction-type", choices=("epsilon", "v_prediction"),
+                   default=r.prediction_type,
+                   help="what the model predicts (docs/demo.md, 'Why the fidelity target is "
+                        "missed')")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -956,7 +960,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if args.checkpoint.suffix != ".safetensors":
             raise OptionError(f"--checkpoint {str(args.checkpoint)!r} must end in .safetensors")
         recipe = DemoRecipe(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
-                            seed=args.train_seed, world=args.train_world)
+                            seed=args.train_seed, world=args.train_world,
+                            prediction_type=args.train_prediction_type)
         train_demo(recipe, args.checkpoint, progress=not args.no_progress)
         return 0
 

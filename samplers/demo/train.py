@@ -65,6 +65,9 @@ class DemoRecipe:
     ema_decay: float = 0.9999
     seed: int = 0
     world: str = "fine"                   # procedural_faces.WORLDS
+    # The paper's epsilon; "v_prediction" is the candidate fix of docs/demo.md's diagnostic.
+    # Added after the bundled model was trained: its recorded recipe lacks the field.
+    prediction_type: str = "epsilon"
 
     def model_config(self):
         from avatar_models.anchored_diffusion import SDiTConfig
@@ -77,10 +80,12 @@ class DemoRecipe:
 
     def train_config(self):
         from avatar_models.training.anchored import TrainConfig
+        from avatar_models.training.diffusion import DiffusionSchedule
 
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                            warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
-                           ema_decay=self.ema_decay, seed=self.seed)
+                           ema_decay=self.ema_decay, seed=self.seed,
+                           schedule=DiffusionSchedule(prediction_type=self.prediction_type))
 
 
 CONDITIONER = "samplers.demo.conditioner:procedural_conditioner"
@@ -99,7 +104,9 @@ def train_command(recipe: DemoRecipe, out: Path) -> str:
             f"--steps {r.steps} --batch-size {r.batch_size} --lr {r.lr:g} "
             f"--warmup-steps {r.warmup_steps} --min-lr-ratio {r.min_lr_ratio:g} "
             f"--ema-decay {r.ema_decay:g} --seed {r.seed} --conditioner {CONDITIONER} "
-            f"--out {out}")
+            + (f"--prediction-type {r.prediction_type} " if r.prediction_type != "epsilon"
+               else "")
+            + f"--out {out}")
 
 
 def plot_loss(losses: list[float], mse: list[float], path: Path, title: str) -> Path:

@@ -95,7 +95,8 @@ def test_bundled_checkpoint_and_its_training_record():
     recipe = DemoRecipe(**ckpt.extra["demo_recipe"])
     assert ckpt.config == recipe.model_config().to_dict()
     assert checkpoint_world(ckpt) == "fine"  # `make train-demo`: the DemoRecipe defaults
-    assert ckpt.extra["demo_recipe"] == DemoRecipe().__dict__
+    # the recorded recipe, with the defaults of fields added since, is today's default recipe
+    assert recipe == DemoRecipe()
     assert ckpt.extra["codec"] == {"kind": "patch-pca", "file": "patch_pca.safetensors"}
     assert ckpt.extra["conditioner"] == CONDITIONER
     assert ckpt.ema, "the demo samples the EMA weights"
@@ -143,7 +144,8 @@ def test_train_command_is_a_valid_train_anchored_line(tmp_path):
     from avatar_models.data import procedural_faces as pf
     from avatar_models.data.patch_pca import PatchPCA
 
-    recipe = DemoRecipe(steps=1, batch_size=2, hidden=32, depth=1, heads=2)
+    recipe = DemoRecipe(steps=1, batch_size=2, hidden=32, depth=1, heads=2,
+                        prediction_type="v_prediction")
     out = tmp_path / "cli.safetensors"
     PatchPCA.fit(pf.autoencoder_fit_frames(64, 0, "fine"), recipe.pca_components, recipe.pca_patch,
                  recipe.pca_whiten).save(tmp_path / "patch_pca.safetensors")
@@ -155,6 +157,8 @@ def test_train_command_is_a_valid_train_anchored_line(tmp_path):
     assert ckpt.extra["codec"] == {"kind": "patch-pca", "file": "patch_pca.safetensors"}
     assert ckpt.extra["conditioner"] == CONDITIONER
     assert ckpt.extra["dataset_args"]["world"] == "fine"
+    assert ckpt.extra["diffusion"]["prediction_type"] == "v_prediction"
+    assert "--prediction-type" not in train_command(DemoRecipe(), out)  # the paper's default
 
 
 def test_demo_arguments_are_checked(tmp_path, capsys):
