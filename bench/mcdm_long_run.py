@@ -140,6 +140,30 @@ def rss_at_frames(timeline: list[dict], marks: list[int]) -> dict[str, dict]:
     return out
 
 
+def plot_rss(doc: dict, path: Path) -> Path:
+    """RSS and peak RSS (MiB) against the frames written, from a result document."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timeline = doc["rss_timeline"]
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    frames = [s["frames"] for s in timeline]
+    ax.plot(frames, [s["rss_mib"] for s in timeline], label="VmRSS")
+    ax.plot(frames, [s["hwm_mib"] for s in timeline], "--", label="VmHWM (peak so far)")
+    ax.set_xlabel("frames written")
+    ax.set_ylabel("MiB")
+    ax.set_ylim(0, 1.2 * doc["peak_rss_mib"])
+    ax.set_title(f"sample mcdm, {doc['frames']} frames ({doc['steps']} + {doc['prior_steps']} "
+                 f"DDIM steps), CPU", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, default=7200)
@@ -150,7 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between RSS samples")
     p.add_argument("--work", type=Path, required=True, help="folder for the inputs and the mp4")
     p.add_argument("--out", type=Path, required=True, help="result .json")
+    p.add_argument("--plot", type=Path, default=None, help="also draw RSS against frames (.png)")
+    p.add_argument("--replot", action="store_true",
+                   help="run nothing: draw --plot from the existing --out result")
     args = p.parse_args(argv)
+    if args.replot:
+        if args.plot is None or not args.out.is_file():
+            p.error(f"--replot needs --plot and an existing --out result, got --plot "
+                    f"{args.plot} and --out {str(args.out)!r}")
+        plot_rss(json.loads(args.out.read_text()), args.plot)
+        return 0
     if args.frames < 1 or args.steps < 1 or args.prior_steps < 1 or args.interval <= 0:
         p.error(f"--frames/--steps/--prior-steps must be >= 1 and --interval > 0, got "
                 f"{args.frames}/{args.steps}/{args.prior_steps}/{args.interval}")
@@ -217,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    if args.plot is not None:
+        plot_rss(doc, args.plot)
     print(json.dumps({k: v for k, v in doc.items() if k != "rss_timeline"}, indent=1))
     return 0
 

@@ -14,7 +14,7 @@ def test_short_run_records_rss_and_checks_the_mp4(tmp_path):
     out = tmp_path / "r.json"
     assert mcdm_long_run.main(["--frames", "8", "--steps", "1", "--prior-steps", "1",
                                "--interval", "0.2", "--work", str(tmp_path / "w"),
-                               "--out", str(out)]) == 0
+                               "--out", str(out), "--plot", str(tmp_path / "rss.png")]) == 0
     doc = json.loads(out.read_text())
     check = doc["output"]
     assert check["frames_decoded"] == 8 and check["frames_ok"] and check["audio_ok"]
@@ -22,6 +22,11 @@ def test_short_run_records_rss_and_checks_the_mp4(tmp_path):
     assert doc["rss_timeline"] and doc["peak_rss_mib"] >= max(
         s["rss_mib"] for s in doc["rss_timeline"]) > 0
     assert "--frames 8" in doc["command"] and doc["steps"] == doc["prior_steps"] == 1
+    assert (tmp_path / "rss.png").stat().st_size > 0
+    (tmp_path / "rss.png").unlink()
+    assert mcdm_long_run.main(["--replot", "--out", str(out), "--work", str(tmp_path),
+                               "--plot", str(tmp_path / "rss.png")]) == 0
+    assert (tmp_path / "rss.png").stat().st_size > 0
 
 
 def test_progress_reader_keeps_the_latest_clip_count_and_other_lines():
