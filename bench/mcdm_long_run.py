@@ -97,8 +97,8 @@ class ProgressReader(threading.Thread):
 
     def run(self) -> None:
         buffer = ""
-        while chunk := self.stream.read1(4096) if hasattr(self.stream, "read1") else \
-                self.stream.read(4096):
+        read = getattr(self.stream, "read1", self.stream.read)    # read1: whatever has arrived
+        while chunk := read(4096):
             buffer += chunk.decode(errors="replace")
             *parts, buffer = re.split(r"[\r\n]", buffer)
             for part in parts:
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25, help="video DDIM steps")
     p.add_argument("--prior-steps", type=int, default=25, help="motion-prior DDIM steps")
     p.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
-    p.add_argument("--fps", type=float, default=25.0, help="the toy checkpoint's fps")
+    p.add_argument("--fps", type=float, default=None,
+                   help="video fps (default: the checkpoint's data fps, as `sample` does)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between RSS samples")
     p.add_argument("--work", type=Path, required=True, help="folder for the inputs and the mp4")
     p.add_argument("--out", type=Path, required=True, help="result .json")
@@ -189,20 +190,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.frames}/{args.steps}/{args.prior_steps}/{args.interval}")
     if not Path("/proc/self/status").exists():
         p.error("needs Linux /proc to read the child's RSS")
+    from samplers.commands.validation import OptionError, check_checkpoint_file
+
+    try:
+        meta = check_checkpoint_file(args.checkpoint, "--checkpoint", "mcdm")
+    except (OptionError, FileNotFoundError) as exc:
+        p.error(str(exc))
+    clip_frames = int(meta["config"]["clip_frames"])
+    fps_option = [] if args.fps is None else ["--fps", str(args.fps)]
+    args.fps = args.fps or float(meta["extra"].get("data", {}).get("fps", 25.0))
 
     face, speech = make_inputs(args.work, args.frames, args.fps)
     video = args.work / "out.mp4"
     command = [sys.executable, "-m", "samplers", "sample", "mcdm", "--checkpoint",
                str(args.checkpoint), "--reference", str(face), "--audio", str(speech),
                "--frames", str(args.frames), "--out", str(video), "--steps", str(args.steps),
-               "--prior-steps", str(args.prior_steps), "--device", "cpu"]
+               "--prior-steps", str(args.prior_steps), "--device", "cpu", *fps_option]
     print("running:", " ".join(command), flush=True)
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     reader = ProgressReader(child.stderr)
     reader.start()
     timeline = []
-    clip_frames = None
     while child.poll() is None:
         status = proc_status_kib(child.pid)
         if status is not None:
@@ -219,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     if child.returncode != 0:
         print(stdout, "\n".join(reader.other), file=sys.stderr)
         return child.returncode
-    from avatar_models.checkpoint import load_checkpoint
-
-    clip_frames = load_checkpoint(args.checkpoint).config["clip_frames"]
     for sample in timeline:
         sample["frames"] = min(sample["clips"] * clip_frames, args.frames)
+    if not timeline:
+        raise RuntimeError(f"the sampler exited before its first RSS sample ({wall:.1f} s); "
+                           f"lower --interval")
     peak = max(s["hwm_mib"] for s in timeline)
     after_first = [s for s in timeline if s["frames"] >= 300]
     doc = {
@@ -236,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "reproduce": "python -m bench.mcdm_long_run " + " ".join(argv or sys.argv[1:]),
         "frames": args.frames, "clip_frames": clip_frames, "fps": args.fps,
         "steps": args.steps, "prior_steps": args.prior_steps,
+        "wall_covers": "the sample command's process from start (imports, model load) to exit",
         "wall_seconds": round(wall, 1), "frames_per_second": round(args.frames / wall, 3),
         "seconds_per_frame": round(wall / args.frames, 4),
         "peak_rss_mib": peak,

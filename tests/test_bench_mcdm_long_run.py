@@ -45,3 +45,6 @@ def test_bad_options_are_rejected(tmp_path):
     with pytest.raises(SystemExit):
         mcdm_long_run.main(["--frames", "0", "--work", str(tmp_path), "--out",
                             str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit):
+        mcdm_long_run.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--work",
+                            str(tmp_path), "--out", str(tmp_path / "r.json")])
