@@ -215,6 +215,12 @@ def run(config: str, frames: list[int], steps: int, lengths: list[int], device: 
         "temporal_sequence_length": 2 * cfg.clip_frames,
         "steps": {"video": steps, "prior": steps}, "frames": frames, "end_to_end": e2e,
         "kernel_dtype": str(dtype).removeprefix("torch."), "kernel_budget": budget,
+        "kernel_lengths": lengths,
+        "kernel_reduction": (
+            f"per row, sequences_timed = min(B', budget // (H * T * max(T, M))) of the B' "
+            f"sequences (budget {budget}) are timed and the time is multiplied by scale = "
+            f"B' / sequences_timed; the ratio performer/softmax is unscaled; median of 5 calls "
+            f"after one warm-up; lengths T = {lengths}"),
         "kernel": kernel,
         "paper_table7_minutes": {"frames": [30, 300, 1800, 3600, 7200],
                                  "vanilla": [0.97, 8.6, 54.1, 122.5, 264.6],

@@ -69,6 +69,14 @@ def test_kernel_only_skips_the_end_to_end_rows(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["end_to_end"] == {"performer": [], "softmax": []}
     assert [r["T"] for r in doc["kernel"][0]["rows"]] == [8, 16]
+    assert doc["kernel_lengths"] == [8, 16] and "B' / sequences_timed" in doc["kernel_reduction"]
+
+
+def test_a_small_budget_times_a_subset_of_sequences_and_scales_it():
+    shape = {"level": 0, "batch": 64, "heads": 2, "head_dim": 8, "features": 8}
+    res = mcdm_table7.crossover(shape, [8, 32], "cpu", torch.float32, score_budget=2048)
+    # budget // (H T max(T, M)): 2048 // (2 * 8 * 8) = 16 of 64 sequences at T = 8, 1 at T = 32
+    assert [(r["sequences_timed"], r["scale"]) for r in res["rows"]] == [(16, 4.0), (1, 64.0)]
 
 
 def test_paper_shapes_are_sd15_levels():
