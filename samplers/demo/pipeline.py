@@ -112,8 +112,14 @@ def load_codec(extra: dict, checkpoint: Path):
 
 
 def checkpoint_world(ckpt) -> str:
-    """The toy world a demo checkpoint was trained on (old checkpoints: ``plain``)."""
-    return (ckpt.extra.get("demo_recipe") or {}).get("world", "plain")
+    """The toy world a demo checkpoint was trained on: its demo recipe's, else its dataset's
+    (a checkpoint of the recipe's equivalent ``train anchored`` line), else ``plain`` (old
+    checkpoints)."""
+    for entry in ("demo_recipe", "dataset_args"):
+        world = (ckpt.extra.get(entry) or {}).get("world")
+        if world is not None:
+            return world
+    return "plain"
 
 
 def identity_grid(model) -> int:

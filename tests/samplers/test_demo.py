@@ -156,7 +156,7 @@ def test_train_command_is_a_valid_train_anchored_line(tmp_path):
     assert ckpt.config == recipe.model_config().to_dict()
     assert ckpt.extra["codec"] == {"kind": "patch-pca", "file": "patch_pca.safetensors"}
     assert ckpt.extra["conditioner"] == CONDITIONER
-    assert ckpt.extra["dataset_args"]["world"] == "fine"
+    assert ckpt.extra["dataset_args"]["world"] == "fine" and checkpoint_world(ckpt) == "fine"
     assert ckpt.extra["diffusion"]["prediction_type"] == "v_prediction"
     assert "--prediction-type" not in train_command(DemoRecipe(), out)  # the paper's default
 
