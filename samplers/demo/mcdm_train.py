@@ -58,15 +58,17 @@ def train_args(name: str, out_dir: Path) -> list[str]:
             str(seed), *COMMON, *extra, "--out", str(out_dir / f"{name}.safetensors")]
 
 
-def sweep_runs(init: Path, out_dir: Path) -> dict[str, list[str]]:
+def sweep_runs(init: Path, out_dir: Path, steps: int | None = None) -> dict[str, list[str]]:
     """Table 8 / Fig. 7: one stage-3 run per (setting, seed), all from ``init``, in priority
     order (every setting of seed 3, then seed 4, then seed 5: a cut drops whole seeds).
 
     ``alpha0.1`` is the tiny default (a = 4, alpha = 0.1), the same command as ``a4``: it is
     not trained twice (``sweep_checkpoint`` maps it to ``a4``). Seeds 4 and 5 also retrain the
     w/o-MTA baseline (``no_mta_seed{s}``) so every setting is read against a baseline of the same
-    seed; seed 3's is the shipped ``s3_no_mta`` (the same command)."""
-    _, stage, steps, _, _ = RUNS["s3_full"]
+    seed; seed 3's is the shipped ``s3_no_mta`` (the same command). ``steps`` overrides the
+    recipe's (tests)."""
+    _, stage, recipe_steps, _, _ = RUNS["s3_full"]
+    steps = recipe_steps if steps is None else steps
     runs = {}
     for seed in SWEEP_SEEDS:
         base = ["train", "mcdm", "--stage", str(stage), "--init", str(init), "--steps",
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Table 8 / Fig. 7: stage 3 per a, alpha and seed from OUT/../s2")
     parser.add_argument("--init", type=Path, default=ASSETS / "s2.safetensors",
                         help="--sweep: the shared stage-2 checkpoint")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="--sweep: override the recipe's steps per run (tests only)")
     parser.add_argument("--skip-done", action="store_true",
                         help="--sweep: skip runs already in the record with their checkpoint")
     args = parser.parse_args(argv)
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     record_path = args.out / ("sweep_record.json" if args.sweep else "train_record.json")
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if args.sweep:
-        all_runs = sweep_runs(args.init, args.out)
+        all_runs = sweep_runs(args.init, args.out, args.steps)
     else:
         all_runs = {n: train_args(n, args.out) for n in RUNS}
     names = list(all_runs) if args.only is None else args.only.split(",")
