@@ -78,16 +78,22 @@ class MCDMDemoOptions:
     assets: Path = field(default=ASSETS)
 
     def __post_init__(self):
-        for name in ("pairs", "steps", "prior_steps", "window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.frames < 8:
-            raise ValueError(f"frames must be >= 8 (lip sync needs max_lag + 3), got "
-                             f"{self.frames}")
+        check_counts(self)
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise ValueError(f"arms must be a non-empty subset of {list(ARMS)}, got "
                              f"{list(self.arms)}")
+
+
+def check_counts(options) -> None:
+    """The counts every demo-style evaluation shares: pairs, steps, prior_steps, window >= 1 and
+    frames >= 8 (lip sync needs max_lag + 3)."""
+    for name in ("pairs", "steps", "prior_steps", "window"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(options, name)}")
+    if options.frames < 8:
+        raise ValueError(f"frames must be >= 8 (lip sync needs max_lag + 3), got "
+                         f"{options.frames}")
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:

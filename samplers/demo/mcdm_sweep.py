@@ -62,12 +62,9 @@ class SweepEvalOptions:
     settings: tuple[str, ...] = SETTINGS
 
     def __post_init__(self):
-        for name in ("pairs", "steps", "prior_steps", "window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.frames < 8:
-            raise ValueError(f"frames must be >= 8 (lip sync needs max_lag + 3), got "
-                             f"{self.frames}")
+        from samplers.demo.mcdm_demo import check_counts
+
+        check_counts(self)
         unknown = [s for s in self.settings if s not in SETTINGS]
         if unknown or BASELINE not in self.settings:
             raise ValueError(f"settings must be a subset of {list(SETTINGS)} that includes "
