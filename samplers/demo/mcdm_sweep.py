@@ -242,10 +242,13 @@ def report_table(doc: dict) -> str:
         return "no complete seed evaluated yet"
     metrics = [k for k in METRICS if k in next(iter(s["settings"].values()))]
     lines = [f"complete seeds: {s['complete_seeds']}", "",
-             "| setting | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+             "| setting | " + " | ".join(metrics) + " | SSIM / identity per seed |",
+             "|---" * (len(metrics) + 2) + "|"]
     for setting, row in s["settings"].items():
+        per_seed = ", ".join(f"{v['ssim']:.3f} / {v['identity_distance']:.3f}"
+                             for v in row["per_seed"].values())
         lines.append(f"| {label(setting)} | " + " | ".join(_fmt(row[k]) for k in metrics)
-                     + " |")
+                     + f" | {per_seed} |")
     lines += ["", "| paired difference | " + " | ".join(metrics) + " |",
               "|---" * (len(metrics) + 1) + "|"]
     for name, row in s["differences"].items():
