@@ -18,7 +18,7 @@ only stage 3 from the shipped ``s2.safetensors``, starts from exactly what the s
 arms started from. ``train_record.json`` keeps each run's command, wall time and loss curve.
 
     python -m samplers.demo.mcdm_train [--out assets/mcdm] [--only s0,s1,...]
-    python -m samplers.demo.mcdm_train --sweep --out out/mcdm-sweep      # not run (budget)
+    python -m samplers.demo.mcdm_train --sweep --out out/mcdm-sweep [--only RUN,...] [--skip-done]
 """
 
 from __future__ import annotations
