@@ -157,10 +157,16 @@ train-mcdm: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m samplers.demo.mcdm_train --out assets/mcdm
 
 # Table 8 / Fig. 7: stage 3 per a in {2,4,8,16} and alpha in {0,0.1,0.5,0.9}, seeds 3-5, from
-# assets/mcdm/s2.safetensors (24 runs, ~50 min on one thread; not run for the shipped results).
+# assets/mcdm/s2.safetensors (23 runs, ~2 min each on one thread; docs/mcdm.md, "Table 8").
 sweep-mcdm: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m samplers.demo.mcdm_train --sweep \
 		--out out/mcdm-sweep
+
+# Evaluates the sweep-mcdm checkpoints (resumable) into bench/results/cpu/mcdm/table8.json.
+.PHONY: sweep-mcdm-eval
+sweep-mcdm-eval: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m samplers.demo.mcdm_sweep \
+		--sweep-dir out/mcdm-sweep --plot docs/mcdm_results/table8_fig7.png
 
 # Rewrites assets/warpface/ (issue 18, docs/warpface.md): the Table 3 arms (WarpCA, plain
 # cross-attention, WarpCA without timestep modulation) x seeds 0, 1, each 500 steps of the toy

@@ -78,16 +78,22 @@ class MCDMDemoOptions:
     assets: Path = field(default=ASSETS)
 
     def __post_init__(self):
-        for name in ("pairs", "steps", "prior_steps", "window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.frames < 8:
-            raise ValueError(f"frames must be >= 8 (lip sync needs max_lag + 3), got "
-                             f"{self.frames}")
+        check_counts(self)
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise ValueError(f"arms must be a non-empty subset of {list(ARMS)}, got "
                              f"{list(self.arms)}")
+
+
+def check_counts(options) -> None:
+    """The counts every demo-style evaluation shares: pairs, steps, prior_steps, window >= 1 and
+    frames >= 8 (lip sync needs max_lag + 3)."""
+    for name in ("pairs", "steps", "prior_steps", "window"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(options, name)}")
+    if options.frames < 8:
+        raise ValueError(f"frames must be >= 8 (lip sync needs max_lag + 3), got "
+                         f"{options.frames}")
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
@@ -218,17 +224,37 @@ def _windows(values: torch.Tensor, window: int) -> list[float]:
 
 
 def load_arm_model(assets: Path, arm: str):
-    from avatar_models.checkpoint import load_checkpoint
-    from avatar_models.mcdm import MCDM, MCDMConfig
-
     path = Path(assets) / f"{ARMS[arm][0]}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"--assets {str(assets)!r}: {path.name} not found (run `make "
                                 f"train-mcdm`, or pass --assets)")
+    return load_model(path)
+
+
+def load_model(path: Path):
+    """(MCDM in eval mode with the EMA weights, the checkpoint's ``extra``) of ``path``."""
+    from avatar_models.checkpoint import load_checkpoint
+    from avatar_models.mcdm import MCDM, MCDMConfig
+
     ckpt = load_checkpoint(path, system="mcdm")
     model = MCDM(MCDMConfig.from_dict(ckpt.config))
     model.load_state_dict(ckpt.weights("ema"))
     return model.eval(), ckpt.extra
+
+
+def sample_pair(model, pair: dict, frames: int, settings, seed: int,
+                archived_clip: str = "rolling") -> torch.Tensor:
+    """The generated video [frames, 3, S, S] in [-1, 1] of one held-out pair, driven with its
+    ground-truth landmarks, noise seed ``seed``."""
+    from samplers.mcdm import mcdm_sample
+
+    out = []
+    mcdm_sample(model, reference=pair["reference"], image=pair["image"], audio=pair["audio"],
+                total_frames=frames, landmarks=pair["landmarks"], settings=settings,
+                writer=lambda x, first: out.append(x.clone()),
+                generator=torch.Generator().manual_seed(seed), progress=False,
+                archived_clip=archived_clip)
+    return torch.cat(out)
 
 
 def summarize(per_arm: dict[str, list[dict]]) -> dict:
@@ -266,7 +292,7 @@ def _fmt(iv: dict) -> str:
 def run_mcdm_demo(options: MCDMDemoOptions, out: Path, progress: bool = True) -> dict:
     """Sample every arm on every held-out pair, evaluate, write ``out/mcdm_demo.json``."""
     from avatar_models.mcdm import MCDMConfig  # noqa: F401  (import cost paid before timing)
-    from samplers.mcdm import MCDMSettings, mcdm_sample
+    from samplers.mcdm import MCDMSettings
 
     start = time.perf_counter()
     out = Path(out)
@@ -282,16 +308,9 @@ def run_mcdm_demo(options: MCDMDemoOptions, out: Path, progress: bool = True) ->
     for i in range(options.pairs):
         pair = held_out_pair(i, options.frames, cfg.latent_size, fps, rate, cfg.audio_dim)
         for arm in options.arms:
-            model, _ = models[arm]
-            frames = []
-            mcdm_sample(model, reference=pair["reference"], image=pair["image"],
-                        audio=pair["audio"], total_frames=options.frames,
-                        landmarks=pair["landmarks"], settings=settings,
-                        writer=lambda x, first: frames.append(x.clone()),
-                        generator=torch.Generator().manual_seed(options.seed + i),
-                        progress=False, archived_clip=ARMS[arm][1])
-            per_arm[arm].append(evaluate(torch.cat(frames), pair, probe, cfg.clip_frames,
-                                         options.window))
+            video = sample_pair(models[arm][0], pair, options.frames, settings,
+                                options.seed + i, ARMS[arm][1])
+            per_arm[arm].append(evaluate(video, pair, probe, cfg.clip_frames, options.window))
         if progress:
             print(f"pair {i + 1}/{options.pairs} done ({time.perf_counter() - start:.0f} s)",
                   flush=True)

@@ -148,7 +148,6 @@ def test_training_recipe_chains_stages_and_sweeps_only_stage_3(tmp_path):
     assert mcdm_train.train_args("s3_no_mta", tmp_path)[-5:-2] == ["--no-memory", "--temporal",
                                                                    "softmax"]
     sweep = mcdm_train.sweep_runs(tmp_path / "s2.safetensors", tmp_path)
-    assert len(sweep) == 3 * (len(mcdm_train.SWEEP_ARCHIVED) + len(mcdm_train.SWEEP_ALPHA))
     for args in sweep.values():
         parsed = build_parser(args).parse_args(args)
         assert parsed.stage == 3 and parsed.init == tmp_path / "s2.safetensors"
