@@ -911,7 +911,7 @@ class MCDMFaces(torch.utils.data.IterableDataset):
 
     def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         from avatar_models.data import procedural_faces as pf
-        from avatar_models.lookahead import energy_features, speech_waveform
+        from avatar_models.data.speech import energy_features, speech_waveform
 
         seeds = torch.randint(0, 2 ** 31 - 1, (3,), generator=gen).tolist()
         start = int(torch.randint(0, self.max_start + 1, (1,), generator=gen))

@@ -61,7 +61,7 @@ def make_inputs(work: Path, frames: int, fps: float) -> tuple[Path, Path]:
     identity's first frame, and the speech waveform whose loudness follows a sampled mouth
     track (``avatar_models.data.procedural_faces.sample_motion``, column 5)."""
     from avatar_models.data import procedural_faces as pf
-    from avatar_models.lookahead import speech_waveform
+    from avatar_models.data.speech import speech_waveform
     from avatar_models.media import write_image
 
     work.mkdir(parents=True, exist_ok=True)

@@ -326,12 +326,8 @@ def _image_latent(path: Path, cfg, vae, device) -> torch.Tensor:
 
 def run_sample(args: argparse.Namespace) -> int:
     from avatar_models.checkpoint import load_checkpoint
-    from avatar_models.lookahead import (
-        LookaheadConfig,
-        LookaheadDiT,
-        NoiseSchedule,
-        energy_features,
-    )
+    from avatar_models.data.speech import energy_features
+    from avatar_models.lookahead import LookaheadConfig, LookaheadDiT, NoiseSchedule
     from avatar_models.media import read_audio, to_uint8_frames
     from samplers.lookahead import (
         LookaheadSettings,

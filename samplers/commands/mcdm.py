@@ -242,7 +242,7 @@ def reference_inputs(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def run_sample(args: argparse.Namespace) -> int:
     from avatar_models.checkpoint import load_checkpoint
-    from avatar_models.lookahead import energy_features
+    from avatar_models.data.speech import energy_features
     from avatar_models.mcdm import MCDM, MCDMConfig
     from avatar_models.media import read_audio, to_uint8_frames
     from samplers.lookahead import StreamingMp4, frames_for_audio

@@ -120,7 +120,7 @@ class Clip:
 
 def make_clip(index: int, frames: int, size: int, bands: int, fps: float,
               sample_rate: int) -> Clip:
-    from avatar_models.lookahead import energy_features, speech_waveform
+    from avatar_models.data.speech import energy_features, speech_waveform
 
     ident = pf.sample_identity(pf.HELD_OUT_SEED_BASE + index)
     params = pf.sample_motion(MOTION_SEED_BASE + index, frames)

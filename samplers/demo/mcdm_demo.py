@@ -166,7 +166,7 @@ def _with_bias(x: torch.Tensor) -> torch.Tensor:
 def held_out_pair(i: int, frames: int, size: int, fps: float, sample_rate: int,
                   bands: int) -> dict:
     """Inputs and ground truth of held-out pair ``i`` (identity seed 1_000_000 + i)."""
-    from avatar_models.lookahead import energy_features, speech_waveform
+    from avatar_models.data.speech import energy_features, speech_waveform
     from avatar_models.mcdm import MCDMFaces
 
     ident = pf.sample_identity(IDENTITY_SEED_BASE + i)

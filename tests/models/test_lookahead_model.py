@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels
+from avatar_models.data.speech import energy_features, speech_waveform
 from avatar_models.lookahead import (
     LookaheadConfig,
     LookaheadDiT,
@@ -13,11 +14,9 @@ from avatar_models.lookahead import (
     LookaheadTrainConfig,
     NoiseSchedule,
     draw_keyframe_offsets,
-    energy_features,
     lookahead_loss,
     lookahead_system,
     lookahead_time,
-    speech_waveform,
 )
 
 P = 16  # tiny: 8x8 latents, patch 2

@@ -240,7 +240,7 @@ def _speech_wav(path, seconds=1.2):
     import av
     import numpy as np
 
-    from avatar_models.lookahead import speech_waveform
+    from avatar_models.data.speech import speech_waveform
 
     wave = speech_waveform(torch.rand(int(seconds * 25), generator=torch.Generator()
                                       .manual_seed(0)), 25.0)

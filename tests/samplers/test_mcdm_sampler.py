@@ -155,7 +155,7 @@ def stage_checkpoints(tmp_path_factory):
 
 def _media(root):
     from avatar_models.data import procedural_faces as pf
-    from avatar_models.lookahead import speech_waveform
+    from avatar_models.data.speech import speech_waveform
     from avatar_models.media import write_image, write_video
 
     video = pf.make_video(3, 4, 10)

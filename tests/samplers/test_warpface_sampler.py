@@ -117,7 +117,7 @@ def test_an_edit_of_subspace_k_changes_only_g_k():
 def files(tmp_path_factory):
     from avatar_models.data import procedural_faces as pf
     from avatar_models.data.patch_pca import PatchPCA
-    from avatar_models.lookahead import speech_waveform
+    from avatar_models.data.speech import speech_waveform
     from avatar_models.media import to_uint8_frames, write_image, write_video
 
     root = tmp_path_factory.mktemp("warpface")
