@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from samplers.demo.metrics import masked_psnr
 from samplers.demo.pipeline import (
     DemoOptions,
     checkpoint_world,
@@ -46,13 +47,8 @@ TIMESTEPS = (50, 150, 300, 500, 700, 900, 999)
 CONDITIONS = ("true", "null", "other_G")
 CHANNEL_GROUP = 8
 PILOT_DATA_SEED = 7  # training data of a pilot: not the bundled run's stream (seed 0)
-
-
-def masked_psnr(video: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> float:
-    """PSNR (dB, peak 1) of ``video`` against ``truth`` over the pixels of ``mask``."""
-    weight = mask.expand_as(truth).float()
-    mse = (((video - truth) ** 2) * weight).sum() / weight.sum().clamp_min(1.0)
-    return float(10 * torch.log10(1.0 / mse.clamp_min(1e-12)))
+PILOT_LR = 3e-4
+PILOT_SEED = 1
 
 
 def _mean(values: list[float]) -> float:
@@ -60,7 +56,7 @@ def _mean(values: list[float]) -> float:
 
 
 def continue_training(model, ckpt, codec, steps: int, mapping_lr_scale: float, *,
-                      lr: float = 3e-4, seed: int = 1, progress: bool = True):
+                      lr: float = PILOT_LR, seed: int = PILOT_SEED, progress: bool = True):
     """The checkpoint's model after ``steps`` more steps of its own demo recipe (batch, loss,
     world) at constant ``lr`` (20 warm-up steps), mapping network at ``lr *
     mapping_lr_scale``, without EMA; returns the raw trained weights, in eval mode."""
@@ -112,8 +108,8 @@ def diagnose(checkpoint: Path = CHECKPOINT, pairs: int = 8,
         with torch.enable_grad():
             model = continue_training(model, ckpt, codec, continue_steps, scale,
                                       progress=progress)
-        pilot = {"continue_steps": continue_steps, "mapping_lr_scale": scale, "lr": 3e-4,
-                 "seed": 1, "data_seed": PILOT_DATA_SEED, "ema": False}
+        pilot = {"continue_steps": continue_steps, "mapping_lr_scale": scale, "lr": PILOT_LR,
+                 "seed": PILOT_SEED, "data_seed": PILOT_DATA_SEED, "ema": False}
     model = model.float()
     schedule = ckpt.extra.get("diffusion")
     diffusion = GaussianDiffusion(DiffusionSchedule(**schedule) if schedule else None)

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from samplers.demo.diagnose import diagnose, format_table, main, masked_psnr
+from samplers.demo.diagnose import diagnose, format_table, main
+from samplers.demo.metrics import masked_psnr
 
 
 @pytest.fixture(autouse=True)
