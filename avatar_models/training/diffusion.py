@@ -108,15 +108,16 @@ class GaussianDiffusion:
         mean = _at(self.posterior_coef_x0, t, xt) * x0 + _at(self.posterior_coef_xt, t, xt) * xt
         return mean, _at(self.posterior_log_var_clipped, t, xt)
 
-    def p_mean_logvar(self, eps: torch.Tensor, var_interp: torch.Tensor, xt: torch.Tensor,
-                      t: torch.Tensor):
-        """Learned-range p(x_{t-1} | x_t): log-var interpolates between the clipped posterior
-        log-variance (v = -1) and log beta_t (v = +1). Returns mean, log-var, predicted x_0."""
+    def p_mean_logvar(self, prediction: torch.Tensor, var_interp: torch.Tensor,
+                      xt: torch.Tensor, t: torch.Tensor):
+        """Learned-range p(x_{t-1} | x_t) from the model's ``prediction`` (epsilon or v, per the
+        schedule): log-var interpolates between the clipped posterior log-variance
+        (var_interp = -1) and log beta_t (+1). Returns mean, log-var, predicted x_0."""
         min_log = _at(self.posterior_log_var_clipped, t, xt)
         max_log = _at(torch.log(self.betas), t, xt)
         frac = (var_interp + 1.0) / 2.0
         log_var = frac * max_log + (1.0 - frac) * min_log
-        x0 = _at(self.sqrt_recip_acp, t, xt) * xt - _at(self.sqrt_recipm1_acp, t, xt) * eps
+        x0 = self.predict_x0(prediction, xt, t)
         mean, _ = self.q_posterior(x0, xt, t)
         return mean, log_var, x0
 
