@@ -295,6 +295,21 @@ def _frames_uint8(name: str, frames: object, ranks=(4,), layout="[T, H, W, 3]") 
     return x.detach().cpu()
 
 
+def write_wav(path: PathLike, wave: torch.Tensor, sample_rate: int) -> Path:
+    """Mono 16-bit PCM wav of ``wave`` [S] in [-1, 1] (clamped); returns the path."""
+    if wave.dim() != 1:
+        raise ValueError(f"wave: expected mono [S], got shape {list(wave.shape)}")
+    pcm = (wave.detach().cpu().float().clamp(-1, 1).numpy()[None] * 32767).round()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=sample_rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(pcm.astype(np.int16), format="s16", layout="mono")
+        frame.sample_rate = sample_rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return Path(path)
+
+
 def write_video(path: PathLike, frames: torch.Tensor | np.ndarray, fps: float, *,
                 audio: torch.Tensor | np.ndarray | None = None, sample_rate: int | None = None,
                 crf: int = 18, pad_to_even: bool = False,

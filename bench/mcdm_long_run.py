@@ -29,7 +29,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "mcdm" / "s3_full.safetensors"
@@ -39,30 +38,13 @@ SAMPLE_RATE = 16000
 _PROGRESS = re.compile(r"(\d+)/(\d+) \[")
 
 
-def write_wav(path: Path, wave: torch.Tensor, sample_rate: int) -> Path:
-    """Mono 16-bit PCM wav of ``wave`` [S] in [-1, 1]."""
-    import av
-
-    if wave.dim() != 1:
-        raise ValueError(f"wave must be mono [S], got shape {list(wave.shape)}")
-    pcm = (wave.clamp(-1, 1).numpy()[None] * 32767).round().astype(np.int16)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("pcm_s16le", rate=sample_rate)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-        frame.sample_rate = sample_rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            container.mux(packet)
-    return path
-
-
 def make_inputs(work: Path, frames: int, fps: float) -> tuple[Path, Path]:
     """(reference face.png, speech.wav lasting ``frames / fps`` s) from the toy world: a held-out
     identity's first frame, and the speech waveform whose loudness follows a sampled mouth
     track (``avatar_models.data.procedural_faces.sample_motion``, column 5)."""
     from avatar_models.data import procedural_faces as pf
     from avatar_models.data.speech import speech_waveform
-    from avatar_models.media import write_image
+    from avatar_models.media import write_image, write_wav
 
     work.mkdir(parents=True, exist_ok=True)
     first = pf.make_video(IDENTITY_SEED, MOTION_SEED, 1)["frames"][0]           # [3, 64, 64]

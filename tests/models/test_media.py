@@ -75,6 +75,18 @@ def test_stereo_audio_and_resampling(tmp_path):
     assert (res[200:-200] - ref[200:-200]).abs().max() < 0.01
 
 
+def test_wav_round_trip_clamps_and_rejects_multichannel(tmp_path):
+    wave = torch.sin(torch.arange(1600) / 5.0) * 0.5
+    wave[:10] = 2.0                                                    # out of range: clamped
+    path = media.write_wav(tmp_path / "a.wav", wave, 16000)
+    back, rate = media.read_audio(path)
+    assert rate == 16000 and back.shape == (1, 1600)
+    assert torch.allclose(back[0, 10:], wave[10:], atol=1 / 32767 + 1e-6)
+    assert torch.allclose(back[0, :10], torch.ones(10), atol=1e-4)
+    with pytest.raises(ValueError, match="wave: expected mono"):
+        media.write_wav(tmp_path / "b.wav", torch.zeros(2, 100), 16000)
+
+
 def test_ntsc_rate_is_kept_as_a_fraction(tmp_path):
     path = media.write_video(tmp_path / "ntsc.mp4", _frames(6, 16, 16), 30000 / 1001)
     with av.open(str(path)) as c:

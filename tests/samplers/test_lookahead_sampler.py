@@ -237,21 +237,12 @@ def test_live_tensor_memory_does_not_grow_with_segments():
 
 
 def _speech_wav(path, seconds=1.2):
-    import av
-    import numpy as np
-
     from avatar_models.data.speech import speech_waveform
+    from avatar_models.media import write_wav
 
     wave = speech_waveform(torch.rand(int(seconds * 25), generator=torch.Generator()
                                       .manual_seed(0)), 25.0)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("pcm_s16le", rate=16000)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray((wave.numpy()[None] * 32767).astype(np.int16),
-                                           format="s16", layout="mono")
-        frame.sample_rate = 16000
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            container.mux(packet)
+    write_wav(path, wave, 16000)
 
 
 def test_cli_train_then_sample_writes_an_mp4_with_audio(tmp_path, capsys):
