@@ -140,19 +140,22 @@ def test_train_demo_writes_checkpoint_and_loss_curve(tmp_path):
 
 
 def test_train_command_is_a_valid_train_anchored_line(tmp_path):
+    """The printed `train anchored` line trains the same model as `train_demo` (which is what
+    lets a model trained by that line be shipped as the `make train-demo` model)."""
     from avatar_models.checkpoint import load_checkpoint
-    from avatar_models.data import procedural_faces as pf
-    from avatar_models.data.patch_pca import PatchPCA
 
-    recipe = DemoRecipe(steps=1, batch_size=2, hidden=32, depth=1, heads=2,
+    recipe = DemoRecipe(steps=3, batch_size=2, hidden=32, depth=1, heads=2, pca_frames=64,
                         prediction_type="v_prediction")
+    train_demo(recipe, tmp_path / "demo.safetensors", progress=False)   # + patch_pca beside it
     out = tmp_path / "cli.safetensors"
-    PatchPCA.fit(pf.autoencoder_fit_frames(64, 0, "fine"), recipe.pca_components, recipe.pca_patch,
-                 recipe.pca_whiten).save(tmp_path / "patch_pca.safetensors")
     argv = shlex.split(train_command(recipe, out))
     assert argv[:3] == ["avatar-kernels", "train", "anchored"]
     assert main(argv[1:] + ["--no-progress"]) == 0
     ckpt = load_checkpoint(out)
+    shipped = load_checkpoint(tmp_path / "demo.safetensors").weights("ema")   # float16
+    trained = ckpt.weights("ema")
+    assert shipped.keys() == trained.keys()
+    assert all(torch.equal(shipped[k], trained[k].to(shipped[k].dtype)) for k in shipped)
     assert ckpt.config == recipe.model_config().to_dict()
     assert ckpt.extra["codec"] == {"kind": "patch-pca", "file": "patch_pca.safetensors"}
     assert ckpt.extra["conditioner"] == CONDITIONER
