@@ -109,12 +109,15 @@ def train_command(recipe: DemoRecipe, out: Path) -> str:
             + f"--out {out}")
 
 
-def plot_loss(losses: list[float], mse: list[float], path: Path, title: str) -> Path:
-    """Per-step loss and weighted epsilon MSE (light) with running means (dark), log scale."""
+def plot_loss(losses: list[float], mse: list[float], path: Path, title: str,
+              prediction_type: str = "epsilon") -> Path:
+    """Per-step loss and the weighted MSE of the predicted target (epsilon or v; light) with
+    running means (dark), log scale."""
     from avatar_models.training.engine import plot_curves
 
-    return plot_curves({"loss = weighted eps MSE + vb": losses, "weighted eps MSE": mse}, path,
-                       title)
+    target = "eps" if prediction_type == "epsilon" else "v"
+    return plot_curves({f"loss = weighted {target} MSE + vb": losses,
+                        f"weighted {target} MSE": mse}, path, title)
 
 
 def compact_checkpoint(path: Path) -> Path:
@@ -201,7 +204,8 @@ def train_demo(recipe: DemoRecipe | None = None, checkpoint: Path = CHECKPOINT, 
     (checkpoint.parent / "loss.json").write_text(json.dumps(record, indent=1) + "\n")
     plot_loss(result.losses, mse, checkpoint.parent / "loss.png",
               f"demo sDiT ({params / 1e6:.2f}M params), seed {recipe.seed}, "
-              f"{recipe.steps} steps x batch {recipe.batch_size}, {wall / 60:.1f} min CPU")
+              f"{recipe.steps} steps x batch {recipe.batch_size}, {wall / 60:.1f} min CPU",
+              recipe.prediction_type)
     print(f"wrote {checkpoint} ({checkpoint.stat().st_size / 1e6:.1f} MB), "
           f"{checkpoint.parent / 'loss.json'}, {checkpoint.parent / 'loss.png'}")
     return record
