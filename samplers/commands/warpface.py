@@ -164,7 +164,8 @@ def validate_train_args(args: argparse.Namespace):
 
 def check_sd15_option(args: argparse.Namespace, cfg) -> None:
     """--sd15: a UNet2DConditionModel folder whose config.json matches the model config."""
-    from avatar_models.warpface_sd15 import check_sd15_config, read_sd15_config, sd15_unet_folder
+    from avatar_models.sd15_weights import read_sd15_config, sd15_unet_folder
+    from avatar_models.warpface_sd15 import check_sd15_config
 
     if args.init is not None:
         raise OptionError("--sd15 and --init both set the starting weights; pass one")
