@@ -3,7 +3,8 @@
 ``samplers/cli.py`` finds this module through its SYSTEMS table.
 
     avatar-kernels train mcdm --stage 0 --config tiny --out s0.safetensors
-    avatar-kernels train mcdm --stage 1 --init s0.safetensors --out s1.safetensors
+    avatar-kernels train mcdm --stage 1 --init s0.safetensors --out s1.safetensors \\
+        [--sd15 SD_DIR]
     avatar-kernels train mcdm --stage 2 --init s1.safetensors --out s2.safetensors
     avatar-kernels train mcdm --stage 3 --init s2.safetensors --out s3.safetensors
     avatar-kernels sample mcdm --checkpoint s3.safetensors --reference face.png \\
@@ -33,6 +34,7 @@ from samplers.commands.validation import (
     OptionError,
     add_device_argument,
     check_checkpoint_file,
+    check_sd15_folder_option,
     dataclass_overrides,
     float_range,
     image_file,
@@ -41,6 +43,7 @@ from samplers.commands.validation import (
     output_file,
     positive_float,
     positive_int,
+    print_note,
     probability,
     resolve_device,
 )
@@ -79,6 +82,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="w/o-MTA ablation (Table 4): F_ac^ref + F_pc^ref, no memory")
     m.add_argument("--memory-alpha", type=float_range(0.0, 1.0), default=None,
                    help="alpha of the memory update (Eq. 5; default: the config's, 0.1)")
+    m.add_argument("--sd15", type=Path, default=None,
+                   help="stage 1: start the denoiser from a local Stable Diffusion 1.5 folder "
+                        "(its unet/, diffusers UNet2DConditionModel weights; nothing "
+                        "downloads); needs a config with unet_layout='sd15' and SD's shapes, "
+                        "e.g. paper (docs/mcdm.md, 'SD1.5 weights')")
 
 
 def validate_train_args(args: argparse.Namespace):
@@ -117,6 +125,15 @@ def validate_train_args(args: argparse.Namespace):
         raise OptionError(f"the toy data is RGB pixels at a divisor of 64 px; config "
                           f"{cfg.name!r} has in_channels={cfg.in_channels}, latent_size="
                           f"{cfg.latent_size}")
+    if args.sd15 is not None:
+        from avatar_models.mcdm_sd15 import check_sd15_config
+
+        if args.stage != 1:
+            raise OptionError(f"--sd15 sets the denoiser's starting weights, which stage 1 "
+                              f"trains (later stages inherit them through --init); got "
+                              f"--stage {args.stage}")
+        check_sd15_folder_option(args.sd15, lambda sd_config, where: check_sd15_config(
+            cfg, sd_config, where))
     return cfg, train, init_meta
 
 
@@ -135,12 +152,23 @@ def run_train(args: argparse.Namespace) -> int:
 
         model.load_state_dict(load_checkpoint(args.init, system="mcdm")
                               .weights(args.init_weights))
+    sd15 = None
+    if args.sd15 is not None:
+        from avatar_models.mcdm_sd15 import load_sd15_denoiser
+
+        sd15 = load_sd15_denoiser(model, args.sd15)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print_note(f"loaded {sd15['loaded']} SD1.5 tensors from {sd15['folder']} into the "
+                       f"denoiser ({sd15['zeroed']} biases SD lacks set to 0, "
+                       f"{sd15['kept_init']} tensors without an SD counterpart kept, "
+                       f"{len(sd15['sd_unused'])} SD text cross-attention tensors unused)")
     if int(os.environ.get("RANK", "0")) == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"training mcdm --stage {tcfg.stage} {cfg.name} ({params / 1e6:.2f}M "
               f"parameters)")
     data = {"kind": "toy", "fps": TOY_FPS, "sample_rate": TOY_SAMPLE_RATE, "audio": "energy"}
-    extra = {"data": data, "init": None if args.init is None else str(args.init)}
+    extra = {"data": data, "init": None if args.init is None else str(args.init),
+             "sd15": None if sd15 is None else sd15["folder"], "sd15_load": sd15}
     # the paper's learning rate is fixed (section 4.1): no decay
     engine_cfg = engine_config_from_args(args, min_lr_ratio=1.0)
     try:
