@@ -230,3 +230,35 @@ def test_sd15_layout_config_checks():
     assert cfg.levels_with_attention == (True, True, True, False)
     assert MCDMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert MCDMConfig.from_name("tiny").levels_with_attention == (True, True)
+
+
+def test_train_stage_1_starts_the_denoiser_from_a_local_sd15_folder(sd_dir, tmp_path, capsys):
+    """`train mcdm --stage 1 --sd15 DIR` (samplers/commands/mcdm.py): the weights are loaded
+    before training and recorded in the checkpoint; wrong stage or config: exit 2, named."""
+    from avatar_models.checkpoint import load_checkpoint
+    from samplers.cli import main
+
+    common = ["--steps", "1", "--batch-size", "1", "--ema-decay", "0", "--no-progress",
+              "--device", "cpu"]
+    s0, s1, lite = (tmp_path / f"{n}.safetensors" for n in ("s0", "s1", "lite"))
+    assert main(["train", "mcdm", "--stage", "0", "--set", "unet_layout=sd15", "--set",
+                 "attention_levels=[true,false]", "--out", str(s0), *common]) == 0
+    assert main(["train", "mcdm", "--stage", "1", "--init", str(s0), "--sd15", str(sd_dir),
+                 "--out", str(s1), *common]) == 0
+    assert "loaded 196 SD1.5 tensors" in capsys.readouterr().err
+    ckpt = load_checkpoint(s1)
+    assert ckpt.extra["sd15"] == str((sd_dir / "unet").resolve())
+    record = ckpt.extra["sd15_load"]
+    assert (record["loaded"], record["zeroed"], len(record["sd_unused"])) == (196, 12, 16)
+    # stage 1 does not train the present-clip attention: it still holds SD's attn2 query
+    sd = _tiny_unet().state_dict()
+    assert torch.equal(ckpt.weights("ema")["denoiser.mid.1.present_attn.q.weight"],
+                       sd["mid_block.attentions.0.transformer_blocks.0.attn2.to_q.weight"])
+    assert main(["train", "mcdm", "--stage", "2", "--init", str(s1), "--sd15", str(sd_dir),
+                 "--out", str(tmp_path / "x.safetensors"), *common]) == 2
+    assert "--sd15 sets the denoiser's starting weights, which stage 1" in capsys.readouterr().err
+    assert main(["train", "mcdm", "--stage", "0", "--out", str(lite), *common]) == 0
+    capsys.readouterr()
+    assert main(["train", "mcdm", "--stage", "1", "--init", str(lite), "--sd15", str(sd_dir),
+                 "--out", str(tmp_path / "x.safetensors"), *common]) == 2
+    assert "--sd15: SD1.5 weights need unet_layout='sd15'" in capsys.readouterr().err
