@@ -929,20 +929,26 @@ class MCDMFaces(torch.utils.data.IterableDataset):
     loudness is the ground-truth mouth opening), ``image`` [48] (the colour-layout stand-in for
     CLIP), ``motion`` [F, 5] (``EXPRESSION_PARAMS``) and the stage-0 pairs rendered exactly:
     ``same_expression`` (other lips) and ``same_lips`` (other expression, same head motion) with
-    their ``motion_*`` targets. Pixels in [-1, 1] at S = ``size``."""
+    their ``motion_*`` targets. Pixels in [-1, 1] at S = ``size``; with ``codec`` (an object
+    with ``encode(frames [..., 3, H, W]) -> latents [..., C, H/p, W/p]``: the patch-PCA stand-in
+    for the VAE, or :class:`avatar_models.conditioning.VAECodec`), the frame entries
+    (:data:`FRAME_KEYS`) are its latents of the frames rendered at ``size`` px."""
+
+    FRAME_KEYS = ("reference", "archived", "clip", "same_expression", "same_lips")
 
     def __init__(self, frames: int = 4, archived: int = 4, size: int = 16, fps: float = 25.0,
                  bands: int = 4, seed: int = 0, max_start: int | None = None,
-                 sample_rate: int = 16000):
+                 sample_rate: int = 16000, codec=None):
         from avatar_models.data import procedural_faces as pf
 
         super().__init__()
         if frames < 1 or archived < 1:
             raise ValueError(f"frames and archived must be >= 1, got {frames}, {archived}")
-        if pf.SIZE % size:
-            raise ValueError(f"size must divide {pf.SIZE}, got {size}")
+        if pf.SIZE % size and size % pf.SIZE:
+            raise ValueError(f"size must divide {pf.SIZE} or be a multiple of it, got {size}")
         self.frames, self.archived, self.size, self.fps = frames, archived, size, fps
         self.bands, self.seed, self.sample_rate = bands, seed, sample_rate
+        self.codec = codec
         self.max_start = 2 * archived if max_start is None else max_start
 
     def __iter__(self):
@@ -981,7 +987,7 @@ class MCDMFaces(torch.utils.data.IterableDataset):
         same_lips[:, lip_cols] = clip_params[:, lip_cols]                    # same lips
         mouth = clip_params[:, lip_cols[0]]
         wave = speech_waveform(mouth, self.fps, self.sample_rate, seed=seeds[1])
-        return {
+        item = {
             "reference": reference, "archived": torch.cat([pad, before]),
             "clip": video[start:], "landmarks": pf.landmarks(clip_params),
             "audio": energy_features(wave, self.sample_rate, self.fps, self.frames, self.bands),
@@ -992,6 +998,10 @@ class MCDMFaces(torch.utils.data.IterableDataset):
             "same_lips": self._render(ident, same_lips)[0],
             "motion_same_lips": same_lips[:, cols],
         }
+        if self.codec is not None:
+            with torch.no_grad():
+                item.update({k: self.codec.encode(item[k]) for k in self.FRAME_KEYS})
+        return item
 
 
 @dataclass(frozen=True)

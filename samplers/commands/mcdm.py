@@ -14,8 +14,10 @@ Each stage after 0 starts from the previous stage's checkpoint (``--init``, chec
 s - 1 run) and trains exactly the modules of :data:`avatar_models.mcdm.STAGE_TABLE`. Training data
 is the toy world (:class:`avatar_models.mcdm.MCDMFaces`: procedural faces, pixels as latents,
 energy-envelope audio of a waveform driven by the true mouth opening, colour-layout image
-embedding, 20 landmarks). Sampling takes pixel-space checkpoints (``in_channels = 3``); latent
-models need a codec this command does not load yet.
+embedding, 20 landmarks). Pixels are the latents of the ``tiny`` toys (``in_channels = 3``);
+a latent model trains on the latents of a codec chosen at stage 0 (``--codec`` patch-PCA file,
+the VAE stand-in, or ``--vae`` AutoencoderKL folder), recorded in every stage's checkpoint;
+``sample`` encodes the reference and decodes the frames with it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from samplers.commands.validation import (
     OptionError,
     add_device_argument,
     check_checkpoint_file,
+    check_model_folder,
     check_sd15_folder_option,
     dataclass_overrides,
     float_range,
@@ -69,6 +72,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which weights of --init to start from")
     parser.add_argument("--landmark-drop", type=probability, default=d.landmark_drop,
                         help="stage 2: probability of dropping the whole landmark clip")
+    codec = parser.add_mutually_exclusive_group()
+    codec.add_argument("--codec", type=input_file("a patch-PCA codec", (".safetensors",)),
+                       help="stage 0: train on the latents of this patch-PCA codec (the VAE "
+                            "stand-in, avatar_models.data.patch_pca; e.g. the one `train "
+                            "warpface` fits); later stages use --init's codec")
+    codec.add_argument("--vae", type=Path, default=None,
+                       help="stage 0: train on the latents of this diffusers AutoencoderKL "
+                            "folder (e.g. SD's vae/; toy frames are resized to latent_size x "
+                            "its factor); later stages use --init's")
     # toy recipe (chosen): the paper's lr 1e-5 / batch 4 / 30k steps is too slow for a CPU toy
     m, _ = add_model_and_output_arguments(
         parser, config_class=MCDMConfig, default_config=DEFAULT_CONFIG,
@@ -121,10 +133,22 @@ def validate_train_args(args: argparse.Namespace):
         train = MCDMTrainConfig(stage=args.stage, landmark_drop=args.landmark_drop)
     except (TypeError, ValueError) as exc:
         raise OptionError(str(exc)) from None
-    if cfg.in_channels != 3 or 64 % cfg.latent_size:
-        raise OptionError(f"the toy data is RGB pixels at a divisor of 64 px; config "
-                          f"{cfg.name!r} has in_channels={cfg.in_channels}, latent_size="
-                          f"{cfg.latent_size}")
+    if init_meta is not None:
+        if args.codec is not None or args.vae is not None:
+            raise OptionError(f"--codec / --vae choose the latents at stage 0; --stage "
+                              f"{args.stage} uses --init's (drop them)")
+        args.codec_source = recorded_codec(args.init, init_meta["extra"])
+    else:
+        args.codec_source = (("patch-pca", args.codec) if args.codec is not None
+                             else ("vae", args.vae) if args.vae is not None else None)
+    option = "--init's codec" if init_meta is not None else "--codec / --vae"
+    pixels = check_codec(args.codec_source, cfg, option)
+    from avatar_models.data.procedural_faces import SIZE
+
+    if SIZE % pixels and pixels % SIZE:
+        raise OptionError(f"the toy frames are {SIZE} px: the model's frames (latent_size "
+                          f"{cfg.latent_size} x the codec's factor = {pixels} px) must divide "
+                          f"{SIZE} or be a multiple of it")
     if args.sd15 is not None:
         from avatar_models.mcdm_sd15 import check_sd15_config
 
@@ -143,8 +167,10 @@ def run_train(args: argparse.Namespace) -> int:
     from avatar_models.training.engine import train
 
     cfg, tcfg, _ = validate_train_args(args)
+    codec = load_codec(args.codec_source, args.device)
     dataset = MCDMFaces(frames=cfg.clip_frames, archived=cfg.archived_frames,
-                        size=cfg.latent_size, bands=cfg.audio_dim, fps=TOY_FPS, seed=args.seed)
+                        size=cfg.latent_size * (1 if codec is None else codec.patch),
+                        bands=cfg.audio_dim, fps=TOY_FPS, seed=args.seed, codec=codec)
     torch.manual_seed(args.seed)
     model = MCDM(cfg, attention_backend=args.attention_backend)
     if args.init is not None:
@@ -168,7 +194,8 @@ def run_train(args: argparse.Namespace) -> int:
               f"parameters)")
     data = {"kind": "toy", "fps": TOY_FPS, "sample_rate": TOY_SAMPLE_RATE, "audio": "energy"}
     extra = {"data": data, "init": None if args.init is None else str(args.init),
-             "sd15": None if sd15 is None else sd15["folder"], "sd15_load": sd15}
+             "sd15": None if sd15 is None else sd15["folder"], "sd15_load": sd15,
+             **codec_record(args.codec_source, args.out)}
     # the paper's learning rate is fixed (section 4.1): no decay
     engine_cfg = engine_config_from_args(args, min_lr_ratio=1.0)
     try:
@@ -177,6 +204,75 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         teardown_world()
     return 0
+
+
+# ---- latent codec (train and sample) ----
+
+def recorded_codec(checkpoint: Path, extra: dict) -> tuple[str, Path] | None:
+    """The codec a checkpoint was trained with: ("patch-pca", file) (recorded relative to the
+    checkpoint), ("vae", folder), or None (pixels as latents)."""
+    from samplers.commands.anchored import sample_codec
+
+    pca = sample_codec(checkpoint, extra)
+    if pca is not None:
+        return "patch-pca", pca
+    return None if not extra.get("vae") else ("vae", Path(extra["vae"]))
+
+
+def check_codec(codec: tuple[str, Path] | None, cfg, option: str) -> int:
+    """Check a codec against the model config (FileNotFoundError / OptionError naming
+    ``option``); returns the frame size in pixels (latent_size x the codec's factor)."""
+    import json
+
+    from samplers.commands.anchored import check_codec_file
+
+    if codec is None:
+        if cfg.in_channels != 3:
+            raise OptionError(f"config {cfg.name!r} works on {cfg.in_channels}-channel latents: "
+                              f"give a codec (--codec FILE or --vae DIR at stage 0)")
+        return cfg.latent_size
+    kind, path = codec
+    if kind == "patch-pca":
+        check_codec_file(path, option)
+        from avatar_models.data.patch_pca import PatchPCA
+
+        pca = PatchPCA.load(path)
+        channels, factor = pca.channels, pca.patch
+    else:
+        folder = check_model_folder(path, option, "vae")
+        vae_cfg = json.loads((folder / "config.json").read_text())
+        channels = vae_cfg.get("latent_channels")
+        factor = 2 ** (len(vae_cfg.get("block_out_channels", (0,))) - 1)
+    if channels != cfg.in_channels:
+        raise OptionError(f"{option} {str(path)!r} gives {channels} latent channels, the model "
+                          f"takes in_channels={cfg.in_channels}")
+    return cfg.latent_size * factor
+
+
+def load_codec(codec: tuple[str, Path] | None, device):
+    """The codec object (``encode`` / ``decode`` / ``patch``), or None for pixel models."""
+    if codec is None:
+        return None
+    kind, path = codec
+    if kind == "patch-pca":
+        from avatar_models.data.patch_pca import PatchPCA
+
+        return PatchPCA.load(path)
+    from avatar_models.conditioning import FrameVAE, VAECodec
+
+    return VAECodec(FrameVAE.from_pretrained(path, device=device))
+
+
+def codec_record(codec: tuple[str, Path] | None, checkpoint: Path) -> dict:
+    """The checkpoint's ``extra`` entries for a codec (what :func:`recorded_codec` reads)."""
+    from samplers.commands.anchored import codec_entry
+
+    if codec is None:
+        return {}
+    kind, path = codec
+    if kind == "patch-pca":
+        return {"codec": codec_entry(path, checkpoint)}
+    return {"vae": str(Path(path).resolve())}
 
 
 # ---- sample ----
@@ -201,6 +297,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
                         help="video frame rate (default: the checkpoint's data fps)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="EMA or raw weights")
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="the AutoencoderKL folder of a checkpoint trained with --vae, when "
+                             "it is no longer where the checkpoint records it")
     parser.add_argument("--fragmented", action="store_true",
                         help="fragmented mp4: playable even after a hard kill")
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -229,9 +328,16 @@ def validate_sample_args(args: argparse.Namespace) -> dict:
         raise OptionError(f"--checkpoint {str(args.checkpoint)!r} is a stage {stage} "
                           f"checkpoint; sampling needs the denoiser (stage 3, or 1-2 for "
                           f"diagnostics)")
-    if cfg.in_channels != 3:
-        raise OptionError(f"--checkpoint: the model works on {cfg.in_channels}-channel latents; "
-                          f"this command samples pixel-space checkpoints only (no codec yet)")
+    codec = recorded_codec(args.checkpoint, meta["extra"])
+    if args.vae is not None:
+        if codec is None or codec[0] != "vae":
+            raise OptionError(f"--vae: --checkpoint {str(args.checkpoint)!r} was not trained on "
+                              f"VAE latents ({'pixels' if codec is None else codec[0]}); drop "
+                              f"--vae")
+        codec = ("vae", args.vae)
+    args.codec_source = codec
+    args.frame_size = check_codec(codec, cfg, "--vae" if args.vae is not None
+                                  else "the codec of --checkpoint")
     data = meta["extra"].get("data", {})
     args.fps = args.fps or float(data.get("fps", TOY_FPS))
     args.landmark_rows = None
@@ -283,7 +389,11 @@ def run_sample(args: argparse.Namespace) -> int:
     wave = wave[0]
     total = args.frames or frames_for_audio(wave.shape[0] / rate, args.fps)
     feats = energy_features(wave, rate, args.fps, total, cfg.audio_dim)      # [T, A]
-    reference, image = reference_inputs(args.reference, cfg.latent_size)
+    reference, image = reference_inputs(args.reference, args.frame_size)
+    codec = load_codec(args.codec_source, args.device)
+    if codec is not None:
+        with torch.no_grad():
+            reference = codec.encode(reference[None])[0].float()             # [C, S, S]
     model = MCDM(cfg, attention_backend=args.attention_backend)
     model.load_state_dict(load_checkpoint(args.checkpoint, system="mcdm").weights(args.weights))
     model = model.to(args.device).eval()
@@ -301,6 +411,7 @@ def run_sample(args: argparse.Namespace) -> int:
             model, reference=reference, image=image, audio=feats, total_frames=total,
             landmarks=args.landmark_rows,
             settings=MCDMSettings(steps=args.steps, prior_steps=args.prior_steps),
+            decode=None if codec is None else lambda z: codec.decode(z.float().cpu()),
             writer=write, generator=torch.Generator().manual_seed(args.seed),
             device=args.device, progress=not args.no_progress)
     seams = report["seams"]

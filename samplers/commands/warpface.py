@@ -183,8 +183,7 @@ def load_codec(path: Path, option: str):
 
 
 def load_vae(path: Path, device):
-    from avatar_models.conditioning import FrameVAE
-    from avatar_models.warpface import VAECodec
+    from avatar_models.conditioning import FrameVAE, VAECodec
 
     return VAECodec(FrameVAE.from_pretrained(path, device=device))
 
