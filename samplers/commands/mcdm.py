@@ -143,6 +143,7 @@ def validate_train_args(args: argparse.Namespace):
                              else ("vae", args.vae) if args.vae is not None else None)
     option = "--init's codec" if init_meta is not None else "--codec / --vae"
     pixels = check_codec(args.codec_source, cfg, option)
+    check_toy_conditions(cfg)
     from avatar_models.data.procedural_faces import SIZE
 
     if SIZE % pixels and pixels % SIZE:
@@ -249,6 +250,19 @@ def check_codec(codec: tuple[str, Path] | None, cfg, option: str) -> int:
     return cfg.latent_size * factor
 
 
+def check_toy_conditions(cfg) -> None:
+    """The image embedding and landmarks are the toy's stand-ins (colour layout, 20 points): a
+    config sized for CLIP / 68 landmarks (``paper``) has no encoder for them in these commands."""
+    from avatar_models.data import procedural_faces as pf
+
+    for field, toy, what in (("image_dim", pf.IDENTITY_DIM, "colour-layout image embedding"),
+                             ("landmark_points", pf.N_LANDMARKS, "landmarks")):
+        if getattr(cfg, field) != toy:
+            raise OptionError(f"config {cfg.name!r} has {field}={getattr(cfg, field)}; the toy "
+                              f"gives {toy} ({what}; CLIP / Wav2Vec2 / 68-point landmark "
+                              f"encoders are not wired into train/sample mcdm)")
+
+
 def load_codec(codec: tuple[str, Path] | None, device):
     """The codec object (``encode`` / ``decode`` / ``patch``), or None for pixel models."""
     if codec is None:
@@ -338,6 +352,7 @@ def validate_sample_args(args: argparse.Namespace) -> dict:
     args.codec_source = codec
     args.frame_size = check_codec(codec, cfg, "--vae" if args.vae is not None
                                   else "the codec of --checkpoint")
+    check_toy_conditions(cfg)
     data = meta["extra"].get("data", {})
     args.fps = args.fps or float(data.get("fps", TOY_FPS))
     args.landmark_rows = None

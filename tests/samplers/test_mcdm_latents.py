@@ -23,6 +23,20 @@ def codec_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny random AutoencoderKL (4 latent channels, factor 2) saved with save_pretrained."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vae")
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                  norm_num_groups=4, sample_size=32).save_pretrained(folder,
+                                                                     safe_serialization=True)
+    return folder
+
+
 def _media(root):
     from avatar_models.data import procedural_faces as pf
     from avatar_models.data.speech import speech_waveform
@@ -86,19 +100,11 @@ def test_patch_pca_stages_carry_the_codec_and_sample_decodes(codec_file, tmp_pat
     assert "was not trained on VAE latents (patch-pca)" in capsys.readouterr().err
 
 
-def test_vae_latents_train_and_sample(tmp_path):
-    from diffusers import AutoencoderKL
-
+def test_vae_latents_train_and_sample(vae_dir, tmp_path):
     from avatar_models.checkpoint import load_checkpoint
     from avatar_models.media import video_info
     from samplers.cli import main
 
-    torch.manual_seed(0)
-    vae_dir = tmp_path / "vae"
-    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                  norm_num_groups=4, sample_size=32).save_pretrained(vae_dir,
-                                                                     safe_serialization=True)
     s0, s1 = tmp_path / "s0.safetensors", tmp_path / "s1.safetensors"
     assert main(["train", "mcdm", "--stage", "0", "--set", "in_channels=4", "--vae",
                  str(vae_dir), "--out", str(s0), *COMMON]) == 0
@@ -112,3 +118,19 @@ def test_vae_latents_train_and_sample(tmp_path):
                  "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     info = video_info(out)
     assert (info.num_frames, info.width, info.height) == (4, 32, 32)      # 16 x factor 2
+
+
+def test_configs_sized_for_clip_and_68_landmarks_are_refused_on_the_toy(vae_dir, tmp_path,
+                                                                       capsys):
+    """The paper config passes the codec checks with a 4-channel VAE, then stops on the toy's
+    image embedding (48-d colour layout, not CLIP's 768) before any model is built."""
+    from samplers.cli import main
+
+    out = str(tmp_path / "x.safetensors")
+    assert main(["train", "mcdm", "--stage", "0", "--config", "paper", "--vae", str(vae_dir),
+                 "--out", out, *COMMON]) == 2
+    assert "has image_dim=768; the toy gives 48 (colour-layout image embedding" in \
+        capsys.readouterr().err
+    assert main(["train", "mcdm", "--stage", "0", "--set", "landmark_points=68", "--out", out,
+                 *COMMON]) == 2
+    assert "has landmark_points=68; the toy gives 20 (landmarks" in capsys.readouterr().err
