@@ -932,13 +932,18 @@ class MCDMFaces(torch.utils.data.IterableDataset):
     their ``motion_*`` targets. Pixels in [-1, 1] at S = ``size``; with ``codec`` (an object
     with ``encode(frames [..., 3, H, W]) -> latents [..., C, H/p, W/p]``: the patch-PCA stand-in
     for the VAE, or :class:`avatar_models.conditioning.VAECodec`), the frame entries
-    (:data:`FRAME_KEYS`) are its latents of the frames rendered at ``size`` px."""
+    (:data:`FRAME_KEYS`) are its latents of the frames rendered at ``size`` px.
+    ``audio_features(waveform [S], sample_rate, fps, frames) -> [frames, A]`` replaces the energy
+    features (e.g. :class:`avatar_models.conditioning.AudioEncoder`'s Wav2Vec2 features) and
+    ``image_embedding(frame [3, 64, 64] in [0, 1]) -> [I]`` the colour layout (e.g. CLIP's image
+    embedding)."""
 
     FRAME_KEYS = ("reference", "archived", "clip", "same_expression", "same_lips")
 
     def __init__(self, frames: int = 4, archived: int = 4, size: int = 16, fps: float = 25.0,
                  bands: int = 4, seed: int = 0, max_start: int | None = None,
-                 sample_rate: int = 16000, codec=None):
+                 sample_rate: int = 16000, codec=None, audio_features=None,
+                 image_embedding=None):
         from avatar_models.data import procedural_faces as pf
 
         super().__init__()
@@ -949,6 +954,7 @@ class MCDMFaces(torch.utils.data.IterableDataset):
         self.frames, self.archived, self.size, self.fps = frames, archived, size, fps
         self.bands, self.seed, self.sample_rate = bands, seed, sample_rate
         self.codec = codec
+        self.audio_features, self.image_embedding = audio_features, image_embedding
         self.max_start = 2 * archived if max_start is None else max_start
 
     def __iter__(self):
@@ -987,11 +993,15 @@ class MCDMFaces(torch.utils.data.IterableDataset):
         same_lips[:, lip_cols] = clip_params[:, lip_cols]                    # same lips
         mouth = clip_params[:, lip_cols[0]]
         wave = speech_waveform(mouth, self.fps, self.sample_rate, seed=seeds[1])
+        if self.audio_features is None:
+            audio = energy_features(wave, self.sample_rate, self.fps, self.frames, self.bands)
+        else:
+            audio = self.audio_features(wave, self.sample_rate, self.fps, self.frames)
+        embed = self.image_embedding or pf.identity_embedding
         item = {
             "reference": reference, "archived": torch.cat([pad, before]),
             "clip": video[start:], "landmarks": pf.landmarks(clip_params),
-            "audio": energy_features(wave, self.sample_rate, self.fps, self.frames, self.bands),
-            "image": pf.identity_embedding(full[0]),
+            "audio": audio, "image": embed(full[0]),
             "motion": clip_params[:, cols],
             "same_expression": self._render(ident, same_expression)[0],
             "motion_same_expression": same_expression[:, cols],

@@ -81,6 +81,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stage 0: train on the latents of this diffusers AutoencoderKL "
                             "folder (e.g. SD's vae/; toy frames are resized to latent_size x "
                             "its factor); later stages use --init's")
+    parser.add_argument("--wav2vec", type=Path, default=None,
+                        help="stage 0: audio features from this local Wav2Vec2Model folder "
+                             "(hidden size = audio_dim) instead of the toy's energy features; "
+                             "later stages and sample use --init's")
+    parser.add_argument("--clip", type=Path, default=None,
+                        help="stage 0: image embedding from this local CLIPModel folder "
+                             "(projection_dim = image_dim) instead of the toy's colour layout; "
+                             "later stages and sample use --init's")
     # toy recipe (chosen): the paper's lr 1e-5 / batch 4 / 30k steps is too slow for a CPU toy
     m, _ = add_model_and_output_arguments(
         parser, config_class=MCDMConfig, default_config=DEFAULT_CONFIG,
@@ -134,16 +142,20 @@ def validate_train_args(args: argparse.Namespace):
     except (TypeError, ValueError) as exc:
         raise OptionError(str(exc)) from None
     if init_meta is not None:
-        if args.codec is not None or args.vae is not None:
-            raise OptionError(f"--codec / --vae choose the latents at stage 0; --stage "
+        given = [o for o, v in (("--codec", args.codec), ("--vae", args.vae),
+                                ("--wav2vec", args.wav2vec), ("--clip", args.clip)) if v]
+        if given:
+            raise OptionError(f"{' / '.join(given)} are chosen at stage 0; --stage "
                               f"{args.stage} uses --init's (drop them)")
         args.codec_source = recorded_codec(args.init, init_meta["extra"])
+        args.encoders = recorded_encoders(init_meta["extra"])
     else:
         args.codec_source = (("patch-pca", args.codec) if args.codec is not None
                              else ("vae", args.vae) if args.vae is not None else None)
+        args.encoders = {"wav2vec": args.wav2vec, "clip": args.clip}
     option = "--init's codec" if init_meta is not None else "--codec / --vae"
     pixels = check_codec(args.codec_source, cfg, option)
-    check_toy_conditions(cfg)
+    check_encoders(args.encoders, cfg, "--init's" if init_meta is not None else "")
     from avatar_models.data.procedural_faces import SIZE
 
     if SIZE % pixels and pixels % SIZE:
@@ -163,15 +175,20 @@ def validate_train_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from avatar_models.mcdm import MCDM, MCDMFaces, mcdm_system
+    from avatar_models.mcdm import MCDM, STAGE_KEYS, MCDMFaces, mcdm_system
     from avatar_models.training.distributed import teardown_world
     from avatar_models.training.engine import train
 
     cfg, tcfg, _ = validate_train_args(args)
     codec = load_codec(args.codec_source, args.device)
+    # only the stages whose loss reads audio and image run the encoders on every item
+    audio_features = image_embedding = None
+    if "audio" in STAGE_KEYS[tcfg.stage]:
+        audio_features, image_embedding = load_encoders(args.encoders, args.device)
     dataset = MCDMFaces(frames=cfg.clip_frames, archived=cfg.archived_frames,
                         size=cfg.latent_size * (1 if codec is None else codec.patch),
-                        bands=cfg.audio_dim, fps=TOY_FPS, seed=args.seed, codec=codec)
+                        bands=cfg.audio_dim, fps=TOY_FPS, seed=args.seed, codec=codec,
+                        audio_features=audio_features, image_embedding=image_embedding)
     torch.manual_seed(args.seed)
     model = MCDM(cfg, attention_backend=args.attention_backend)
     if args.init is not None:
@@ -193,10 +210,13 @@ def run_train(args: argparse.Namespace) -> int:
         params = sum(p.numel() for p in model.parameters())
         print(f"training mcdm --stage {tcfg.stage} {cfg.name} ({params / 1e6:.2f}M "
               f"parameters)")
-    data = {"kind": "toy", "fps": TOY_FPS, "sample_rate": TOY_SAMPLE_RATE, "audio": "energy"}
+    data = {"kind": "toy", "fps": TOY_FPS, "sample_rate": TOY_SAMPLE_RATE,
+            "audio": "energy" if args.encoders["wav2vec"] is None else "wav2vec",
+            "image": "colour-layout" if args.encoders["clip"] is None else "clip"}
     extra = {"data": data, "init": None if args.init is None else str(args.init),
              "sd15": None if sd15 is None else sd15["folder"], "sd15_load": sd15,
-             **codec_record(args.codec_source, args.out)}
+             **codec_record(args.codec_source, args.out),
+             **{k: str(Path(v).resolve()) for k, v in args.encoders.items() if v is not None}}
     # the paper's learning rate is fixed (section 4.1): no decay
     engine_cfg = engine_config_from_args(args, min_lr_ratio=1.0)
     try:
@@ -250,17 +270,61 @@ def check_codec(codec: tuple[str, Path] | None, cfg, option: str) -> int:
     return cfg.latent_size * factor
 
 
-def check_toy_conditions(cfg) -> None:
-    """The image embedding and landmarks are the toy's stand-ins (colour layout, 20 points): a
-    config sized for CLIP / 68 landmarks (``paper``) has no encoder for them in these commands."""
+def recorded_encoders(extra: dict) -> dict:
+    """The Wav2Vec2 / CLIP folders a checkpoint was trained with (None: the toy's stand-ins)."""
+    return {k: None if not extra.get(k) else Path(extra[k]) for k in ("wav2vec", "clip")}
+
+
+def check_encoders(encoders: dict, cfg, source: str) -> None:
+    """The audio and image encoders against the config (their widths), and what has no encoder
+    here against the toy's stand-ins: the image embedding (colour layout, 48) without CLIP and
+    the landmarks (20 points; no 68-point detector is wired). OptionError / FileNotFoundError
+    naming the option (``source``: "--init's", "--checkpoint's" or "" for the options)."""
+    import json
+
     from avatar_models.data import procedural_faces as pf
 
-    for field, toy, what in (("image_dim", pf.IDENTITY_DIM, "colour-layout image embedding"),
-                             ("landmark_points", pf.N_LANDMARKS, "landmarks")):
+    for name, kind, field, key in (("wav2vec", "wav2vec2", "audio_dim", "hidden_size"),
+                                   ("clip", "clip", "image_dim", "projection_dim")):
+        if encoders[name] is None:
+            continue
+        option = f"{source} --{name}".strip()
+        folder = check_model_folder(encoders[name], option, kind)
+        width = json.loads((folder / "config.json").read_text()).get(key)
+        if width != getattr(cfg, field):
+            raise OptionError(f"{option} {str(folder)!r} gives {key}={width}, the model takes "
+                              f"{field}={getattr(cfg, field)}")
+    stand_ins = [("landmark_points", pf.N_LANDMARKS, "landmarks")]
+    if encoders["clip"] is None:
+        stand_ins.append(("image_dim", pf.IDENTITY_DIM, "colour-layout image embedding; or "
+                                                        "--clip DIR at stage 0"))
+    for field, toy, what in stand_ins:
         if getattr(cfg, field) != toy:
             raise OptionError(f"config {cfg.name!r} has {field}={getattr(cfg, field)}; the toy "
-                              f"gives {toy} ({what}; CLIP / Wav2Vec2 / 68-point landmark "
-                              f"encoders are not wired into train/sample mcdm)")
+                              f"gives {toy} ({what})")
+
+
+def load_encoders(encoders: dict, device):
+    """(audio_features, image_embedding) callables for :class:`avatar_models.mcdm.MCDMFaces`
+    from the Wav2Vec2 / CLIP folders (None where the toy's stand-in is used)."""
+    audio_features = image_embedding = None
+    if encoders["wav2vec"] is not None:
+        from avatar_models.conditioning import AudioEncoder
+
+        wav2vec = AudioEncoder.from_pretrained(encoders["wav2vec"], device=device)
+
+        def audio_features(wave, sample_rate, fps, frames):
+            with torch.no_grad():
+                return wav2vec.encode(wave, sample_rate, fps=fps, num_frames=frames).float().cpu()
+    if encoders["clip"] is not None:
+        from avatar_models.conditioning import CLIPEncoder
+
+        clip = CLIPEncoder.from_pretrained(encoders["clip"], device=device)
+
+        def image_embedding(frame):                                   # [3, H, W] in [0, 1]
+            with torch.no_grad():
+                return clip.encode_images(frame * 2 - 1)[0].float().cpu()
+    return audio_features, image_embedding
 
 
 def load_codec(codec: tuple[str, Path] | None, device):
@@ -314,6 +378,12 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", type=Path, default=None,
                         help="the AutoencoderKL folder of a checkpoint trained with --vae, when "
                              "it is no longer where the checkpoint records it")
+    parser.add_argument("--wav2vec", type=Path, default=None,
+                        help="the Wav2Vec2 folder of a checkpoint trained with --wav2vec, when "
+                             "it is no longer where the checkpoint records it")
+    parser.add_argument("--clip", type=Path, default=None,
+                        help="the CLIP folder of a checkpoint trained with --clip, when it is no "
+                             "longer where the checkpoint records it")
     parser.add_argument("--fragmented", action="store_true",
                         help="fragmented mp4: playable even after a hard kill")
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -352,7 +422,15 @@ def validate_sample_args(args: argparse.Namespace) -> dict:
     args.codec_source = codec
     args.frame_size = check_codec(codec, cfg, "--vae" if args.vae is not None
                                   else "the codec of --checkpoint")
-    check_toy_conditions(cfg)
+    args.encoders = recorded_encoders(meta["extra"])
+    for name in ("wav2vec", "clip"):
+        override = getattr(args, name)
+        if override is not None:
+            if args.encoders[name] is None:
+                raise OptionError(f"--{name}: --checkpoint {str(args.checkpoint)!r} was not "
+                                  f"trained with --{name}; drop it")
+            args.encoders[name] = override
+    check_encoders(args.encoders, cfg, "--checkpoint's")
     data = meta["extra"].get("data", {})
     args.fps = args.fps or float(data.get("fps", TOY_FPS))
     args.landmark_rows = None
@@ -377,16 +455,19 @@ def validate_sample_args(args: argparse.Namespace) -> dict:
     return meta
 
 
-def reference_inputs(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reference frame [3, size, size] in [-1, 1], toy image embedding [48]) of an image:
-    centre square crop, resized."""
+def reference_inputs(path: Path, size: int,
+                     image_embedding=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference frame [3, size, size] in [-1, 1], image embedding) of an image: centre square
+    crop, resized; the embedding of its 64 px version in [0, 1], as in training
+    (``image_embedding``, default the toy's colour layout [48])."""
     from avatar_models.data import procedural_faces as pf
     from avatar_models.media import read_image
     from samplers.commands.anchored import resize_frames, square_crop
 
     image, _ = square_crop(read_image(path))
     full = resize_frames(image, pf.SIZE)                                     # [3, 64, 64]
-    return resize_frames(image, size), pf.identity_embedding(((full + 1) / 2).clamp(0, 1))
+    embed = image_embedding or pf.identity_embedding
+    return resize_frames(image, size), embed(((full + 1) / 2).clamp(0, 1))
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -403,8 +484,12 @@ def run_sample(args: argparse.Namespace) -> int:
     wave, rate = read_audio(args.audio, sample_rate=rate)                    # [1, S]
     wave = wave[0]
     total = args.frames or frames_for_audio(wave.shape[0] / rate, args.fps)
-    feats = energy_features(wave, rate, args.fps, total, cfg.audio_dim)      # [T, A]
-    reference, image = reference_inputs(args.reference, args.frame_size)
+    audio_features, image_embedding = load_encoders(args.encoders, args.device)
+    if audio_features is None:
+        feats = energy_features(wave, rate, args.fps, total, cfg.audio_dim)  # [T, A]
+    else:
+        feats = audio_features(wave, rate, args.fps, total)                  # [T, A]
+    reference, image = reference_inputs(args.reference, args.frame_size, image_embedding)
     codec = load_codec(args.codec_source, args.device)
     if codec is not None:
         with torch.no_grad():

@@ -268,11 +268,13 @@ _MODEL_KINDS = {
     "vae": ("a diffusers AutoencoderKL folder", lambda c: c.get("_class_name") == "AutoencoderKL"),
     "clip": ("a transformers CLIPModel folder",
              lambda c: c.get("model_type") == "clip" or "vision_config" in c),
+    "wav2vec2": ("a transformers Wav2Vec2Model folder",
+                 lambda c: c.get("model_type") == "wav2vec2"),
 }
 
 
 def check_model_folder(path: Path, option: str, kind: str) -> Path:
-    """A local model folder of ``kind`` ("vae" or "clip"): raises FileNotFoundError (the
+    """A local model folder of ``kind`` ("vae", "clip" or "wav2vec2"): raises FileNotFoundError (the
     documented error of the loaders) naming the option, the folder and what it must hold."""
     from avatar_models.conditioning._checks import resolve_model_dir
 

@@ -1,6 +1,7 @@
-"""MCDM on codec latents: `train mcdm --codec` (patch-PCA, the VAE stand-in) / `--vae` (a tiny
-random diffusers AutoencoderKL saved to a tmp folder; nothing downloads), the codec carried from
-stage to stage, and `sample mcdm` encoding the reference and decoding the frames."""
+"""MCDM beyond the pixel toys: `train mcdm --codec` (patch-PCA, the VAE stand-in) / `--vae`, and
+`--wav2vec` / `--clip` for the prior's audio and image (tiny random models saved to tmp folders
+by tests/samplers/conftest.py; nothing downloads), carried from stage to stage, and `sample mcdm`
+using them."""
 
 from __future__ import annotations
 
@@ -21,20 +22,6 @@ def codec_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("codec") / "pca.safetensors"
     PatchPCA.fit(pf.autoencoder_fit_frames(32, seed=0), 4, patch=4).save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    """A tiny random AutoencoderKL (4 latent channels, factor 2) saved with save_pretrained."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("vae")
-    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                  norm_num_groups=4, sample_size=32).save_pretrained(folder,
-                                                                     safe_serialization=True)
-    return folder
 
 
 def _media(root):
@@ -100,37 +87,102 @@ def test_patch_pca_stages_carry_the_codec_and_sample_decodes(codec_file, tmp_pat
     assert "was not trained on VAE latents (patch-pca)" in capsys.readouterr().err
 
 
-def test_vae_latents_train_and_sample(vae_dir, tmp_path):
+def test_vae_latents_train_and_sample(tiny_vae_dir, tmp_path):
     from avatar_models.checkpoint import load_checkpoint
     from avatar_models.media import video_info
     from samplers.cli import main
 
     s0, s1 = tmp_path / "s0.safetensors", tmp_path / "s1.safetensors"
     assert main(["train", "mcdm", "--stage", "0", "--set", "in_channels=4", "--vae",
-                 str(vae_dir), "--out", str(s0), *COMMON]) == 0
+                 str(tiny_vae_dir), "--out", str(s0), *COMMON]) == 0
     assert main(["train", "mcdm", "--stage", "1", "--init", str(s0), "--out", str(s1),
                  *COMMON]) == 0
-    assert load_checkpoint(s1).extra["vae"] == str(vae_dir.resolve())
+    assert load_checkpoint(s1).extra["vae"] == str(tiny_vae_dir.resolve())
     face, speech = _media(tmp_path)
     out = tmp_path / "out.mp4"
     assert main(["sample", "mcdm", "--checkpoint", str(s1), "--reference", str(face),
                  "--audio", str(speech), "--frames", "4", "--steps", "1", "--prior-steps", "1",
                  "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     info = video_info(out)
-    assert (info.num_frames, info.width, info.height) == (4, 32, 32)      # 16 x factor 2
+    assert (info.num_frames, info.width, info.height) == (4, 128, 128)    # 16 x factor 8
 
 
-def test_configs_sized_for_clip_and_68_landmarks_are_refused_on_the_toy(vae_dir, tmp_path,
+def test_configs_sized_for_clip_and_68_landmarks_are_refused_on_the_toy(tiny_vae_dir, tmp_path,
                                                                        capsys):
     """The paper config passes the codec checks with a 4-channel VAE, then stops on the toy's
-    image embedding (48-d colour layout, not CLIP's 768) before any model is built."""
+    landmarks (20 points, not 68) and image embedding (48-d colour layout, not CLIP's 768
+    without --clip), before any model is built."""
     from samplers.cli import main
 
-    out = str(tmp_path / "x.safetensors")
-    assert main(["train", "mcdm", "--stage", "0", "--config", "paper", "--vae", str(vae_dir),
-                 "--out", out, *COMMON]) == 2
-    assert "has image_dim=768; the toy gives 48 (colour-layout image embedding" in \
+    paper = ["train", "mcdm", "--stage", "0", "--config", "paper", "--vae", str(tiny_vae_dir),
+             "--out", str(tmp_path / "x.safetensors"), *COMMON]
+    assert main(paper) == 2
+    assert "has landmark_points=68; the toy gives 20 (landmarks)" in capsys.readouterr().err
+    assert main([*paper, "--set", "landmark_points=20"]) == 2
+    assert "has image_dim=768; the toy gives 48 (colour-layout image embedding; or --clip" in \
         capsys.readouterr().err
-    assert main(["train", "mcdm", "--stage", "0", "--set", "landmark_points=68", "--out", out,
-                 *COMMON]) == 2
-    assert "has landmark_points=68; the toy gives 20 (landmarks" in capsys.readouterr().err
+
+
+def test_dataset_takes_audio_and_image_encoders():
+    calls = []
+
+    def audio(wave, rate, fps, frames):
+        calls.append((wave.shape, rate, fps, frames))
+        return torch.full((frames, 6), float(wave.abs().sum()))
+
+    def image(frame):
+        return frame.mean((1, 2))                                         # [3]
+
+    plain = MCDMFaces().sample(torch.Generator().manual_seed(0))
+    item = MCDMFaces(audio_features=audio, image_embedding=image).sample(
+        torch.Generator().manual_seed(0))
+    assert calls == [(torch.Size([int(4 * 16000 / 25)]), 16000, 25.0, 4)]
+    assert item["audio"].shape == (4, 6) and item["image"].shape == (3,)
+    assert torch.equal(item["clip"], plain["clip"])
+
+
+def test_wav2vec_and_clip_reach_the_prior_and_sample(tiny_wav2vec_dir, tiny_clip_dir, tmp_path,
+                                                     capsys, monkeypatch):
+    from avatar_models.checkpoint import load_checkpoint
+    from avatar_models.conditioning.audio import AudioEncoder
+    from avatar_models.media import video_info
+    from samplers.cli import main
+
+    encoded = []                 # frames per AudioEncoder.encode call (energy features: none)
+    original = AudioEncoder.encode
+    monkeypatch.setattr(AudioEncoder, "encode", lambda self, *a, **k: encoded.append(
+        k["num_frames"]) or original(self, *a, **k))
+
+    enc = ["--wav2vec", str(tiny_wav2vec_dir), "--clip", str(tiny_clip_dir)]
+    dims = ["--set", "audio_dim=16", "--set", "image_dim=8"]
+    paths = [tmp_path / f"s{s}.safetensors" for s in range(3)]
+    assert main(["train", "mcdm", "--stage", "0", *dims, *enc, "--out", str(paths[0]),
+                 *COMMON]) == 0
+    for s in (1, 2):
+        assert main(["train", "mcdm", "--stage", str(s), "--init", str(paths[s - 1]), "--out",
+                     str(paths[s]), *COMMON]) == 0
+    assert encoded and set(encoded) == {4}          # stage 2's items only: one clip each
+    encoded.clear()
+    extra = load_checkpoint(paths[2]).extra
+    assert (extra["data"]["audio"], extra["data"]["image"]) == ("wav2vec", "clip")
+    assert extra["wav2vec"] == str(tiny_wav2vec_dir.resolve())
+    assert extra["clip"] == str(tiny_clip_dir.resolve())
+    face, speech = _media(tmp_path)
+    out = tmp_path / "out.mp4"
+    assert main(["sample", "mcdm", "--checkpoint", str(paths[2]), "--reference", str(face),
+                 "--audio", str(speech), "--frames", "4", "--steps", "1", "--prior-steps", "1",
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert video_info(out).num_frames == 4 and encoded == [4]
+    capsys.readouterr()
+    # widths named: Wav2Vec2's hidden size against audio_dim, CLIP's projection against image_dim
+    bad = tmp_path / "bad.safetensors"
+    assert main(["train", "mcdm", "--stage", "0", "--set", "image_dim=8", *enc, "--out",
+                 str(bad), *COMMON]) == 2
+    assert "--wav2vec" in (err := capsys.readouterr().err) and "hidden_size=16" in err \
+        and "audio_dim=4" in err
+    assert main(["train", "mcdm", "--stage", "0", "--set", "audio_dim=16", *enc, "--out",
+                 str(bad), *COMMON]) == 2
+    assert "projection_dim=8, the model takes image_dim=48" in capsys.readouterr().err
+    assert main(["train", "mcdm", "--stage", "1", "--init", str(paths[0]), *enc, "--out",
+                 str(bad), *COMMON]) == 2
+    assert "--wav2vec / --clip are chosen at stage 0" in capsys.readouterr().err
