@@ -43,29 +43,16 @@ def _model(cfg: MCDMConfig | None = None, seed: int = 1) -> MCDM:
     return MCDM(cfg or _cfg(), attention_backend="ref").eval()
 
 
-def _tiny_unet(zero_text_attention: bool = False):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TINY_SD).eval()
-    with torch.no_grad():
-        for name, p in unet.named_parameters():   # away from diffusers' init (zero convs ...)
-            p.add_(torch.randn_like(p) * 0.05)
-            if zero_text_attention and ".attn2.to_out.0." in name:
-                p.zero_()                          # text cross-attention adds 0: comparable
-    return unet
-
-
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
+def sd_dir(tmp_path_factory, random_sd_unet):
     """A Stable Diffusion-style folder: <root>/unet/{config.json, *.safetensors}."""
     root = tmp_path_factory.mktemp("sd15")
-    _tiny_unet().save_pretrained(root / "unet", safe_serialization=True)
+    random_sd_unet(TINY_SD).save_pretrained(root / "unet", safe_serialization=True)
     return root
 
 
-def test_weights_land_bitwise_and_the_rest_keeps_its_values(sd_dir):
-    sd = _tiny_unet().state_dict()
+def test_weights_land_bitwise_and_the_rest_keeps_its_values(sd_dir, random_sd_unet):
+    sd = random_sd_unet(TINY_SD).state_dict()
     model, fresh = _model(), _model()
     record = load_sd15_denoiser(model, sd_dir)
     assert record["folder"] == str((sd_dir / "unet").resolve())
@@ -121,11 +108,11 @@ def test_weights_land_bitwise_and_the_rest_keeps_its_values(sd_dir):
     assert record["zeroed"] == 4 * 3     # 4 transformers (down 1, mid 1, up 2) x (qkv, 2 q) biases
 
 
-def test_loaded_denoiser_computes_what_the_diffusers_unet_computes(tmp_path):
+def test_loaded_denoiser_computes_what_the_diffusers_unet_computes(tmp_path, random_sd_unet):
     """With SD's text cross-attention zeroed, and the reference attentions and the temporal
     layer at their identity init, the loaded denoiser is the diffusers UNet frame by frame,
     whatever F_ac and F_pc hold."""
-    unet = _tiny_unet(zero_text_attention=True)
+    unet = random_sd_unet(TINY_SD, zero_text_attention=True)
     unet.save_pretrained(tmp_path, safe_serialization=True)
     model = _model()
     load_sd15_denoiser(model, tmp_path)
@@ -232,7 +219,8 @@ def test_sd15_layout_config_checks():
     assert MCDMConfig.from_name("tiny").levels_with_attention == (True, True)
 
 
-def test_train_stage_1_starts_the_denoiser_from_a_local_sd15_folder(sd_dir, tmp_path, capsys):
+def test_train_stage_1_starts_the_denoiser_from_a_local_sd15_folder(sd_dir, tmp_path, capsys,
+                                                                    random_sd_unet):
     """`train mcdm --stage 1 --sd15 DIR` (samplers/commands/mcdm.py): the weights are loaded
     before training and recorded in the checkpoint; wrong stage or config: exit 2, named."""
     from avatar_models.checkpoint import load_checkpoint
@@ -251,7 +239,7 @@ def test_train_stage_1_starts_the_denoiser_from_a_local_sd15_folder(sd_dir, tmp_
     record = ckpt.extra["sd15_load"]
     assert (record["loaded"], record["zeroed"], len(record["sd_unused"])) == (196, 12, 16)
     # stage 1 does not train the present-clip attention: it still holds SD's attn2 query
-    sd = _tiny_unet().state_dict()
+    sd = random_sd_unet(TINY_SD).state_dict()
     assert torch.equal(ckpt.weights("ema")["denoiser.mid.1.present_attn.q.weight"],
                        sd["mid_block.attentions.0.transformer_blocks.0.attn2.to_q.weight"])
     assert main(["train", "mcdm", "--stage", "2", "--init", str(s1), "--sd15", str(sd_dir),

@@ -37,6 +37,15 @@ def _media(root):
     return face, speech
 
 
+def _sample(checkpoint, face, speech, out, frames: int, *extra) -> int:
+    from samplers.cli import main
+
+    return main(["sample", "mcdm", "--checkpoint", str(checkpoint), "--reference", str(face),
+                 "--audio", str(speech), "--frames", str(frames), "--steps", "1",
+                 "--prior-steps", "1", "--out", str(out), "--no-progress", "--device", "cpu",
+                 *extra])
+
+
 def test_dataset_frames_are_the_codec_latents(codec_file):
     from avatar_models.data.patch_pca import PatchPCA
 
@@ -66,9 +75,7 @@ def test_patch_pca_stages_carry_the_codec_and_sample_decodes(codec_file, tmp_pat
         assert (path.parent / entry["file"]).resolve() == codec_file.resolve()
     face, speech = _media(tmp_path)
     out = tmp_path / "out.mp4"
-    assert main(["sample", "mcdm", "--checkpoint", str(s1), "--reference", str(face),
-                 "--audio", str(speech), "--frames", "6", "--steps", "1", "--prior-steps", "1",
-                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert _sample(s1, face, speech, out, 6) == 0
     info = video_info(out)
     assert (info.num_frames, info.width, info.height) == (6, 64, 64) and info.has_audio
     capsys.readouterr()
@@ -100,9 +107,7 @@ def test_vae_latents_train_and_sample(tiny_vae_dir, tmp_path):
     assert load_checkpoint(s1).extra["vae"] == str(tiny_vae_dir.resolve())
     face, speech = _media(tmp_path)
     out = tmp_path / "out.mp4"
-    assert main(["sample", "mcdm", "--checkpoint", str(s1), "--reference", str(face),
-                 "--audio", str(speech), "--frames", "4", "--steps", "1", "--prior-steps", "1",
-                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert _sample(s1, face, speech, out, 4) == 0
     info = video_info(out)
     assert (info.num_frames, info.width, info.height) == (4, 128, 128)    # 16 x factor 8
 
@@ -169,9 +174,7 @@ def test_wav2vec_and_clip_reach_the_prior_and_sample(tiny_wav2vec_dir, tiny_clip
     assert extra["clip"] == str(tiny_clip_dir.resolve())
     face, speech = _media(tmp_path)
     out = tmp_path / "out.mp4"
-    assert main(["sample", "mcdm", "--checkpoint", str(paths[2]), "--reference", str(face),
-                 "--audio", str(speech), "--frames", "4", "--steps", "1", "--prior-steps", "1",
-                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert _sample(paths[2], face, speech, out, 4) == 0
     assert video_info(out).num_frames == 4 and encoded == [4]
     capsys.readouterr()
     # widths named: Wav2Vec2's hidden size against audio_dim, CLIP's projection against image_dim
