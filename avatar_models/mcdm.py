@@ -55,9 +55,11 @@ import kernels
 from avatar_models.layers import Attention, Mlp, TimestepEmbedder, temporal_sincos
 from avatar_models.layers.init import vit_init
 from avatar_models.layers.named_config import NamedConfig
+from avatar_models.layers.unet_lite import GegluFeedForward
 from avatar_models.training.diffusion import DiffusionSchedule
 
 TEMPORAL_KINDS = ("performer", "softmax")
+UNET_LAYOUTS = ("lite", "sd15")
 STAGES = (0, 1, 2, 3)
 
 
@@ -75,6 +77,13 @@ class MCDMConfig(NamedConfig):
     layers_per_level: int = 1
     heads: int = 2
     groups: int = 8
+    # "lite" (the toys): transformer = x + GroupNorm(x) + attentions + MLP, no proj_in / proj_out,
+    # a 256-d timestep sinusoid. "sd15": SD1.5's Transformer2DModel (GroupNorm eps 1e-6, 1x1
+    # proj_in / proj_out, GEGLU feed-forward), resnet eps 1e-5 and a channels[0]-d sinusoid, so
+    # that SD1.5's UNet weights load (avatar_models/mcdm_sd15.py)
+    unet_layout: str = "lite"
+    attention_levels: tuple[bool, ...] = ()  # levels with transformers; () = all (SD1.5: the
+    #                                          last has none; the middle block always has one)
     # memory-efficient temporal attention
     temporal: str = "performer"          # "performer" (MTA) or "softmax" (Table 7 "Vanilla")
     memory: bool = True                  # False: w/o-MTA ablation (Table 4)
@@ -103,6 +112,14 @@ class MCDMConfig(NamedConfig):
     motion_out: int = 5                  # motion decoder output (the toy's expression params)
 
     def __post_init__(self):
+        if self.unet_layout not in UNET_LAYOUTS:
+            raise ValueError(f"unet_layout must be one of {UNET_LAYOUTS}, got "
+                             f"{self.unet_layout!r}")
+        object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        if self.attention_levels and (len(self.attention_levels) != len(self.channels) or any(
+                not isinstance(a, bool) for a in self.attention_levels)):
+            raise ValueError(f"attention_levels must be empty (every level) or one bool per level "
+                             f"of channels {tuple(self.channels)}, got {self.attention_levels}")
         if self.temporal not in TEMPORAL_KINDS:
             raise ValueError(f"temporal must be one of {TEMPORAL_KINDS}, got {self.temporal!r}")
         if not 0.0 <= self.memory_alpha <= 1.0:
@@ -136,6 +153,12 @@ class MCDMConfig(NamedConfig):
                                  f"whose width is a multiple of 8")
 
     @property
+    def levels_with_attention(self) -> tuple[bool, ...]:
+        """Per level of ``channels``: whether its (resnet, transformer) pairs have the
+        transformer."""
+        return self.attention_levels or (True,) * len(self.channels)
+
+    @property
     def archived_tokens(self) -> int:
         """m, tokens per archived frame."""
         return (self.latent_size // self.prior_patch) ** 2
@@ -150,13 +173,15 @@ NAMED_CONFIGS: dict[str, dict] = {
     "tiny": dict(in_channels=3, latent_size=16, clip_frames=4, channels=(32, 64), heads=2,
                  groups=8, archived_frames=4, prior_patch=4, prior_dim=32, prior_queries=4,
                  prior_layers=2),
-    # 512 px frames -> SD VAE latents 4 x 64 x 64; SD1.5 widths (320, 640, 1280, 1280), two
-    # resnet+transformer pairs per level, head dim 40/80/160 (SD1.5: 8 heads); a = 16,
+    # 512 px frames -> SD VAE latents 4 x 64 x 64; SD1.5's UNet layout: widths (320, 640, 1280,
+    # 1280), two resnet+transformer pairs per level and none at the last (where SD1.5 has no
+    # attention), head dim 40/80/160 (SD1.5: 8 heads); a = 16,
     # m = (64/4)^2 = 256, n = 16, L = 8, alpha = 0.1 (section 4.1); d = 768 and the token counts
     # are CHOSEN (the paper does not give them); Wav2Vec2-base audio (768), CLIP ViT-L image
     # embedding (768), 68 landmarks rasterised at 64 px (chosen).
     "paper": dict(in_channels=4, latent_size=64, clip_frames=16, channels=(320, 640, 1280, 1280),
-                  layers_per_level=2, heads=8, groups=32, performer_features=148,
+                  layers_per_level=2, heads=8, groups=32, unet_layout="sd15",
+                  attention_levels=(True, True, True, False), performer_features=148,
                   archived_frames=16, prior_patch=4, prior_dim=768, prior_queries=16,
                   motion_dim=768, head_tokens=4, lip_tokens=4, expression_tokens=4,
                   audio_tokens=4, audio_dim=768, image_dim=768, landmark_points=68,
@@ -325,11 +350,18 @@ class TokenBlock(nn.Module):
 
 class MCDMTransformer(nn.Module):
     """The denoiser's transformer block: spatial self-attention, archived-clip and present-clip
-    reference attentions (parallel), memory-efficient temporal attention, feed-forward."""
+    reference attentions (parallel), memory-efficient temporal attention, feed-forward.
+
+    ``unet_layout="sd15"``: SD1.5's Transformer2DModel around them (GroupNorm eps 1e-6, 1x1
+    proj_in / proj_out as linears, GEGLU feed-forward), the self-attention and feed-forward in
+    SD1.5's places (norm1 / attn1, norm3 / ff) and the two reference attentions where SD1.5's
+    text cross-attention was; ``"lite"`` (the toys): no proj_in / proj_out, a GELU MLP."""
 
     def __init__(self, cfg: MCDMConfig, dim: int, seed: int, backend: str | None = None):
         super().__init__()
-        self.norm_in = nn.GroupNorm(cfg.groups, dim)
+        sd15 = cfg.unet_layout == "sd15"
+        self.norm_in = nn.GroupNorm(cfg.groups, dim, eps=1e-6 if sd15 else 1e-5)
+        self.proj_in = nn.Linear(dim, dim) if sd15 else nn.Identity()
         self.norm_self = nn.LayerNorm(dim)
         self.self_attn = Attention(dim, cfg.heads, backend=backend)
         # archived-clip attention adds to the stream directly (zero-init: identity until stage 1)
@@ -342,15 +374,18 @@ class MCDMTransformer(nn.Module):
             dim, cfg.heads, alpha=cfg.memory_alpha, temporal=cfg.temporal, memory=cfg.memory,
             features=cfg.performer_features, seed=seed, backend=backend)
         self.norm_ff = nn.LayerNorm(dim)
-        self.ff = Mlp(dim, 4 * dim)
+        self.ff = GegluFeedForward(dim, 4 * dim) if sd15 else Mlp(dim, 4 * dim)
+        self.proj_out = nn.Linear(dim, dim) if sd15 else nn.Identity()
 
     def reset_parameters(self) -> None:
         for m in (self.norm_in, self.norm_self, self.norm_ff):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        for layer in (self.self_attn.qkv, self.self_attn.proj, self.ff.fc1, self.ff.fc2):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        for layer in (self.self_attn.qkv, self.self_attn.proj, *self.ff.children(),
+                      self.proj_in, self.proj_out):
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.archived_attn.reset_parameters()
         self.present_attn.reset_parameters()
         self.temporal.reset_parameters()
@@ -360,7 +395,7 @@ class MCDMTransformer(nn.Module):
         """x [B*F, C, H, W]; f_ac [B, a*n, d]; f_pc [B, F, K, dm] -> [B*F, C, H, W]."""
         bf, c, hh, ww = x.shape
         b = bf // frames
-        tok = self.norm_in(x).flatten(2).transpose(1, 2)                     # [B*F, S, C]
+        tok = self.proj_in(self.norm_in(x).flatten(2).transpose(1, 2))       # [B*F, S, C]
         tok = tok + self.self_attn(self.norm_self(tok))
         ac_cond = f_ac.repeat_interleave(frames, dim=0)                      # [B*F, a*n, d]
         ac = self.archived_attn(tok, ac_cond)                                # F_ac^ref [B*F, S, C]
@@ -369,7 +404,7 @@ class MCDMTransformer(nn.Module):
         s = tok.shape[1]
         upd = self.temporal(ac.view(b, frames, s, c), pc.view(b, frames, s, c))  # [B, F, S, C]
         tok = tok + upd.reshape(bf, s, c)
-        tok = tok + self.ff(self.norm_ff(tok))
+        tok = self.proj_out(tok + self.ff(self.norm_ff(tok)))
         return x + tok.transpose(1, 2).reshape(bf, c, hh, ww)                # [B*F, C, H, W]
 
 
@@ -380,12 +415,14 @@ class MCDMTransformer(nn.Module):
 class Denoiser(nn.Module):
     """eps(z_t [B, F, C, S, S], t [B], F_ac [B, a, n, d], F_pc [B, F, K, dm]) -> [B, F, C, S, S].
 
-    SD1.5's layout in miniature: conv_in; per level ``layers_per_level`` (ResnetBlock2D,
-    MCDMTransformer) pairs and a Downsample2D (not after the last level); a middle (resnet,
-    transformer, resnet); the mirrored up path with skip connections and Upsample2D; GroupNorm,
-    SiLU, conv_out (PyTorch's default init, as SD's; a zero conv_out would stop every gradient
-    of the first step). SD1.5's lowest level has no attention and its text cross-attention
-    does not exist here (audio enters only through the present-clip prior)."""
+    SD1.5's layout: conv_in; per level ``layers_per_level`` (ResnetBlock2D, MCDMTransformer)
+    pairs, the transformer only at ``levels_with_attention`` (SD1.5's lowest level has none),
+    and a Downsample2D (not after the last level); a middle (resnet, transformer, resnet); the
+    mirrored up path with skip connections and Upsample2D; GroupNorm, SiLU, conv_out (PyTorch's
+    default init, as SD's; a zero conv_out would stop every gradient of the first step). SD1.5's
+    text cross-attention does not exist here (audio enters only through the present-clip prior).
+    With ``unet_layout="sd15"`` the module names and shapes are those that SD1.5's UNet weights
+    map onto (:mod:`avatar_models.mcdm_sd15`)."""
 
     def __init__(self, cfg: MCDMConfig, backend: str | None = None):
         from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -394,13 +431,17 @@ class Denoiser(nn.Module):
         self.config = cfg
         ch = cfg.channels
         temb = 4 * ch[0]
-        self.t_embed = TimestepEmbedder(temb)
+        sd15 = cfg.unet_layout == "sd15"
+        # SD1.5's sinusoid has channels[0] frequencies; the lite toys were trained with 256
+        self.t_embed = TimestepEmbedder(temb, freq_dim=ch[0] if sd15 else 256)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         seed = iter(range(10_000))
+        # SD1.5's resnets: eps 1e-5 (its norm_eps); lite keeps ResnetBlock2D's default 1e-6
+        res_eps = 1e-5 if sd15 else 1e-6
 
         def res(i, o):
             return ResnetBlock2D(in_channels=i, out_channels=o, temb_channels=temb,
-                                 groups=cfg.groups)
+                                 groups=cfg.groups, eps=res_eps)
 
         def attn(c):
             return MCDMTransformer(cfg, c, next(seed), backend)
@@ -408,10 +449,12 @@ class Denoiser(nn.Module):
         self.down = nn.ModuleList()
         skips = [ch[0]]
         prev = ch[0]
+        attend = cfg.levels_with_attention
         for level, c in enumerate(ch):
             pairs = nn.ModuleList()
             for _ in range(cfg.layers_per_level):
-                pairs.append(nn.ModuleList([res(prev, c), attn(c)]))
+                pairs.append(nn.ModuleList([res(prev, c), attn(c)] if attend[level]
+                                           else [res(prev, c)]))
                 prev = c
                 skips.append(c)
             last = level == len(ch) - 1
@@ -425,7 +468,8 @@ class Denoiser(nn.Module):
         for level, c in reversed(list(enumerate(ch))):
             pairs = nn.ModuleList()
             for _ in range(cfg.layers_per_level + 1):
-                pairs.append(nn.ModuleList([res(prev + skips.pop(), c), attn(c)]))
+                r = res(prev + skips.pop(), c)
+                pairs.append(nn.ModuleList([r, attn(c)] if attend[level] else [r]))
                 prev = c
             sample = nn.Identity() if level == 0 else Upsample2D(c, use_conv=True, out_channels=c)
             self.up.append(nn.ModuleList([pairs, sample]))
@@ -447,9 +491,14 @@ class Denoiser(nn.Module):
         ac = f_ac.flatten(1, 2)                                              # [B, a*n, d]
         h = self.conv_in(z.flatten(0, 1))                                    # [B*F, C0, S, S]
         skips = [h]
+
+        def pair(layer: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+            h = layer[0](h, temb)                                            # resnet
+            return layer[1](h, f, ac, f_pc) if len(layer) > 1 else h         # transformer
+
         for pairs, sample in self.down:
-            for resnet, block in pairs:
-                h = block(resnet(h, temb), f, ac, f_pc)
+            for layer in pairs:
+                h = pair(layer, h)
                 skips.append(h)
             if not isinstance(sample, nn.Identity):
                 h = sample(h)
@@ -457,8 +506,8 @@ class Denoiser(nn.Module):
         h = self.mid[0](h, temb)
         h = self.mid[2](self.mid[1](h, f, ac, f_pc), temb)
         for pairs, sample in self.up:
-            for resnet, block in pairs:
-                h = block(resnet(torch.cat([h, skips.pop()], dim=1), temb), f, ac, f_pc)
+            for layer in pairs:
+                h = pair(layer, torch.cat([h, skips.pop()], dim=1))
             if not isinstance(sample, nn.Identity):
                 h = sample(h)
         out = self.conv_out(F.silu(self.norm_out(h)))                        # [B*F, C, S, S]
@@ -880,20 +929,32 @@ class MCDMFaces(torch.utils.data.IterableDataset):
     loudness is the ground-truth mouth opening), ``image`` [48] (the colour-layout stand-in for
     CLIP), ``motion`` [F, 5] (``EXPRESSION_PARAMS``) and the stage-0 pairs rendered exactly:
     ``same_expression`` (other lips) and ``same_lips`` (other expression, same head motion) with
-    their ``motion_*`` targets. Pixels in [-1, 1] at S = ``size``."""
+    their ``motion_*`` targets. Pixels in [-1, 1] at S = ``size``; with ``codec`` (an object
+    with ``encode(frames [..., 3, H, W]) -> latents [..., C, H/p, W/p]``: the patch-PCA stand-in
+    for the VAE, or :class:`avatar_models.conditioning.VAECodec`), the frame entries
+    (:data:`FRAME_KEYS`) are its latents of the frames rendered at ``size`` px.
+    ``audio_features(waveform [S], sample_rate, fps, frames) -> [frames, A]`` replaces the energy
+    features (e.g. :class:`avatar_models.conditioning.AudioEncoder`'s Wav2Vec2 features) and
+    ``image_embedding(frame [3, 64, 64] in [0, 1]) -> [I]`` the colour layout (e.g. CLIP's image
+    embedding)."""
+
+    FRAME_KEYS = ("reference", "archived", "clip", "same_expression", "same_lips")
 
     def __init__(self, frames: int = 4, archived: int = 4, size: int = 16, fps: float = 25.0,
                  bands: int = 4, seed: int = 0, max_start: int | None = None,
-                 sample_rate: int = 16000):
+                 sample_rate: int = 16000, codec=None, audio_features=None,
+                 image_embedding=None):
         from avatar_models.data import procedural_faces as pf
 
         super().__init__()
         if frames < 1 or archived < 1:
             raise ValueError(f"frames and archived must be >= 1, got {frames}, {archived}")
-        if pf.SIZE % size:
-            raise ValueError(f"size must divide {pf.SIZE}, got {size}")
+        if pf.SIZE % size and size % pf.SIZE:
+            raise ValueError(f"size must divide {pf.SIZE} or be a multiple of it, got {size}")
         self.frames, self.archived, self.size, self.fps = frames, archived, size, fps
         self.bands, self.seed, self.sample_rate = bands, seed, sample_rate
+        self.codec = codec
+        self.audio_features, self.image_embedding = audio_features, image_embedding
         self.max_start = 2 * archived if max_start is None else max_start
 
     def __iter__(self):
@@ -932,17 +993,25 @@ class MCDMFaces(torch.utils.data.IterableDataset):
         same_lips[:, lip_cols] = clip_params[:, lip_cols]                    # same lips
         mouth = clip_params[:, lip_cols[0]]
         wave = speech_waveform(mouth, self.fps, self.sample_rate, seed=seeds[1])
-        return {
+        if self.audio_features is None:
+            audio = energy_features(wave, self.sample_rate, self.fps, self.frames, self.bands)
+        else:
+            audio = self.audio_features(wave, self.sample_rate, self.fps, self.frames)
+        embed = self.image_embedding or pf.identity_embedding
+        item = {
             "reference": reference, "archived": torch.cat([pad, before]),
             "clip": video[start:], "landmarks": pf.landmarks(clip_params),
-            "audio": energy_features(wave, self.sample_rate, self.fps, self.frames, self.bands),
-            "image": pf.identity_embedding(full[0]),
+            "audio": audio, "image": embed(full[0]),
             "motion": clip_params[:, cols],
             "same_expression": self._render(ident, same_expression)[0],
             "motion_same_expression": same_expression[:, cols],
             "same_lips": self._render(ident, same_lips)[0],
             "motion_same_lips": same_lips[:, cols],
         }
+        if self.codec is not None:
+            with torch.no_grad():
+                item.update({k: self.codec.encode(item[k]) for k in self.FRAME_KEYS})
+        return item
 
 
 @dataclass(frozen=True)

@@ -825,26 +825,6 @@ class WarpFacePairs(torch.utils.data.IterableDataset):
                 "driving_params": params[j], "identity": torch.tensor(ident_seed)}
 
 
-class VAECodec:
-    """A :class:`~avatar_models.conditioning.FrameVAE` with the patch-PCA codec's interface:
-    ``encode`` frames [..., 3, H, W] in [-1, 1] -> latents [..., C, H/f, W/f] (posterior mean,
-    scaled), ``decode`` back; ``patch`` is the downsampling factor f, ``channels`` C."""
-
-    def __init__(self, vae):
-        self.vae = vae
-        self.patch, self.channels = vae.downsample_factor, vae.latent_channels
-
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        lead = frames.shape[:-3]
-        z = self.vae.encode(frames.reshape(1, -1, *frames.shape[-3:]), output_device="cpu")
-        return z[0].float().reshape(*lead, *z.shape[2:])                 # [..., C, h, w]
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        lead = latents.shape[:-3]
-        x = self.vae.decode(latents.reshape(1, -1, *latents.shape[-3:]), output_device="cpu")
-        return x[0].float().reshape(*lead, *x.shape[2:])                 # [..., 3, H, W]
-
-
 def warpface_system(model: WarpFace, dataset, train: WarpFaceTrainConfig,
                     extra: dict | None = None):
     """The engine's view: the model, :func:`warpface_loss`, one parameter group, the data."""

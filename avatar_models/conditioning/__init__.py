@@ -14,6 +14,7 @@ import importlib
 
 _LAZY = {
     "FrameVAE": "vae",
+    "VAECodec": "vae",
     "CLIPEncoder": "clip",
     "mix_embeddings": "clip",
     "edit_embedding": "clip",

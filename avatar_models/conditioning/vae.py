@@ -125,3 +125,24 @@ class FrameVAE(FrozenModelWrapper):
             outs.append((x.clamp(-1, 1) if clamp else x).to(out_device))
         x = torch.cat(outs)
         return x.reshape(b, t, *x.shape[1:])
+
+
+class VAECodec:
+    """A :class:`FrameVAE` with the patch-PCA codec's interface (what WarpFace's and MCDM's toy
+    data take as ``codec``):
+    ``encode`` frames [..., 3, H, W] in [-1, 1] -> latents [..., C, H/f, W/f] (posterior mean,
+    scaled), ``decode`` back; ``patch`` is the downsampling factor f, ``channels`` C."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.patch, self.channels = vae.downsample_factor, vae.latent_channels
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        lead = frames.shape[:-3]
+        z = self.vae.encode(frames.reshape(1, -1, *frames.shape[-3:]), output_device="cpu")
+        return z[0].float().reshape(*lead, *z.shape[2:])                 # [..., C, h, w]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        lead = latents.shape[:-3]
+        x = self.vae.decode(latents.reshape(1, -1, *latents.shape[-3:]), output_device="cpu")
+        return x[0].float().reshape(*lead, *x.shape[2:])                 # [..., 3, H, W]

@@ -3,7 +3,8 @@
 ``samplers/cli.py`` finds this module through its SYSTEMS table.
 
     avatar-kernels train mcdm --stage 0 --config tiny --out s0.safetensors
-    avatar-kernels train mcdm --stage 1 --init s0.safetensors --out s1.safetensors
+    avatar-kernels train mcdm --stage 1 --init s0.safetensors --out s1.safetensors \\
+        [--sd15 SD_DIR]
     avatar-kernels train mcdm --stage 2 --init s1.safetensors --out s2.safetensors
     avatar-kernels train mcdm --stage 3 --init s2.safetensors --out s3.safetensors
     avatar-kernels sample mcdm --checkpoint s3.safetensors --reference face.png \\
@@ -13,8 +14,10 @@ Each stage after 0 starts from the previous stage's checkpoint (``--init``, chec
 s - 1 run) and trains exactly the modules of :data:`avatar_models.mcdm.STAGE_TABLE`. Training data
 is the toy world (:class:`avatar_models.mcdm.MCDMFaces`: procedural faces, pixels as latents,
 energy-envelope audio of a waveform driven by the true mouth opening, colour-layout image
-embedding, 20 landmarks). Sampling takes pixel-space checkpoints (``in_channels = 3``); latent
-models need a codec this command does not load yet.
+embedding, 20 landmarks). Pixels are the latents of the ``tiny`` toys (``in_channels = 3``);
+a latent model trains on the latents of a codec chosen at stage 0 (``--codec`` patch-PCA file,
+the VAE stand-in, or ``--vae`` AutoencoderKL folder), recorded in every stage's checkpoint;
+``sample`` encodes the reference and decodes the frames with it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from samplers.commands.validation import (
     OptionError,
     add_device_argument,
     check_checkpoint_file,
+    check_model_folder,
+    check_sd15_folder_option,
     dataclass_overrides,
     float_range,
     image_file,
@@ -41,6 +46,7 @@ from samplers.commands.validation import (
     output_file,
     positive_float,
     positive_int,
+    print_note,
     probability,
     resolve_device,
 )
@@ -66,6 +72,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which weights of --init to start from")
     parser.add_argument("--landmark-drop", type=probability, default=d.landmark_drop,
                         help="stage 2: probability of dropping the whole landmark clip")
+    codec = parser.add_mutually_exclusive_group()
+    codec.add_argument("--codec", type=input_file("a patch-PCA codec", (".safetensors",)),
+                       help="stage 0: train on the latents of this patch-PCA codec (the VAE "
+                            "stand-in, avatar_models.data.patch_pca; e.g. the one `train "
+                            "warpface` fits); later stages use --init's codec")
+    codec.add_argument("--vae", type=Path, default=None,
+                       help="stage 0: train on the latents of this diffusers AutoencoderKL "
+                            "folder (e.g. SD's vae/; toy frames are resized to latent_size x "
+                            "its factor); later stages use --init's")
+    parser.add_argument("--wav2vec", type=Path, default=None,
+                        help="stage 0: audio features from this local Wav2Vec2Model folder "
+                             "(hidden size = audio_dim) instead of the toy's energy features; "
+                             "later stages and sample use --init's")
+    parser.add_argument("--clip", type=Path, default=None,
+                        help="stage 0: image embedding from this local CLIPModel folder "
+                             "(projection_dim = image_dim) instead of the toy's colour layout; "
+                             "later stages and sample use --init's")
     # toy recipe (chosen): the paper's lr 1e-5 / batch 4 / 30k steps is too slow for a CPU toy
     m, _ = add_model_and_output_arguments(
         parser, config_class=MCDMConfig, default_config=DEFAULT_CONFIG,
@@ -79,6 +102,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="w/o-MTA ablation (Table 4): F_ac^ref + F_pc^ref, no memory")
     m.add_argument("--memory-alpha", type=float_range(0.0, 1.0), default=None,
                    help="alpha of the memory update (Eq. 5; default: the config's, 0.1)")
+    m.add_argument("--sd15", type=Path, default=None,
+                   help="stage 1: start the denoiser from a local Stable Diffusion 1.5 folder "
+                        "(its unet/, diffusers UNet2DConditionModel weights; nothing "
+                        "downloads); needs a config with unet_layout='sd15' and SD's shapes, "
+                        "e.g. paper (docs/mcdm.md, 'SD1.5 weights')")
 
 
 def validate_train_args(args: argparse.Namespace):
@@ -113,21 +141,54 @@ def validate_train_args(args: argparse.Namespace):
         train = MCDMTrainConfig(stage=args.stage, landmark_drop=args.landmark_drop)
     except (TypeError, ValueError) as exc:
         raise OptionError(str(exc)) from None
-    if cfg.in_channels != 3 or 64 % cfg.latent_size:
-        raise OptionError(f"the toy data is RGB pixels at a divisor of 64 px; config "
-                          f"{cfg.name!r} has in_channels={cfg.in_channels}, latent_size="
-                          f"{cfg.latent_size}")
+    if init_meta is not None:
+        given = [o for o, v in (("--codec", args.codec), ("--vae", args.vae),
+                                ("--wav2vec", args.wav2vec), ("--clip", args.clip)) if v]
+        if given:
+            raise OptionError(f"{' / '.join(given)} are chosen at stage 0; --stage "
+                              f"{args.stage} uses --init's (drop them)")
+        args.codec_source = recorded_codec(args.init, init_meta["extra"])
+        args.encoders = recorded_encoders(init_meta["extra"])
+    else:
+        args.codec_source = (("patch-pca", args.codec) if args.codec is not None
+                             else ("vae", args.vae) if args.vae is not None else None)
+        args.encoders = {"wav2vec": args.wav2vec, "clip": args.clip}
+    option = "--init's codec" if init_meta is not None else "--codec / --vae"
+    pixels = check_codec(args.codec_source, cfg, option)
+    check_encoders(args.encoders, cfg, "--init's" if init_meta is not None else "")
+    from avatar_models.data.procedural_faces import SIZE
+
+    if SIZE % pixels and pixels % SIZE:
+        raise OptionError(f"the toy frames are {SIZE} px: the model's frames (latent_size "
+                          f"{cfg.latent_size} x the codec's factor = {pixels} px) must divide "
+                          f"{SIZE} or be a multiple of it")
+    if args.sd15 is not None:
+        from avatar_models.mcdm_sd15 import check_sd15_config
+
+        if args.stage != 1:
+            raise OptionError(f"--sd15 sets the denoiser's starting weights, which stage 1 "
+                              f"trains (later stages inherit them through --init); got "
+                              f"--stage {args.stage}")
+        check_sd15_folder_option(args.sd15, lambda sd_config, where: check_sd15_config(
+            cfg, sd_config, where))
     return cfg, train, init_meta
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from avatar_models.mcdm import MCDM, MCDMFaces, mcdm_system
+    from avatar_models.mcdm import MCDM, STAGE_KEYS, MCDMFaces, mcdm_system
     from avatar_models.training.distributed import teardown_world
     from avatar_models.training.engine import train
 
     cfg, tcfg, _ = validate_train_args(args)
+    codec = load_codec(args.codec_source, args.device)
+    # only the stages whose loss reads audio and image run the encoders on every item
+    audio_features = image_embedding = None
+    if "audio" in STAGE_KEYS[tcfg.stage]:
+        audio_features, image_embedding = load_encoders(args.encoders, args.device)
     dataset = MCDMFaces(frames=cfg.clip_frames, archived=cfg.archived_frames,
-                        size=cfg.latent_size, bands=cfg.audio_dim, fps=TOY_FPS, seed=args.seed)
+                        size=cfg.latent_size * (1 if codec is None else codec.patch),
+                        bands=cfg.audio_dim, fps=TOY_FPS, seed=args.seed, codec=codec,
+                        audio_features=audio_features, image_embedding=image_embedding)
     torch.manual_seed(args.seed)
     model = MCDM(cfg, attention_backend=args.attention_backend)
     if args.init is not None:
@@ -135,12 +196,27 @@ def run_train(args: argparse.Namespace) -> int:
 
         model.load_state_dict(load_checkpoint(args.init, system="mcdm")
                               .weights(args.init_weights))
+    sd15 = None
+    if args.sd15 is not None:
+        from avatar_models.mcdm_sd15 import load_sd15_denoiser
+
+        sd15 = load_sd15_denoiser(model, args.sd15)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print_note(f"loaded {sd15['loaded']} SD1.5 tensors from {sd15['folder']} into the "
+                       f"denoiser ({sd15['zeroed']} biases SD lacks set to 0, "
+                       f"{sd15['kept_init']} tensors without an SD counterpart kept, "
+                       f"{len(sd15['sd_unused'])} SD text cross-attention tensors unused)")
     if int(os.environ.get("RANK", "0")) == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"training mcdm --stage {tcfg.stage} {cfg.name} ({params / 1e6:.2f}M "
               f"parameters)")
-    data = {"kind": "toy", "fps": TOY_FPS, "sample_rate": TOY_SAMPLE_RATE, "audio": "energy"}
-    extra = {"data": data, "init": None if args.init is None else str(args.init)}
+    data = {"kind": "toy", "fps": TOY_FPS, "sample_rate": TOY_SAMPLE_RATE,
+            "audio": "energy" if args.encoders["wav2vec"] is None else "wav2vec",
+            "image": "colour-layout" if args.encoders["clip"] is None else "clip"}
+    extra = {"data": data, "init": None if args.init is None else str(args.init),
+             "sd15": None if sd15 is None else sd15["folder"], "sd15_load": sd15,
+             **codec_record(args.codec_source, args.out),
+             **{k: str(Path(v).resolve()) for k, v in args.encoders.items() if v is not None}}
     # the paper's learning rate is fixed (section 4.1): no decay
     engine_cfg = engine_config_from_args(args, min_lr_ratio=1.0)
     try:
@@ -149,6 +225,132 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         teardown_world()
     return 0
+
+
+# ---- latent codec (train and sample) ----
+
+def recorded_codec(checkpoint: Path, extra: dict) -> tuple[str, Path] | None:
+    """The codec a checkpoint was trained with: ("patch-pca", file) (recorded relative to the
+    checkpoint), ("vae", folder), or None (pixels as latents)."""
+    from samplers.commands.anchored import sample_codec
+
+    pca = sample_codec(checkpoint, extra)
+    if pca is not None:
+        return "patch-pca", pca
+    return None if not extra.get("vae") else ("vae", Path(extra["vae"]))
+
+
+def check_codec(codec: tuple[str, Path] | None, cfg, option: str) -> int:
+    """Check a codec against the model config (FileNotFoundError / OptionError naming
+    ``option``); returns the frame size in pixels (latent_size x the codec's factor)."""
+    import json
+
+    from samplers.commands.anchored import check_codec_file
+
+    if codec is None:
+        if cfg.in_channels != 3:
+            raise OptionError(f"config {cfg.name!r} works on {cfg.in_channels}-channel latents: "
+                              f"give a codec (--codec FILE or --vae DIR at stage 0)")
+        return cfg.latent_size
+    kind, path = codec
+    if kind == "patch-pca":
+        check_codec_file(path, option)
+        from avatar_models.data.patch_pca import PatchPCA
+
+        pca = PatchPCA.load(path)
+        channels, factor = pca.channels, pca.patch
+    else:
+        folder = check_model_folder(path, option, "vae")
+        vae_cfg = json.loads((folder / "config.json").read_text())
+        channels = vae_cfg.get("latent_channels")
+        factor = 2 ** (len(vae_cfg.get("block_out_channels", (0,))) - 1)
+    if channels != cfg.in_channels:
+        raise OptionError(f"{option} {str(path)!r} gives {channels} latent channels, the model "
+                          f"takes in_channels={cfg.in_channels}")
+    return cfg.latent_size * factor
+
+
+def recorded_encoders(extra: dict) -> dict:
+    """The Wav2Vec2 / CLIP folders a checkpoint was trained with (None: the toy's stand-ins)."""
+    return {k: None if not extra.get(k) else Path(extra[k]) for k in ("wav2vec", "clip")}
+
+
+def check_encoders(encoders: dict, cfg, source: str) -> None:
+    """The audio and image encoders against the config (their widths), and what has no encoder
+    here against the toy's stand-ins: the image embedding (colour layout, 48) without CLIP and
+    the landmarks (20 points; no 68-point detector is wired). OptionError / FileNotFoundError
+    naming the option (``source``: "--init's", "--checkpoint's" or "" for the options)."""
+    import json
+
+    from avatar_models.data import procedural_faces as pf
+
+    for name, kind, field, key in (("wav2vec", "wav2vec2", "audio_dim", "hidden_size"),
+                                   ("clip", "clip", "image_dim", "projection_dim")):
+        if encoders[name] is None:
+            continue
+        option = f"{source} --{name}".strip()
+        folder = check_model_folder(encoders[name], option, kind)
+        width = json.loads((folder / "config.json").read_text()).get(key)
+        if width != getattr(cfg, field):
+            raise OptionError(f"{option} {str(folder)!r} gives {key}={width}, the model takes "
+                              f"{field}={getattr(cfg, field)}")
+    stand_ins = [("landmark_points", pf.N_LANDMARKS, "landmarks")]
+    if encoders["clip"] is None:
+        stand_ins.append(("image_dim", pf.IDENTITY_DIM, "colour-layout image embedding; or "
+                                                        "--clip DIR at stage 0"))
+    for field, toy, what in stand_ins:
+        if getattr(cfg, field) != toy:
+            raise OptionError(f"config {cfg.name!r} has {field}={getattr(cfg, field)}; the toy "
+                              f"gives {toy} ({what})")
+
+
+def load_encoders(encoders: dict, device):
+    """(audio_features, image_embedding) callables for :class:`avatar_models.mcdm.MCDMFaces`
+    from the Wav2Vec2 / CLIP folders (None where the toy's stand-in is used)."""
+    audio_features = image_embedding = None
+    if encoders["wav2vec"] is not None:
+        from avatar_models.conditioning import AudioEncoder
+
+        wav2vec = AudioEncoder.from_pretrained(encoders["wav2vec"], device=device)
+
+        def audio_features(wave, sample_rate, fps, frames):
+            with torch.no_grad():
+                return wav2vec.encode(wave, sample_rate, fps=fps, num_frames=frames).float().cpu()
+    if encoders["clip"] is not None:
+        from avatar_models.conditioning import CLIPEncoder
+
+        clip = CLIPEncoder.from_pretrained(encoders["clip"], device=device)
+
+        def image_embedding(frame):                                   # [3, H, W] in [0, 1]
+            with torch.no_grad():
+                return clip.encode_images(frame * 2 - 1)[0].float().cpu()
+    return audio_features, image_embedding
+
+
+def load_codec(codec: tuple[str, Path] | None, device):
+    """The codec object (``encode`` / ``decode`` / ``patch``), or None for pixel models."""
+    if codec is None:
+        return None
+    kind, path = codec
+    if kind == "patch-pca":
+        from avatar_models.data.patch_pca import PatchPCA
+
+        return PatchPCA.load(path)
+    from avatar_models.conditioning import FrameVAE, VAECodec
+
+    return VAECodec(FrameVAE.from_pretrained(path, device=device))
+
+
+def codec_record(codec: tuple[str, Path] | None, checkpoint: Path) -> dict:
+    """The checkpoint's ``extra`` entries for a codec (what :func:`recorded_codec` reads)."""
+    from samplers.commands.anchored import codec_entry
+
+    if codec is None:
+        return {}
+    kind, path = codec
+    if kind == "patch-pca":
+        return {"codec": codec_entry(path, checkpoint)}
+    return {"vae": str(Path(path).resolve())}
 
 
 # ---- sample ----
@@ -173,6 +375,15 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
                         help="video frame rate (default: the checkpoint's data fps)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="EMA or raw weights")
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="the AutoencoderKL folder of a checkpoint trained with --vae, when "
+                             "it is no longer where the checkpoint records it")
+    parser.add_argument("--wav2vec", type=Path, default=None,
+                        help="the Wav2Vec2 folder of a checkpoint trained with --wav2vec, when "
+                             "it is no longer where the checkpoint records it")
+    parser.add_argument("--clip", type=Path, default=None,
+                        help="the CLIP folder of a checkpoint trained with --clip, when it is no "
+                             "longer where the checkpoint records it")
     parser.add_argument("--fragmented", action="store_true",
                         help="fragmented mp4: playable even after a hard kill")
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -201,9 +412,25 @@ def validate_sample_args(args: argparse.Namespace) -> dict:
         raise OptionError(f"--checkpoint {str(args.checkpoint)!r} is a stage {stage} "
                           f"checkpoint; sampling needs the denoiser (stage 3, or 1-2 for "
                           f"diagnostics)")
-    if cfg.in_channels != 3:
-        raise OptionError(f"--checkpoint: the model works on {cfg.in_channels}-channel latents; "
-                          f"this command samples pixel-space checkpoints only (no codec yet)")
+    codec = recorded_codec(args.checkpoint, meta["extra"])
+    if args.vae is not None:
+        if codec is None or codec[0] != "vae":
+            raise OptionError(f"--vae: --checkpoint {str(args.checkpoint)!r} was not trained on "
+                              f"VAE latents ({'pixels' if codec is None else codec[0]}); drop "
+                              f"--vae")
+        codec = ("vae", args.vae)
+    args.codec_source = codec
+    args.frame_size = check_codec(codec, cfg, "--vae" if args.vae is not None
+                                  else "the codec of --checkpoint")
+    args.encoders = recorded_encoders(meta["extra"])
+    for name in ("wav2vec", "clip"):
+        override = getattr(args, name)
+        if override is not None:
+            if args.encoders[name] is None:
+                raise OptionError(f"--{name}: --checkpoint {str(args.checkpoint)!r} was not "
+                                  f"trained with --{name}; drop it")
+            args.encoders[name] = override
+    check_encoders(args.encoders, cfg, "--checkpoint's")
     data = meta["extra"].get("data", {})
     args.fps = args.fps or float(data.get("fps", TOY_FPS))
     args.landmark_rows = None
@@ -228,16 +455,19 @@ def validate_sample_args(args: argparse.Namespace) -> dict:
     return meta
 
 
-def reference_inputs(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reference frame [3, size, size] in [-1, 1], toy image embedding [48]) of an image:
-    centre square crop, resized."""
+def reference_inputs(path: Path, size: int,
+                     image_embedding=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference frame [3, size, size] in [-1, 1], image embedding) of an image: centre square
+    crop, resized; the embedding of its 64 px version in [0, 1], as in training
+    (``image_embedding``, default the toy's colour layout [48])."""
     from avatar_models.data import procedural_faces as pf
     from avatar_models.media import read_image
     from samplers.commands.anchored import resize_frames, square_crop
 
     image, _ = square_crop(read_image(path))
     full = resize_frames(image, pf.SIZE)                                     # [3, 64, 64]
-    return resize_frames(image, size), pf.identity_embedding(((full + 1) / 2).clamp(0, 1))
+    embed = image_embedding or pf.identity_embedding
+    return resize_frames(image, size), embed(((full + 1) / 2).clamp(0, 1))
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -254,8 +484,16 @@ def run_sample(args: argparse.Namespace) -> int:
     wave, rate = read_audio(args.audio, sample_rate=rate)                    # [1, S]
     wave = wave[0]
     total = args.frames or frames_for_audio(wave.shape[0] / rate, args.fps)
-    feats = energy_features(wave, rate, args.fps, total, cfg.audio_dim)      # [T, A]
-    reference, image = reference_inputs(args.reference, cfg.latent_size)
+    audio_features, image_embedding = load_encoders(args.encoders, args.device)
+    if audio_features is None:
+        feats = energy_features(wave, rate, args.fps, total, cfg.audio_dim)  # [T, A]
+    else:
+        feats = audio_features(wave, rate, args.fps, total)                  # [T, A]
+    reference, image = reference_inputs(args.reference, args.frame_size, image_embedding)
+    codec = load_codec(args.codec_source, args.device)
+    if codec is not None:
+        with torch.no_grad():
+            reference = codec.encode(reference[None])[0].float()             # [C, S, S]
     model = MCDM(cfg, attention_backend=args.attention_backend)
     model.load_state_dict(load_checkpoint(args.checkpoint, system="mcdm").weights(args.weights))
     model = model.to(args.device).eval()
@@ -273,6 +511,7 @@ def run_sample(args: argparse.Namespace) -> int:
             model, reference=reference, image=image, audio=feats, total_frames=total,
             landmarks=args.landmark_rows,
             settings=MCDMSettings(steps=args.steps, prior_steps=args.prior_steps),
+            decode=None if codec is None else lambda z: codec.decode(z.float().cpu()),
             writer=write, generator=torch.Generator().manual_seed(args.seed),
             device=args.device, progress=not args.no_progress)
     seams = report["seams"]

@@ -192,6 +192,8 @@ def dataclass_overrides(cls, items: list[str], option: str, defaults: dict | Non
         given = f"{option} {key}={value if not isinstance(value, str) else repr(value)}"
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if expected is tuple and isinstance(value, list):   # JSON lists for tuple fields
+            value = tuple(value)
         if expected is not None and type(value) is not expected:
             raise OptionError(f"{given}: {key} must be {expected.__name__}, got "
                               f"{type(value).__name__}")
@@ -266,11 +268,13 @@ _MODEL_KINDS = {
     "vae": ("a diffusers AutoencoderKL folder", lambda c: c.get("_class_name") == "AutoencoderKL"),
     "clip": ("a transformers CLIPModel folder",
              lambda c: c.get("model_type") == "clip" or "vision_config" in c),
+    "wav2vec2": ("a transformers Wav2Vec2Model folder",
+                 lambda c: c.get("model_type") == "wav2vec2"),
 }
 
 
 def check_model_folder(path: Path, option: str, kind: str) -> Path:
-    """A local model folder of ``kind`` ("vae" or "clip"): raises FileNotFoundError (the
+    """A local model folder of ``kind`` ("vae", "clip" or "wav2vec2"): raises FileNotFoundError (the
     documented error of the loaders) naming the option, the folder and what it must hold."""
     from avatar_models.conditioning._checks import resolve_model_dir
 
@@ -318,3 +322,20 @@ def print_note(message: str) -> None:
     """A line about something a command skipped or assumed, on stderr."""
     print(f"note: {message}", file=sys.stderr)
 
+
+
+def check_sd15_folder_option(path: Path, check_config, option: str = "--sd15") -> Path:
+    """An SD1.5 UNet folder (``path/unet`` or ``path``) whose config.json passes
+    ``check_config(sd_config, where)`` (a system's check, raising ValueError): the folder, or
+    FileNotFoundError / OptionError naming the option."""
+    from avatar_models.sd15_weights import read_sd15_config, sd15_unet_folder
+
+    try:
+        folder = sd15_unet_folder(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{option}: {exc}") from None
+    try:
+        check_config(read_sd15_config(folder), str(folder / "config.json"))
+    except ValueError as exc:
+        raise OptionError(f"{option}: {exc}") from None
+    return folder

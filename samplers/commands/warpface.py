@@ -41,6 +41,7 @@ from samplers.commands.validation import (
     add_device_argument,
     check_checkpoint_file,
     check_model_folder,
+    check_sd15_folder_option,
     check_video_file,
     dataclass_overrides,
     float_range,
@@ -164,18 +165,12 @@ def validate_train_args(args: argparse.Namespace):
 
 def check_sd15_option(args: argparse.Namespace, cfg) -> None:
     """--sd15: a UNet2DConditionModel folder whose config.json matches the model config."""
-    from avatar_models.warpface_sd15 import check_sd15_config, read_sd15_config, sd15_unet_folder
+    from avatar_models.warpface_sd15 import check_sd15_config
 
     if args.init is not None:
         raise OptionError("--sd15 and --init both set the starting weights; pass one")
-    try:
-        folder = sd15_unet_folder(args.sd15)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"--sd15: {exc}") from None
-    try:
-        check_sd15_config(cfg, read_sd15_config(folder), str(folder / "config.json"))
-    except ValueError as exc:
-        raise OptionError(f"--sd15: {exc}") from None
+    check_sd15_folder_option(args.sd15, lambda sd_config, where: check_sd15_config(
+        cfg, sd_config, where))
 
 
 def load_codec(path: Path, option: str):
@@ -188,8 +183,7 @@ def load_codec(path: Path, option: str):
 
 
 def load_vae(path: Path, device):
-    from avatar_models.conditioning import FrameVAE
-    from avatar_models.warpface import VAECodec
+    from avatar_models.conditioning import FrameVAE, VAECodec
 
     return VAECodec(FrameVAE.from_pretrained(path, device=device))
 

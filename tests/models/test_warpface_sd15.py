@@ -33,31 +33,16 @@ def _cfg(**kw) -> WarpFaceConfig:
         feed_forward="geglu", transformer_norm_eps=1e-6, **kw)
 
 
-def _tiny_unet(zero_text_attention: bool = False):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TINY_SD).eval()
-    with torch.no_grad():
-        for p in unet.parameters():      # away from diffusers' init (zero convs, unit norms)
-            p.add_(torch.randn_like(p) * 0.05)
-        if zero_text_attention:          # text cross-attention adds 0: comparable with ours
-            for name, p in unet.named_parameters():
-                if ".attn2.to_out.0." in name:
-                    p.zero_()
-    return unet
-
-
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
+def sd_dir(tmp_path_factory, random_sd_unet):
     """A Stable Diffusion-style folder: <root>/unet/{config.json, *.safetensors}."""
     root = tmp_path_factory.mktemp("sd15")
-    _tiny_unet().save_pretrained(root / "unet", safe_serialization=True)
+    random_sd_unet(TINY_SD).save_pretrained(root / "unet", safe_serialization=True)
     return root
 
 
-def test_weights_land_in_both_unets_and_new_parts_keep_their_init(sd_dir):
-    unet = _tiny_unet()
+def test_weights_land_in_both_unets_and_new_parts_keep_their_init(sd_dir, random_sd_unet):
+    unet = random_sd_unet(TINY_SD)
     sd = unet.state_dict()
     torch.manual_seed(1)
     model = WarpFace(_cfg(), **REF)
@@ -102,11 +87,11 @@ def test_weights_land_in_both_unets_and_new_parts_keep_their_init(sd_dir):
     assert not params["denoising_net.mid_attn.motion.q.bias"].any()
 
 
-def test_loaded_unets_compute_what_the_diffusers_unet_computes(tmp_path):
+def test_loaded_unets_compute_what_the_diffusers_unet_computes(tmp_path, random_sd_unet):
     """With SD's text cross-attention zeroed and the plain-CA arm (identity at init), the loaded
     DenoisingNet without reference tokens is the diffusers UNet; ReferenceNet's recorded tokens
     are the inputs of the UNet's self-attentions in the down and middle blocks."""
-    unet = _tiny_unet(zero_text_attention=True)
+    unet = random_sd_unet(TINY_SD, zero_text_attention=True)
     unet.save_pretrained(tmp_path, safe_serialization=True)
     model = WarpFace(_cfg(motion_attention="cross"), **REF).eval()
     load_sd15_unets(model, tmp_path)

@@ -30,6 +30,29 @@ def save_tiny_vae(folder) -> None:
         .save_pretrained(folder, safe_serialization=True)
 
 
+def save_tiny_wav2vec(folder) -> None:
+    """A Wav2Vec2Model with hidden size 16 (stride 80 samples) and its preprocessor config."""
+    import json
+
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    Wav2Vec2Model(Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8, 8), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4),
+        num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, vocab_size=10)) \
+        .save_pretrained(folder, safe_serialization=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"sampling_rate": 16000, "do_normalize": True, "feature_size": 1}))
+
+
+@pytest.fixture(scope="session")
+def tiny_wav2vec_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "wav2vec2"
+    save_tiny_wav2vec(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "clip"

@@ -321,28 +321,17 @@ def test_distance_pilot_moves_only_the_clean_frames_time():
     assert not torch.equal(frames[1], frames[8])
 
 
-def test_cli_sample_on_real_inputs_with_local_wav2vec_and_vae_folders(tmp_path, tiny_vae_dir):
+def test_cli_sample_on_real_inputs_with_local_wav2vec_and_vae_folders(tmp_path, tiny_vae_dir,
+                                                                      tiny_wav2vec_dir):
     """The real-data path of `sample lookahead`: a latent-space checkpoint trained on wav2vec
     features, sampled from a photo and a wav with local (tiny, random) Wav2Vec2 and VAE
     folders; the mp4 has the VAE's pixel size and the audio's duration."""
-    import json
-
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
-
     from avatar_models.checkpoint import save_checkpoint
     from avatar_models.lookahead import LookaheadConfig, LookaheadDiT
     from avatar_models.media import read_audio, video_info, write_image
     from samplers.cli import main
 
-    w2v = tmp_path / "w2v"
-    torch.manual_seed(0)
-    Wav2Vec2Model(Wav2Vec2Config(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        conv_dim=(8, 8, 8), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4),
-        num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, vocab_size=10)) \
-        .save_pretrained(w2v, safe_serialization=True)
-    (w2v / "preprocessor_config.json").write_text(json.dumps(
-        {"sampling_rate": 16000, "do_normalize": True, "feature_size": 1}))
+    w2v = tiny_wav2vec_dir
     # 4 latent channels at 4x4 = 32x32 pixels through the tiny VAE's 8x downsampling
     cfg = LookaheadConfig.from_name("tiny", in_channels=4, input_height=4, input_width=4,
                                     audio_dim=16)
