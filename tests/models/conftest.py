@@ -25,3 +25,16 @@ def random_sd_unet():
         return unet
 
     return make
+
+
+@pytest.fixture(scope="session")
+def random_sd15_folder(tmp_path_factory, random_sd_unet):
+    """``random_sd15_folder(config)``: a Stable Diffusion-style folder
+    ``<root>/unet/{config.json, *.safetensors}`` holding ``random_sd_unet(config)``."""
+
+    def make(config: dict):
+        root = tmp_path_factory.mktemp("sd15")
+        random_sd_unet(config).save_pretrained(root / "unet", safe_serialization=True)
+        return root
+
+    return make

@@ -44,11 +44,8 @@ def _model(cfg: MCDMConfig | None = None, seed: int = 1) -> MCDM:
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory, random_sd_unet):
-    """A Stable Diffusion-style folder: <root>/unet/{config.json, *.safetensors}."""
-    root = tmp_path_factory.mktemp("sd15")
-    random_sd_unet(TINY_SD).save_pretrained(root / "unet", safe_serialization=True)
-    return root
+def sd_dir(random_sd15_folder):
+    return random_sd15_folder(TINY_SD)
 
 
 def test_weights_land_bitwise_and_the_rest_keeps_its_values(sd_dir, random_sd_unet):

@@ -34,11 +34,8 @@ def _cfg(**kw) -> WarpFaceConfig:
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory, random_sd_unet):
-    """A Stable Diffusion-style folder: <root>/unet/{config.json, *.safetensors}."""
-    root = tmp_path_factory.mktemp("sd15")
-    random_sd_unet(TINY_SD).save_pretrained(root / "unet", safe_serialization=True)
-    return root
+def sd_dir(random_sd15_folder):
+    return random_sd15_folder(TINY_SD)
 
 
 def test_weights_land_in_both_unets_and_new_parts_keep_their_init(sd_dir, random_sd_unet):
