@@ -161,7 +161,7 @@ def test_train_command_is_a_valid_train_anchored_line(tmp_path):
     assert ckpt.extra["conditioner"] == CONDITIONER
     assert ckpt.extra["dataset_args"]["world"] == "fine" and checkpoint_world(ckpt) == "fine"
     assert ckpt.extra["diffusion"]["prediction_type"] == "v_prediction"
-    assert "--prediction-type" not in train_command(DemoRecipe(), out)  # the paper's default
+    assert "--prediction-type epsilon" in train_command(DemoRecipe(prediction_type="epsilon"), out)
 
 
 def test_demo_arguments_are_checked(tmp_path, capsys):
