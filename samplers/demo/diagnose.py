@@ -20,6 +20,11 @@ channels (PCA components in order of variance) shows which components the model 
 Nothing here is a ranking metric of the demo's protocol: it says why the protocol's numbers are
 what they are (docs/demo.md, "Why the fidelity target is missed").
 
+``--samples K`` also draws K full samples (noise seeds 0..K-1) per pair: the mean PSNR of one
+sample, the PSNR of the pixel mean of the K samples, and the PSNR between samples 0 and 1. If
+the samples are draws from a posterior around its mean, one sample is twice as far from the
+truth as the mean (in MSE) and the K-sample mean approaches the posterior mean.
+
 ``--continue-steps N`` first continues the checkpoint's weights for N steps of its own recipe
 (fresh data, constant lr, raw weights: no EMA) with the given mapping-network learning-rate
 scale: a pilot of a recipe change, read on the same table.
@@ -86,7 +91,7 @@ def continue_training(model, ckpt, codec, steps: int, mapping_lr_scale: float, *
 def diagnose(checkpoint: Path = CHECKPOINT, pairs: int = 8,
              timesteps: tuple[int, ...] = TIMESTEPS, ddim_steps: int = 25,
              progress: bool = True, continue_steps: int = 0,
-             mapping_lr_scale: float | None = None) -> dict:
+             mapping_lr_scale: float | None = None, samples: int = 1) -> dict:
     """The diagnostics of ``checkpoint`` (see the module docstring), means over ``pairs``;
     with ``continue_steps``, of its weights after :func:`continue_training`."""
     from avatar_models.anchored_diffusion import Conditions
@@ -94,6 +99,8 @@ def diagnose(checkpoint: Path = CHECKPOINT, pairs: int = 8,
 
     if pairs < 2:
         raise ValueError(f"pairs: expected >= 2 (other_G takes the next pair's G), got {pairs}")
+    if samples < 1:
+        raise ValueError(f"samples: expected >= 1, got {samples}")
     device = torch.device("cpu")
     model, ckpt, codec = load_model(Path(checkpoint), device)
     if codec is None:
@@ -123,6 +130,7 @@ def diagnose(checkpoint: Path = CHECKPOINT, pairs: int = 8,
     opts = DemoOptions(steps=ddim_steps, progress=False)
     per_t = {t: {c: [] for c in CONDITIONS} | {"eps_mse": []} for t in timesteps}
     rows = {"ddim": [], "codec": [], "mean_image": []}
+    spread = {"single": [], "mean_of_samples": [], "between_samples": []}   # per pair
     for p, d in enumerate(data):
         truth, face_hair = d["truth"], d["regions"]["face_hair"]            # [T, 3|1, 64, 64]
         x0 = codec.encode(truth * 2 - 1)[None]                              # [1, T, C, h, w]
@@ -147,9 +155,14 @@ def diagnose(checkpoint: Path = CHECKPOINT, pairs: int = 8,
                     per_t[t]["eps_mse"].append(
                         [float(err[i:i + CHANNEL_GROUP].mean())
                          for i in range(0, channels, CHANNEL_GROUP)])
-        video, _ = sample_video(model, schedule, "independent", g, d["controls"], opts, 0,
-                                device, codec)
-        rows["ddim"].append(masked_psnr(video, truth, face_hair))
+        videos = [sample_video(model, schedule, "independent", g, d["controls"], opts, seed,
+                               device, codec)[0] for seed in range(samples)]
+        rows["ddim"].append(masked_psnr(videos[0], truth, face_hair))
+        if samples > 1:
+            spread["single"].append([masked_psnr(v, truth, face_hair) for v in videos])
+            spread["mean_of_samples"].append(
+                masked_psnr(torch.stack(videos).mean(0), truth, face_hair))
+            spread["between_samples"].append(masked_psnr(videos[1], videos[0], face_hair))
         rows["codec"].append(masked_psnr((codec.decode(x0[0]).clamp(-1, 1) + 1) / 2, truth,
                                          face_hair))
         rows["mean_image"].append(masked_psnr(mean_image.expand_as(truth), truth, face_hair))
@@ -163,6 +176,12 @@ def diagnose(checkpoint: Path = CHECKPOINT, pairs: int = 8,
               "x0_psnr_db": {}, "eps_mse_by_channel_group": {},
               "full_ddim_psnr_db": _mean(rows["ddim"]), "codec_psnr_db": _mean(rows["codec"]),
               "mean_image_psnr_db": _mean(rows["mean_image"])}
+    if samples > 1:
+        result["samples"] = {
+            "count": samples, "single_psnr_db": _mean([_mean(r) for r in spread["single"]]),
+            "mean_of_samples_psnr_db": _mean(spread["mean_of_samples"]),
+            "between_samples_psnr_db": _mean(spread["between_samples"]),
+            "per_pair": spread}
     for t, r in per_t.items():
         result["x0_psnr_db"][str(t)] = {c: _mean(r[c]) for c in CONDITIONS} | {
             "G_gap": _mean([a - b for a, b in zip(r["true"], r["other_G"])])}
@@ -183,6 +202,11 @@ def format_table(result: dict) -> str:
                  f"{result['ddim_steps']} steps {result['full_ddim_psnr_db']:.2f}, codec "
                  f"{result['codec_psnr_db']:.2f}, constant mean image "
                  f"{result['mean_image_psnr_db']:.2f}")
+    if "samples" in result:
+        r = result["samples"]
+        lines.append(f"{r['count']} samples per pair: one sample {r['single_psnr_db']:.2f}, "
+                     f"their pixel mean {r['mean_of_samples_psnr_db']:.2f}, sample 0 vs 1 "
+                     f"{r['between_samples_psnr_db']:.2f}")
     return "\n".join(lines)
 
 
@@ -196,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="first continue the weights for this many steps (a pilot)")
     parser.add_argument("--mapping-lr-scale", type=float, default=None,
                         help="mapping-network lr scale of the pilot (default: the recipe's)")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="full samples per pair (noise seeds 0..K-1); K >= 2 adds the "
+                             "sample-spread readout")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     result = diagnose(args.checkpoint, args.pairs, ddim_steps=args.ddim_steps,
                       continue_steps=args.continue_steps,
-                      mapping_lr_scale=args.mapping_lr_scale)
+                      mapping_lr_scale=args.mapping_lr_scale, samples=args.samples)
     print(format_table(result))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,11 +52,27 @@ def test_diagnose_bundled_checkpoint_small(tmp_path, capsys):
     assert "full DDIM" in format_table(result)
 
 
+def test_sample_spread_readout():
+    result = diagnose(pairs=2, timesteps=(999,), ddim_steps=2, progress=False, samples=3)
+    r = result["samples"]
+    assert r["count"] == 3 and len(r["per_pair"]["single"]) == 2
+    for singles, of_mean in zip(r["per_pair"]["single"], r["per_pair"]["mean_of_samples"]):
+        assert len(singles) == 3 and len(set(singles)) == 3        # different noise seeds
+        # squared error is convex: the mean of the samples is no further from the truth than
+        # their average distance, so never below the worst single sample
+        assert of_mean >= min(singles)
+    assert math.isfinite(r["between_samples_psnr_db"])
+    assert "3 samples per pair" in format_table(result)
+    assert "samples" not in diagnose(pairs=2, timesteps=(999,), ddim_steps=2, progress=False)
+
+
 def test_diagnose_arguments_are_checked():
     with pytest.raises(ValueError, match="pairs"):
         diagnose(pairs=1)
     with pytest.raises(ValueError, match="timesteps"):
         diagnose(pairs=2, timesteps=(1000,))
+    with pytest.raises(ValueError, match="samples"):
+        diagnose(pairs=2, samples=0)
 
 
 def test_pilot_continues_training_before_the_diagnostic():
