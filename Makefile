@@ -168,6 +168,15 @@ sweep-mcdm-eval: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m samplers.demo.mcdm_sweep \
 		--sweep-dir out/mcdm-sweep --plot docs/mcdm_results/table8_fig7.png
 
+# Fig. 5 at 1800 frames (docs/mcdm.md): the demo's pre-registered protocol at the paper's length,
+# ~80 min on one CPU thread, then the windows fixed before the run into one result json.
+.PHONY: fig5-mcdm
+fig5-mcdm: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m samplers demo mcdm --frames 1800 \
+		--out out/mcdm-fig5
+	$(PY) -m bench.mcdm_fig5 out/mcdm-fig5/mcdm_demo.json \
+		--out bench/results/cpu/mcdm/fig5_1800.json --plot docs/mcdm_results/fig5_1800.png
+
 # Rewrites assets/warpface/ (issue 18, docs/warpface.md): the Table 3 arms (WarpCA, plain
 # cross-attention, WarpCA without timestep modulation) x seeds 0, 1, each 500 steps of the toy
 # recipe through `avatar-kernels train warpface`; about 14 min on one CPU thread in all.

@@ -123,6 +123,8 @@ def test_demo_cli_smoke(tiny_assets, tmp_path, capsys):
     assert full["ssim_curve"][0] == held["ssim_curve"][0]
     assert full["ssim_curve"][1] != held["ssim_curve"][1]
     assert "| full |" in capsys.readouterr().out
+    partial = json.loads((out / "mcdm_demo.partial.json").read_text())
+    assert partial["pairs_done"] == 2 and partial["per_pair"] == doc["per_pair"]
 
 
 def test_demo_cli_errors_name_the_option(tmp_path, capsys):
