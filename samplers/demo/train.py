@@ -123,9 +123,7 @@ def plot_loss(losses: list[float], mse: list[float], path: Path, title: str,
 def compact_checkpoint(path: Path) -> Path:
     """Keep only the EMA weights (what sampling uses), stored as float16, so the bundled file
     stays small; the format is unchanged (``load_checkpoint`` reads it, ``weights("ema")``)."""
-    from safetensors.torch import save_file
-
-    from avatar_models.checkpoint import FORMAT, load_checkpoint
+    from avatar_models.checkpoint import FORMAT, load_checkpoint, save_tensors_atomic
 
     ckpt = load_checkpoint(path)
     weights = ckpt.weights("ema")
@@ -134,10 +132,7 @@ def compact_checkpoint(path: Path) -> Path:
     extra = {**ckpt.extra, "stored": "EMA weights only, float16"}
     meta = {"format": FORMAT, "system": ckpt.system, "config": json.dumps(ckpt.config),
             "extra": json.dumps(extra)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_tensors_atomic(path, tensors, meta)
 
 
 def ship_checkpoint(checkpoint: Path, *, keep_training_log: bool = False) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 
 import pytest
@@ -125,6 +126,10 @@ def test_train_demo_writes_checkpoint_and_loss_curve(tmp_path):
     assert saved["recipe"] == record["recipe"] and len(saved["loss"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "loss.json", "loss.png", "m.safetensors", "patch_pca.safetensors"]
+    # compacting rewrites the file: it keeps the mode open() would give, not safetensors' 0600
+    mask = os.umask(0)
+    os.umask(mask)
+    assert ckpt_path.stat().st_mode & 0o777 == 0o666 & ~mask
     ckpt = load_checkpoint(ckpt_path)
     assert checkpoint_world(ckpt) == "fine" and ckpt.extra["conditioner"] == CONDITIONER
     assert ckpt.extra["codec"] == {"kind": "patch-pca", "file": "patch_pca.safetensors"}
