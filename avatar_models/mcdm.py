@@ -46,6 +46,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -993,10 +994,8 @@ class MCDMFaces(torch.utils.data.IterableDataset):
         same_lips[:, lip_cols] = clip_params[:, lip_cols]                    # same lips
         mouth = clip_params[:, lip_cols[0]]
         wave = speech_waveform(mouth, self.fps, self.sample_rate, seed=seeds[1])
-        if self.audio_features is None:
-            audio = energy_features(wave, self.sample_rate, self.fps, self.frames, self.bands)
-        else:
-            audio = self.audio_features(wave, self.sample_rate, self.fps, self.frames)
+        features = self.audio_features or partial(energy_features, bands=self.bands)
+        audio = features(wave, self.sample_rate, self.fps, self.frames)
         embed = self.image_embedding or pf.identity_embedding
         item = {
             "reference": reference, "archived": torch.cat([pad, before]),

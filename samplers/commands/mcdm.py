@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -485,10 +486,8 @@ def run_sample(args: argparse.Namespace) -> int:
     wave = wave[0]
     total = args.frames or frames_for_audio(wave.shape[0] / rate, args.fps)
     audio_features, image_embedding = load_encoders(args.encoders, args.device)
-    if audio_features is None:
-        feats = energy_features(wave, rate, args.fps, total, cfg.audio_dim)  # [T, A]
-    else:
-        feats = audio_features(wave, rate, args.fps, total)                  # [T, A]
+    audio_features = audio_features or partial(energy_features, bands=cfg.audio_dim)
+    feats = audio_features(wave, rate, args.fps, total)                      # [T, A]
     reference, image = reference_inputs(args.reference, args.frame_size, image_embedding)
     codec = load_codec(args.codec_source, args.device)
     if codec is not None:

@@ -323,7 +323,6 @@ def print_note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-
 def check_sd15_folder_option(path: Path, check_config, option: str = "--sd15") -> Path:
     """An SD1.5 UNet folder (``path/unet`` or ``path``) whose config.json passes
     ``check_config(sd_config, where)`` (a system's check, raising ValueError): the folder, or
